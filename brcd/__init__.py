@@ -1,0 +1,32 @@
+"""brcd: fused C++/CUDA kernels for BRCD distillation and Hamming search of binary codes.
+
+Quick start::
+
+    import torch, brcd
+    db = brcd.pack_codes(torch.randn(100_000, 64))       # uint8 [n, 8]
+    q = brcd.pack_codes(torch.randn(10, 64))
+    dist, idx = brcd.hamming_topk(q, db, k=5)             # exact, ties to the smaller index
+
+    index = brcd.HammingIndex(64)
+    index.add(torch.randn(1000, 64).sign())
+    dist, ids = index.search(torch.randn(3, 64), k=10)
+"""
+from ._ext import build_info
+from .ops import brcd_loss, hamming_distance, hamming_topk, ntxent_loss, pack_codes, unpack_codes
+from .index import HammingIndex, IndexFileError
+from . import metrics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "build_info",
+    "pack_codes",
+    "unpack_codes",
+    "hamming_distance",
+    "hamming_topk",
+    "brcd_loss",
+    "ntxent_loss",
+    "HammingIndex",
+    "IndexFileError",
+    "metrics",
+]

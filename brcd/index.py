@@ -1,0 +1,182 @@
+"""HammingIndex: an exact, flat index of binary codes backed by the brcd top-k kernels.
+
+File format (version 1), little-endian::
+
+    offset  size  field
+    0       8     magic b"BRCDHIX\\0"
+    8       4     version (uint32) = 1
+    12      4     nbits (uint32)
+    16      8     count (uint64): number of codes
+    24      4     bytes per code (uint32) = ceil(nbits / 8)
+    28      4     CRC-32 of bytes 0..27 followed by the payload
+    32      ...   payload: count x bytes-per-code packed codes (pack_codes layout), row-major
+
+Files are written atomically (a temporary file in the same folder, fsync, then rename), so a crash never
+leaves a half-written index in place of a good one. Loading checks every field and the checksum and raises
+IndexFileError, never returning part of an index.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .ops import hamming_topk, pack_codes
+
+MAGIC = b"BRCDHIX\0"
+VERSION = 1
+_HEADER = struct.Struct("<8sIIQI")  # the checksummed part of the header
+_CRC = struct.Struct("<I")
+HEADER_SIZE = _HEADER.size + _CRC.size
+
+
+class IndexFileError(ValueError):
+    """A HammingIndex file that is not one, is truncated, corrupted or of an unknown version."""
+
+
+def atomic_write_bytes(path: Union[str, os.PathLike], chunks) -> None:
+    """Write the byte chunks to `path` through a temporary file and a rename: all or nothing."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class HammingIndex:
+    """Exact Hamming search over binary codes.
+
+    >>> index = HammingIndex(64)
+    >>> ids = index.add(torch.randn(1000, 64))          # real codes: bit = code > 0
+    >>> dist, ids = index.search(torch.randn(5, 64), k=10)
+    >>> index.save("codes.bhi"); index = HammingIndex.load("codes.bhi")
+
+    ``add``/``search`` take real-valued (±1, logits, ...) codes [m, nbits]; ``add_packed``/``search_packed`` take
+    uint8 codes from :func:`brcd.pack_codes`. The two paths are separate so the formats can never be confused.
+    """
+
+    def __init__(self, nbits: int, device: Union[str, torch.device] = "cpu"):
+        if isinstance(nbits, bool) or not isinstance(nbits, numbers.Integral) or nbits < 1:
+            raise ValueError(f"nbits must be a positive integer, got {nbits!r}")
+        self.nbits = int(nbits)
+        self.code_bytes = (self.nbits + 7) // 8
+        self.device = torch.device(device)
+        self._codes = torch.empty((0, self.code_bytes), dtype=torch.uint8, device=self.device)
+
+    # ------------------------------------------------------------------ contents
+    def __len__(self) -> int:
+        return int(self._codes.shape[0])
+
+    def __repr__(self) -> str:
+        return f"HammingIndex(nbits={self.nbits}, count={len(self)}, device={self.device})"
+
+    @property
+    def packed_codes(self) -> Tensor:
+        """The stored codes, uint8 [count, ceil(nbits / 8)]."""
+        return self._codes
+
+    def _check_real(self, codes, name: str) -> Tensor:
+        if not isinstance(codes, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(codes).__name__}")
+        if codes.dtype == torch.uint8:
+            raise TypeError(f"{name} is uint8: pass packed codes to the *_packed method, real codes [m, nbits] here")
+        if codes.dim() != 2 or codes.shape[1] != self.nbits:
+            raise ValueError(f"{name} must have shape [m, {self.nbits}], got {tuple(codes.shape)}")
+        return codes
+
+    def _check_packed(self, packed, name: str) -> Tensor:
+        if not isinstance(packed, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
+        if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != self.code_bytes:
+            raise ValueError(
+                f"{name} must be uint8 [m, {self.code_bytes}] packed codes, got {packed.dtype} {tuple(packed.shape)}"
+            )
+        spare = 8 * self.code_bytes - self.nbits
+        if spare and packed.numel() and bool((packed[:, -1] >> (8 - spare)).any()):
+            raise ValueError(f"{name} has bits set beyond nbits={self.nbits}: not codes of this index")
+        return packed
+
+    def add(self, codes: Tensor) -> Tensor:
+        """Add real-valued codes [m, nbits]; returns their ids (int64 [m])."""
+        return self.add_packed(pack_codes(self._check_real(codes, "codes")))
+
+    def add_packed(self, packed: Tensor) -> Tensor:
+        """Add packed codes uint8 [m, ceil(nbits/8)]; returns their ids (int64 [m])."""
+        packed = self._check_packed(packed, "packed")
+        start = len(self)
+        self._codes = torch.cat([self._codes, packed.to(self.device)], dim=0)
+        return torch.arange(start, start + packed.shape[0], dtype=torch.int64)
+
+    # ------------------------------------------------------------------ search
+    def search(self, codes: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        """The k nearest stored codes of each query: (distances int32 [q, k], ids int64 [q, k])."""
+        return self.search_packed(pack_codes(self._check_real(codes, "codes")), k)
+
+    def search_packed(self, packed: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        packed = self._check_packed(packed, "packed")
+        if len(self) == 0:
+            raise ValueError("the index is empty: add codes before searching")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= len(self):
+            raise ValueError(f"k must be an integer between 1 and the index size {len(self)}, got {k!r}")
+        return hamming_topk(packed.to(self.device), self._codes, int(k))
+
+    def to(self, device: Union[str, torch.device]) -> "HammingIndex":
+        """Move the stored codes to `device` (in place); returns self."""
+        self.device = torch.device(device)
+        self._codes = self._codes.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        payload = self._codes.cpu().contiguous().numpy().tobytes()
+        head = _HEADER.pack(MAGIC, VERSION, self.nbits, len(self), self.code_bytes)
+        crc = zlib.crc32(payload, zlib.crc32(head))
+        atomic_write_bytes(path, [head, _CRC.pack(crc), payload])
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "HammingIndex":
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise IndexFileError(f"{path}: no such index file") from None
+        if len(data) < HEADER_SIZE:
+            raise IndexFileError(f"{path}: {len(data)} bytes is too short for a HammingIndex file (truncated?)")
+        magic, version, nbits, count, code_bytes = _HEADER.unpack_from(data, 0)
+        (crc,) = _CRC.unpack_from(data, _HEADER.size)
+        if magic != MAGIC:
+            raise IndexFileError(f"{path}: not a HammingIndex file (bad magic {magic!r})")
+        if version != VERSION:
+            raise IndexFileError(f"{path}: file format version {version} is not supported (this brcd reads {VERSION})")
+        if nbits < 1 or code_bytes != (nbits + 7) // 8:
+            raise IndexFileError(f"{path}: inconsistent header (nbits={nbits}, bytes per code={code_bytes})")
+        expected = HEADER_SIZE + count * code_bytes
+        if len(data) != expected:
+            raise IndexFileError(
+                f"{path}: {len(data)} bytes but the header promises {expected} ({count} codes): truncated or corrupted"
+            )
+        payload = memoryview(data)[HEADER_SIZE:]
+        if zlib.crc32(payload, zlib.crc32(data[: _HEADER.size])) != crc:
+            raise IndexFileError(f"{path}: checksum mismatch: the file is corrupted")
+        index = cls(nbits, device=device)
+        codes = np.frombuffer(payload, dtype=np.uint8).reshape(count, code_bytes).copy()
+        index._codes = torch.from_numpy(codes).to(index.device)
+        return index

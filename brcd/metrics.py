@@ -1,0 +1,171 @@
+"""Retrieval metrics for binary codes (semantics: shared/spec/contrastive-loss.md).
+
+Codes may be real-valued (bit = code > 0, e.g. ±1) or packed uint8 from :func:`brcd.pack_codes`.
+Labels may be integer class ids [n], or one-hot / multi-hot [n, C]; an item is relevant to a query when they share
+a label. Rankings are by ascending Hamming distance with ties to the smaller database index. With ``topk`` given,
+the q x n distance matrix is never built: the fused top-k kernel ranks the database.
+
+Both search paradigms are a choice of arguments: symmetric (student codes for queries and database) and
+asymmetric (student queries against a teacher-encoded database); see :func:`evaluate_paradigms`.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .ops import hamming_distance, hamming_topk, pack_codes
+
+__all__ = [
+    "mean_average_precision",
+    "average_precisions",
+    "precision_at_k",
+    "precision_recall_curve",
+    "precision_within_radius",
+    "evaluate_paradigms",
+]
+
+# Bound on the per-chunk working set (ranked ids, distances, relevance) of the metric loops.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def _packed(codes, name: str) -> Tensor:
+    if not isinstance(codes, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(codes).__name__}")
+    if codes.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [n, nbits] codes or [n, nbytes] packed codes, got {tuple(codes.shape)}")
+    return codes if codes.dtype == torch.uint8 else pack_codes(codes)
+
+
+def _labels(labels, name: str, n: int) -> Tensor:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() not in (1, 2):
+        raise ValueError(f"{name} must be class ids [n] or (multi-)hot labels [n, C], got {tuple(labels.shape)}")
+    if labels.shape[0] != n:
+        raise ValueError(f"{name} has {labels.shape[0]} rows but there are {n} codes")
+    if labels.dim() == 1 and (labels.is_floating_point() or labels.dtype == torch.bool):
+        raise TypeError(f"{name}: 1-D labels must be integer class ids, got {labels.dtype}")
+    return labels
+
+
+def _prepare(query_codes, db_codes, query_labels, db_labels):
+    qp, dp = _packed(query_codes, "query_codes"), _packed(db_codes, "db_codes")
+    if qp.shape[1] != dp.shape[1]:
+        raise ValueError(f"query_codes and db_codes differ in bit count ({qp.shape[1]} vs {dp.shape[1]} bytes)")
+    if dp.shape[0] == 0:
+        raise ValueError("db_codes is empty")
+    ql = _labels(query_labels, "query_labels", qp.shape[0])
+    dl = _labels(db_labels, "db_labels", dp.shape[0])
+    if ql.dim() != dl.dim():  # class ids against multi-hot: lift the ids to one-hot
+        classes = (dl if dl.dim() == 2 else ql).shape[1]
+        ql, dl = [torch.nn.functional.one_hot(x.long(), classes) if x.dim() == 1 else x for x in (ql, dl)]
+    elif ql.dim() == 2 and ql.shape[1] != dl.shape[1]:
+        raise ValueError(f"query_labels has {ql.shape[1]} classes but db_labels has {dl.shape[1]}")
+    dev = dp.device
+    return qp.to(dev), dp, ql.to(dev), dl.to(dev)
+
+
+def _relevance(ql: Tensor, dl_ranked: Tensor) -> Tensor:
+    """ql [q] or [q, C]; dl_ranked [q, k] or [q, k, C] (labels of the ranked items) -> bool [q, k]."""
+    if ql.dim() == 1:
+        return dl_ranked == ql[:, None]
+    return ((dl_ranked > 0) & (ql[:, None, :] > 0)).any(dim=-1)
+
+
+def _ranked_chunks(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int):
+    per_query = k * (16 + (dl.shape[1] if dl.dim() == 2 else 1) * 2)
+    step = max(1, _CHUNK_BYTES // per_query)
+    for q0 in range(0, qp.shape[0], step):
+        dist, idx = hamming_topk(qp[q0 : q0 + step], dp, k)
+        yield dist, _relevance(ql[q0 : q0 + step], dl[idx])
+
+
+def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: Optional[int] = None) -> Tensor:
+    """AP@topk of every query (float64 [q]); a query with nothing relevant in its top k scores 0."""
+    qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
+    n = dp.shape[0]
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"topk must be a positive integer or None, got {topk!r}")
+    k = n if topk is None else min(int(topk), n)
+    out = []
+    positions = torch.arange(1, k + 1, dtype=torch.float64, device=dp.device)
+    for _, rel in _ranked_chunks(qp, dp, ql, dl, k):
+        r = rel.double()
+        hits = r.sum(dim=1)
+        precision = torch.cumsum(r, dim=1) / positions
+        out.append(torch.where(hits > 0, (precision * r).sum(dim=1) / hits.clamp_min(1), torch.zeros_like(hits)))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def mean_average_precision(query_codes, db_codes, query_labels, db_labels, topk: Optional[int] = None) -> float:
+    """mAP@topk (the whole database when topk is None)."""
+    return float(average_precisions(query_codes, db_codes, query_labels, db_labels, topk).mean())
+
+
+def precision_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> float:
+    """Mean over queries of the fraction of relevant items among the top k."""
+    qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dp.shape[0]:
+        raise ValueError(f"k must be an integer between 1 and the database size {dp.shape[0]}, got {k!r}")
+    total = sum(float(rel.double().mean(dim=1).sum()) for _, rel in _ranked_chunks(qp, dp, ql, dl, k))
+    return total / qp.shape[0]
+
+
+def _radius_histograms(qp, dp, ql, dl) -> Tuple[Tensor, Tensor, int]:
+    """Per query, counts of database items (all, relevant) at each Hamming distance 0..nbits: [q, nbits + 1]."""
+    nbits = 8 * dp.shape[1]
+    width = nbits + 1
+    all_counts = torch.zeros((qp.shape[0], width), dtype=torch.int64, device=dp.device)
+    rel_counts = torch.zeros_like(all_counts)
+    step = max(1, _CHUNK_BYTES // (dp.shape[0] * 16))
+    for q0 in range(0, qp.shape[0], step):
+        dist = hamming_distance(qp[q0 : q0 + step], dp).long()
+        rows = torch.arange(dist.shape[0], device=dp.device)[:, None] * width
+        flat = (rows + dist).reshape(-1)
+        rel = _relevance(ql[q0 : q0 + step], dl.unsqueeze(0).expand(dist.shape[0], *dl.shape))
+        size = dist.shape[0] * width
+        all_counts[q0 : q0 + step] = torch.bincount(flat, minlength=size).view(-1, width)
+        rel_counts[q0 : q0 + step] = torch.bincount(flat, weights=rel.reshape(-1).double(), minlength=size).view(
+            -1, width).long()
+    return all_counts, rel_counts, nbits
+
+
+def precision_recall_curve(query_codes, db_codes, query_labels, db_labels) -> Dict[str, Tensor]:
+    """Precision and recall of Hamming-ball retrieval at every radius 0..nbits, averaged over queries.
+
+    Returns {"radius", "precision", "recall"} (float64 [nbits + 1]). At each radius, precision averages over the
+    queries that retrieve something; recall over the queries that have a relevant item.
+    """
+    qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
+    all_counts, rel_counts, nbits = _radius_histograms(qp, dp, ql, dl)
+    retrieved = all_counts.cumsum(dim=1).double()
+    hits = rel_counts.cumsum(dim=1).double()
+    relevant = hits[:, -1:]
+    has_any = retrieved > 0
+    precision = (torch.where(has_any, hits / retrieved.clamp_min(1), 0).sum(0) / has_any.sum(0).clamp_min(1))
+    has_rel = (relevant > 0).expand_as(hits)
+    recall = torch.where(has_rel, hits / relevant.clamp_min(1), 0).sum(0) / has_rel.sum(0).clamp_min(1)
+    return {"radius": torch.arange(nbits + 1), "precision": precision.cpu(), "recall": recall.cpu()}
+
+
+def precision_within_radius(query_codes, db_codes, query_labels, db_labels, radius: int = 2) -> float:
+    """Mean precision of the items within Hamming distance <= radius; a query that retrieves nothing scores 0."""
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+        raise ValueError(f"radius must be a non-negative integer, got {radius!r}")
+    qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
+    all_counts, rel_counts, _ = _radius_histograms(qp, dp, ql, dl)
+    r = min(radius, all_counts.shape[1] - 1)
+    retrieved = all_counts[:, : r + 1].sum(1).double()
+    hits = rel_counts[:, : r + 1].sum(1).double()
+    return float(torch.where(retrieved > 0, hits / retrieved.clamp_min(1), 0).mean())
+
+
+def evaluate_paradigms(student_query_codes, student_db_codes, teacher_db_codes, query_labels, db_labels,
+                       topk: Optional[int] = 1000) -> Dict[str, float]:
+    """mAP@topk in both paradigms: symmetric (student vs student) and asymmetric (student vs teacher database)."""
+    return {
+        "map_symmetric": mean_average_precision(student_query_codes, student_db_codes, query_labels, db_labels, topk),
+        "map_asymmetric": mean_average_precision(student_query_codes, teacher_db_codes, query_labels, db_labels, topk),
+    }

@@ -1,0 +1,192 @@
+"""The Python face of the brcd ops: argument checks, fake kernels (torch.compile) and autograd.
+
+Every op is registered in C++ under ``torch.ops.brcd``; the functions here are the public API.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _ext  # noqa: F401  (registers torch.ops.brcd)
+
+__all__ = [
+    "pack_codes",
+    "unpack_codes",
+    "hamming_distance",
+    "hamming_topk",
+    "brcd_loss",
+    "ntxent_loss",
+]
+
+_ops = torch.ops.brcd
+
+
+def _require_tensor(value, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# ----------------------------------------------------------------------------------------------- Hamming ops
+def pack_codes(codes: Tensor) -> Tensor:
+    """Pack codes [n, nbits] into bytes [n, ceil(nbits / 8)]: bit j is 1 where ``codes[:, j] > 0``.
+
+    The layout is ``numpy.packbits(codes > 0, axis=1, bitorder="little")``, so packed codes go straight into faiss
+    binary indexes. Float, integer and bool codes are accepted, on CPU and CUDA.
+    """
+    return _ops.pack_codes(_require_tensor(codes, "codes"))
+
+
+def unpack_codes(packed: Tensor, nbits: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of :func:`pack_codes`: ±1 codes [n, nbits] (1 where the bit is set)."""
+    _require_tensor(packed, "packed")
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed must be a 2-D uint8 tensor, got {packed.dtype} with shape {tuple(packed.shape)}")
+    if not isinstance(nbits, numbers.Integral) or not (1 <= nbits <= 8 * packed.shape[1]):
+        raise ValueError(f"nbits must be an integer in [1, {8 * packed.shape[1]}], got {nbits!r}")
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    bits = bits.reshape(packed.shape[0], -1)[:, :nbits]
+    return bits.to(dtype) * 2 - 1
+
+
+def hamming_distance(query_packed: Tensor, db_packed: Tensor) -> Tensor:
+    """All Hamming distances between packed codes: int32 [q, n]."""
+    return _ops.hamming_distance(_require_tensor(query_packed, "query_packed"), _require_tensor(db_packed, "db_packed"))
+
+
+def hamming_topk(query_packed: Tensor, db_packed: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Exact k nearest codes: (distances int32 [q, k], indices int64 [q, k]).
+
+    Ascending distance; ties go to the smaller database index. Any bit count, any k in [1, n]. The q x n
+    distance matrix is never built.
+    """
+    _require_tensor(query_packed, "query_packed")
+    _require_tensor(db_packed, "db_packed")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    return _ops.hamming_topk(query_packed, db_packed, int(k))
+
+
+@torch.library.register_fake("brcd::pack_codes")
+def _pack_codes_fake(codes):
+    torch._check(codes.dim() == 2, lambda: "codes must be a 2-D tensor")
+    return codes.new_empty((codes.shape[0], (codes.shape[1] + 7) // 8), dtype=torch.uint8)
+
+
+@torch.library.register_fake("brcd::hamming_distance")
+def _hamming_distance_fake(query_packed, db_packed):
+    return query_packed.new_empty((query_packed.shape[0], db_packed.shape[0]), dtype=torch.int32)
+
+
+@torch.library.register_fake("brcd::hamming_topk")
+def _hamming_topk_fake(query_packed, db_packed, k):
+    q = query_packed.shape[0]
+    return (
+        query_packed.new_empty((q, k), dtype=torch.int32),
+        query_packed.new_empty((q, k), dtype=torch.int64),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- loss ops
+def brcd_loss(
+    student: Tensor,
+    teacher_anchor: Tensor,
+    teacher_view: Tensor,
+    *,
+    temperature: float = 0.3,
+    alpha: Union[float, Tensor] = 0.8,
+    bit_mask: Optional[Tensor] = None,
+    row_groups: Optional[Tensor] = None,
+    col_groups: Optional[Tensor] = None,
+) -> Tensor:
+    """The BRCD contrastive distillation loss (shared/spec/contrastive-loss.md), fused: O(B*K) extra memory.
+
+    Args:
+        student: student codes of view 1, [B, K].
+        teacher_anchor: teacher codes of view 1, [B, K] (the individual-space positive).
+        teacher_view: teacher codes of view 2, [B, K] (the structural positive and negatives).
+        temperature: softmax temperature, > 0.
+        alpha: weight of the individual term, a float in [0, 1] or a [B] tensor (1 for offset positives).
+        bit_mask: per-sample bit weights [B, K] applied to the structural part, or None (all ones).
+        row_groups, col_groups: [2B] int64 group ids; a negative (r, c) is dropped when
+            ``row_groups[r] == col_groups[c] >= 0``. Give both or neither.
+
+    Returns a 0-d tensor in the codes' dtype, differentiable with respect to the three code tensors.
+    """
+    student = _require_tensor(student, "student")
+    _require_tensor(teacher_anchor, "teacher_anchor")
+    _require_tensor(teacher_view, "teacher_view")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if isinstance(alpha, Tensor):
+        alpha_t = alpha
+        if alpha_t.is_floating_point() and not _compiling() and alpha_t.numel() > 0:
+            if bool(((alpha_t < 0) | (alpha_t > 1)).any()):
+                raise ValueError("alpha must lie in [0, 1]")
+    elif isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        dtype = student.dtype if student.is_floating_point() else torch.float32
+        alpha_t = torch.full((), float(alpha), dtype=dtype, device=student.device)
+    else:
+        raise TypeError(f"alpha must be a float or a tensor, got {type(alpha).__name__}")
+    for name, value in (("bit_mask", bit_mask), ("row_groups", row_groups), ("col_groups", col_groups)):
+        if value is not None:
+            _require_tensor(value, name)
+    loss, _ = _ops.contrastive_forward(
+        student, teacher_anchor, teacher_view, float(temperature), alpha_t, bit_mask, row_groups, col_groups
+    )
+    return loss
+
+
+def ntxent_loss(view_a: Tensor, view_b: Tensor, *, temperature: float = 0.3) -> Tensor:
+    """NT-Xent (SimCLR / CIBHash) over two views' codes [B, K]: the BRCD loss with alpha = 0, no mask, no groups."""
+    _require_tensor(view_a, "view_a")
+    _require_tensor(view_b, "view_b")
+    if view_a.shape != view_b.shape:
+        raise ValueError(f"view_b has shape {tuple(view_b.shape)} but view_a has shape {tuple(view_a.shape)}")
+    return brcd_loss(view_a, view_a, view_b, temperature=temperature, alpha=0.0)
+
+
+@torch.library.register_fake("brcd::contrastive_forward")
+def _contrastive_forward_fake(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups,
+                              col_groups):
+    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = student.new_empty((), dtype=student.dtype)
+    stats = student.new_empty((2, 2 * student.shape[0]), dtype=compute)
+    return loss, stats
+
+
+@torch.library.register_fake("brcd::contrastive_backward")
+def _contrastive_backward_fake(grad_loss, student, teacher_anchor, teacher_view, temperature, alpha, bit_mask,
+                               row_groups, col_groups, row_stats):
+    return torch.empty_like(student), torch.empty_like(student), torch.empty_like(student)
+
+
+def _contrastive_setup_context(ctx, inputs, output):
+    student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups = inputs
+    _, stats = output
+    ctx.temperature = temperature
+    ctx.save_for_backward(student, teacher_anchor, teacher_view, alpha, bit_mask, row_groups, col_groups, stats)
+
+
+def _contrastive_backward(ctx, grad_loss, _grad_stats):
+    student, teacher_anchor, teacher_view, alpha, bit_mask, row_groups, col_groups, stats = ctx.saved_tensors
+    gs, ga, gv = _ops.contrastive_backward(
+        grad_loss, student, teacher_anchor, teacher_view, ctx.temperature, alpha, bit_mask, row_groups, col_groups,
+        stats,
+    )
+    return gs, ga, gv, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "brcd::contrastive_forward", _contrastive_backward, setup_context=_contrastive_setup_context
+)

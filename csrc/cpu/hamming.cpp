@@ -1,0 +1,273 @@
+// Drivers of the CPU Hamming kernels: layout, threading over queries and database shards, the runtime SIMD choice
+// and the counting top-k select.
+#include "cpu/hamming.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "cpu/hamming_layout.h"
+
+namespace brcd::cpu {
+
+// ---------------------------------------------------------------- SIMD choice
+namespace {
+SimdLevel detect_simd() {
+  SimdLevel best = SimdLevel::kScalar;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) best = SimdLevel::kAvx2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq")) best = SimdLevel::kAvx512Vpopcnt;
+#endif
+  const char* cap = std::getenv("BRCD_SIMD");
+  if (cap != nullptr) {
+    const std::string c(cap);
+    SimdLevel asked = best;
+    if (c == "scalar") asked = SimdLevel::kScalar;
+    if (c == "avx2") asked = SimdLevel::kAvx2;
+    if (c == "avx512") asked = SimdLevel::kAvx512Vpopcnt;
+    if (static_cast<int>(asked) < static_cast<int>(best)) best = asked;
+  }
+  return best;
+}
+
+const ScanKernels& kernels() {
+  static const ScanKernels k = [] {
+    switch (simd_level()) {
+#if defined(__x86_64__) || defined(__i386__)
+      case SimdLevel::kAvx512Vpopcnt: return avx512::kernels();
+      case SimdLevel::kAvx2: return avx2::kernels();
+#endif
+      default: return scalar::kernels();
+    }
+  }();
+  return k;
+}
+}  // namespace
+
+SimdLevel simd_level() {
+  static const SimdLevel level = detect_simd();
+  return level;
+}
+
+const char* simd_level_name(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::kAvx512Vpopcnt: return "avx512_vpopcntdq";
+    case SimdLevel::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+// ---------------------------------------------------------------- packing and layout
+void pack_bits(const uint8_t* bits, int64_t rows, int64_t nbits, int64_t bits_stride, uint8_t* out) {
+  const int64_t nbytes = (nbits + 7) / 8;
+#pragma omp parallel for schedule(static) if (rows * nbits > (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* src = bits + r * bits_stride;
+    uint8_t* dst = out + r * nbytes;
+    for (int64_t byte = 0; byte < nbytes; ++byte) {
+      uint8_t v = 0;
+      const int64_t end = std::min<int64_t>(8, nbits - byte * 8);
+      for (int64_t b = 0; b < end; ++b) v |= static_cast<uint8_t>((src[byte * 8 + b] != 0) << b);
+      dst[byte] = v;
+    }
+  }
+}
+
+namespace {
+int64_t words_for(int64_t bytes) { return std::max<int64_t>(1, (bytes + 7) / 8); }
+
+uint64_t load_word(const uint8_t* row, int64_t bytes, int64_t w) {
+  uint64_t v = 0;
+  const int64_t begin = w * 8;
+  const int64_t n = std::min<int64_t>(8, bytes - begin);
+  if (n > 0) std::memcpy(&v, row + begin, static_cast<size_t>(n));  // little-endian: byte j -> bits 8j..8j+7
+  return v;
+}
+
+BlockedCodes to_blocked(const PackedCodes& db) {
+  BlockedCodes out;
+  out.rows = db.rows;
+  out.words = words_for(db.bytes_per_row);
+  out.blocks = (db.rows + kLanes - 1) / kLanes;
+  out.data.assign(static_cast<size_t>(out.blocks * out.words * kLanes), 0);
+  const int64_t words = out.words;
+#pragma omp parallel for schedule(static) if (db.rows > (1 << 15))
+  for (int64_t r = 0; r < db.rows; ++r) {
+    const uint8_t* row = db.data + r * db.row_stride;
+    uint64_t* blk = out.data.data() + (r / kLanes) * words * kLanes + (r % kLanes);
+    for (int64_t w = 0; w < words; ++w) blk[w * kLanes] = load_word(row, db.bytes_per_row, w);
+  }
+  return out;
+}
+
+QueryWords to_words(const PackedCodes& q) {
+  QueryWords out;
+  out.rows = q.rows;
+  out.words = words_for(q.bytes_per_row);
+  out.data.assign(static_cast<size_t>(q.rows * out.words), 0);
+  for (int64_t r = 0; r < q.rows; ++r)
+    for (int64_t w = 0; w < out.words; ++w)
+      out.data[r * out.words + w] = load_word(q.data + r * q.row_stride, q.bytes_per_row, w);
+  return out;
+}
+
+constexpr int64_t kQueryBlock = 8;
+// Smallest database shard worth a thread of its own (in blocks of 8 codes).
+constexpr int64_t kMinShardBlocks = 4096;
+
+int64_t shard_count(int64_t query_blocks, int64_t db_blocks) {
+  const int64_t threads = omp_get_max_threads();
+  if (query_blocks >= 4 * threads) return 1;
+  const int64_t wanted = (4 * threads + query_blocks - 1) / query_blocks;
+  return std::max<int64_t>(1, std::min<int64_t>(wanted, db_blocks / kMinShardBlocks));
+}
+}  // namespace
+
+// ---------------------------------------------------------------- top-k state
+TopkState::TopkState(int64_t k, int64_t nbits)
+    : k_(k), threshold_(nbits + 1), at_or_below_(0), count_(static_cast<size_t>(nbits + 2), 0) {
+  capacity_ = static_cast<size_t>(std::max<int64_t>(2 * k, 64));
+  cand_dist_.reserve(std::min<size_t>(capacity_, 1 << 16));
+  cand_idx_.reserve(std::min<size_t>(capacity_, 1 << 16));
+}
+
+void TopkState::push(int32_t dist, int64_t idx) {
+  cand_dist_.push_back(dist);
+  cand_idx_.push_back(idx);
+  ++count_[dist];
+  ++at_or_below_;
+  // Lower the threshold while the candidates strictly below it already number k.
+  while (at_or_below_ - count_[threshold_] >= k_) {
+    at_or_below_ -= count_[threshold_];
+    --threshold_;
+  }
+  if (cand_dist_.size() >= capacity_) compact();
+}
+
+void TopkState::compact() {
+  // Keep every candidate below the threshold, and the earliest (smallest-index) ones at it, up to k in all.
+  int64_t below = at_or_below_ - count_[threshold_];
+  int64_t room_at = k_ - below;
+  size_t w = 0;
+  for (size_t r = 0; r < cand_dist_.size(); ++r) {
+    const int32_t d = cand_dist_[r];
+    const bool keep = d < threshold_ || (d == threshold_ && room_at-- > 0);
+    if (keep) {
+      cand_dist_[w] = d;
+      cand_idx_[w] = cand_idx_[r];
+      ++w;
+    }
+  }
+  cand_dist_.resize(w);
+  cand_idx_.resize(w);
+  if (threshold_ < static_cast<int64_t>(count_.size())) {
+    const int64_t kept_at = std::min<int64_t>(count_[threshold_], k_ - below);
+    count_[threshold_] = kept_at;
+    at_or_below_ = below + kept_at;
+  }
+}
+
+int64_t TopkState::finish(int32_t* out_dist, int64_t* out_idx) {
+  compact();
+  // Counting sort by distance; the buffer is in ascending index order, so equal distances stay index-ordered.
+  const int64_t nd = static_cast<int64_t>(count_.size());
+  std::vector<int64_t> start(static_cast<size_t>(nd + 1), 0);
+  for (int32_t d : cand_dist_) ++start[d + 1];
+  for (int64_t d = 0; d < nd; ++d) start[d + 1] += start[d];
+  const int64_t n = std::min<int64_t>(static_cast<int64_t>(cand_dist_.size()), k_);
+  for (size_t r = 0; r < cand_dist_.size(); ++r) {
+    const int64_t pos = start[cand_dist_[r]]++;
+    if (pos < n) {
+      out_dist[pos] = cand_dist_[r];
+      out_idx[pos] = cand_idx_[r];
+    }
+  }
+  return n;
+}
+
+// ---------------------------------------------------------------- entry points
+void hamming_distance(const PackedCodes& queries, const PackedCodes& db, int32_t* out) {
+  if (queries.rows == 0 || db.rows == 0) return;
+  const BlockedCodes blocked = to_blocked(db);
+  const QueryWords q = to_words(queries);
+  const ScanKernels& kern = kernels();
+  const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
+  const int64_t shards = shard_count(qblocks, blocked.blocks);
+  const int64_t shard_len = (blocked.blocks + shards - 1) / shards;
+#pragma omp parallel for collapse(2) schedule(dynamic)
+  for (int64_t qb = 0; qb < qblocks; ++qb) {
+    for (int64_t s = 0; s < shards; ++s) {
+      const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
+      const int64_t b0 = s * shard_len, b1 = std::min(blocked.blocks, b0 + shard_len);
+      if (b0 < b1) kern.distance(blocked, q, q0, q1, b0, b1, out);
+    }
+  }
+}
+
+void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, int32_t* out_dist,
+                  int64_t* out_idx) {
+  if (queries.rows == 0) return;
+  const BlockedCodes blocked = to_blocked(db);
+  const QueryWords q = to_words(queries);
+  const ScanKernels& kern = kernels();
+  const int64_t nbits = blocked.words * 64;  // an upper bound on any distance
+  const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
+  const int64_t shards = shard_count(qblocks, blocked.blocks);
+  const int64_t shard_len = (blocked.blocks + shards - 1) / shards;
+
+  if (shards == 1) {
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t qb = 0; qb < qblocks; ++qb) {
+      const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
+      std::vector<TopkState> states(static_cast<size_t>(q1 - q0), TopkState(k, nbits));
+      kern.topk(blocked, q, q0, q1, 0, blocked.blocks, states.data());
+      for (int64_t qi = q0; qi < q1; ++qi) states[qi - q0].finish(out_dist + qi * k, out_idx + qi * k);
+    }
+    return;
+  }
+
+  // Few queries: each (query block, shard) pair keeps its own top k, merged afterwards in shard order.
+  std::vector<int32_t> part_dist(static_cast<size_t>(q.rows * shards * k));
+  std::vector<int64_t> part_idx(part_dist.size());
+  std::vector<int64_t> part_count(static_cast<size_t>(q.rows * shards), 0);
+#pragma omp parallel for collapse(2) schedule(dynamic)
+  for (int64_t qb = 0; qb < qblocks; ++qb) {
+    for (int64_t s = 0; s < shards; ++s) {
+      const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
+      const int64_t b0 = s * shard_len, b1 = std::min(blocked.blocks, b0 + shard_len);
+      if (b0 >= b1) continue;
+      std::vector<TopkState> states(static_cast<size_t>(q1 - q0), TopkState(k, nbits));
+      kern.topk(blocked, q, q0, q1, b0, b1, states.data());
+      for (int64_t qi = q0; qi < q1; ++qi) {
+        const size_t slot = static_cast<size_t>(qi * shards + s);
+        part_count[slot] = states[qi - q0].finish(part_dist.data() + slot * k, part_idx.data() + slot * k);
+      }
+    }
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t qi = 0; qi < q.rows; ++qi) {
+    // Stable counting merge by distance: shards are in index order and each is sorted by (distance, index).
+    std::vector<int64_t> start(static_cast<size_t>(nbits + 2), 0);
+    for (int64_t s = 0; s < shards; ++s) {
+      const size_t slot = static_cast<size_t>(qi * shards + s);
+      for (int64_t j = 0; j < part_count[slot]; ++j) ++start[part_dist[slot * k + j] + 1];
+    }
+    for (int64_t d = 0; d <= nbits; ++d) start[d + 1] += start[d];
+    for (int64_t s = 0; s < shards; ++s) {
+      const size_t slot = static_cast<size_t>(qi * shards + s);
+      for (int64_t j = 0; j < part_count[slot]; ++j) {
+        const int64_t pos = start[part_dist[slot * k + j]]++;
+        if (pos < k) {
+          out_dist[qi * k + pos] = part_dist[slot * k + j];
+          out_idx[qi * k + pos] = part_idx[slot * k + j];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace brcd::cpu

@@ -1,0 +1,34 @@
+// Hamming-distance kernels for the CPU. Plain C++ (no torch headers) so other projects can lift them.
+//
+// Codes are packed bytes, bit j of a code at byte j/8, position j%8 (numpy.packbits(..., bitorder="little")).
+// Padding bits beyond nbits are zero in every code, so distances need no bit count.
+#pragma once
+#include <cstdint>
+
+namespace brcd::cpu {
+
+struct PackedCodes {
+  const uint8_t* data;
+  int64_t rows;
+  int64_t bytes_per_row;
+  int64_t row_stride;  // in bytes
+};
+
+enum class SimdLevel : int { kScalar = 0, kAvx2 = 1, kAvx512Vpopcnt = 2 };
+
+// The best level this processor supports; BRCD_SIMD=scalar|avx2|avx512 caps it (for tests and benchmarks).
+SimdLevel simd_level();
+const char* simd_level_name(SimdLevel level);
+
+// bits: rows x nbits bytes holding 0 or 1 (row stride bits_stride); out: rows x ceil(nbits/8), contiguous.
+void pack_bits(const uint8_t* bits, int64_t rows, int64_t nbits, int64_t bits_stride, uint8_t* out);
+
+// out: queries.rows x db.rows, contiguous.
+void hamming_distance(const PackedCodes& queries, const PackedCodes& db, int32_t* out);
+
+// Exact top-k: ascending distance, ties broken by the smaller database index. 1 <= k <= db.rows.
+// out_dist and out_idx: queries.rows x k, contiguous.
+void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, int32_t* out_dist,
+                  int64_t* out_idx);
+
+}  // namespace brcd::cpu

@@ -1,0 +1,39 @@
+// AVX-512 VPOPCNTDQ scan: 8 codes per 512-bit popcount.
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512vpopcntdq,popcnt")
+#include <immintrin.h>
+
+#include "cpu/hamming_scan.h"
+
+namespace brcd::cpu::avx512 {
+namespace {
+
+struct Isa {
+  template <int WC>
+  static inline __m512i dist(const uint64_t* block, const uint64_t* q, int64_t words) {
+    const int64_t n = WC > 0 ? WC : words;
+    __m512i acc = _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(block), _mm512_set1_epi64(q[0])));
+    for (int64_t w = 1; w < n; ++w) {
+      const __m512i x = _mm512_xor_si512(_mm512_loadu_si512(block + w * kLanes), _mm512_set1_epi64(q[w]));
+      acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(x));
+    }
+    return acc;
+  }
+  template <int WC>
+  static inline unsigned below(const uint64_t* block, const uint64_t* q, int64_t words, int64_t threshold,
+                               int32_t* dist8) {
+    const __m512i d = dist<WC>(block, q, words);
+    const __mmask8 m = _mm512_cmplt_epi64_mask(d, _mm512_set1_epi64(threshold));
+    if (m) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dist8), _mm512_cvtepi64_epi32(d));
+    return m;
+  }
+  template <int WC>
+  static inline void all(const uint64_t* block, const uint64_t* q, int64_t words, int32_t* dist8) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dist8), _mm512_cvtepi64_epi32(dist<WC>(block, q, words)));
+  }
+};
+
+}  // namespace
+
+ScanKernels kernels() { return detail::make_kernels<Isa>(); }
+
+}  // namespace brcd::cpu::avx512

@@ -1,0 +1,64 @@
+// Internal layout shared by the CPU Hamming translation units.
+//
+// The database is re-laid in blocks of 8 codes, word-major inside a block (block b, word w, lane l at
+// data[(b * words + w) * 8 + l]), so one 512-bit load holds the same word of 8 codes whatever the code length.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace brcd::cpu {
+
+constexpr int kLanes = 8;
+
+struct BlockedCodes {
+  std::vector<uint64_t> data;
+  int64_t rows = 0;
+  int64_t words = 0;
+  int64_t blocks = 0;
+  const uint64_t* block(int64_t b) const { return data.data() + b * words * kLanes; }
+};
+
+// Queries as rows of `words` uint64 (zero padded).
+struct QueryWords {
+  std::vector<uint64_t> data;
+  int64_t rows = 0;
+  int64_t words = 0;
+  const uint64_t* row(int64_t r) const { return data.data() + r * words; }
+};
+
+// A query's running top-k: a counting select over Hamming's small integer range.
+// A candidate is accepted iff its distance is below `threshold`. The database is scanned in ascending index
+// order, so a new candidate whose distance equals the k-th best so far ranks after all of them and is rejected.
+class TopkState {
+ public:
+  TopkState(int64_t k, int64_t nbits);
+  int64_t threshold() const { return threshold_; }
+  void push(int32_t dist, int64_t idx);
+  // Writes the best min(k, accepted) candidates sorted by (distance, index); returns how many.
+  int64_t finish(int32_t* out_dist, int64_t* out_idx);
+
+ private:
+  void compact();
+  int64_t k_;
+  int64_t threshold_;
+  int64_t at_or_below_;  // accepted candidates with distance <= threshold_
+  std::vector<int64_t> count_;
+  std::vector<int32_t> cand_dist_;
+  std::vector<int64_t> cand_idx_;
+  size_t capacity_;
+};
+
+// Per-ISA scans, defined in hamming_<isa>.cpp. `states` has one entry per query in [q_begin, q_end).
+struct ScanKernels {
+  void (*topk)(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t block_begin,
+               int64_t block_end, TopkState* states);
+  void (*distance)(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end,
+                   int64_t block_begin, int64_t block_end, int32_t* out);
+};
+
+namespace scalar { ScanKernels kernels(); }
+namespace avx2 { ScanKernels kernels(); }
+namespace avx512 { ScanKernels kernels(); }
+
+}  // namespace brcd::cpu

@@ -1,0 +1,89 @@
+// ISA-generic scan loops. Included by each hamming_<isa>.cpp after it defines `struct Isa` with
+//   template <int WC> static unsigned below(const uint64_t* block, const uint64_t* q, int64_t words,
+//                                           int64_t threshold, int32_t* dist8);   // lanes with distance < threshold
+//   template <int WC> static void all(const uint64_t* block, const uint64_t* q, int64_t words, int32_t* dist8);
+// WC is the word count when known at compile time (1..4), else 0.
+#pragma once
+#include "cpu/hamming_layout.h"
+
+namespace brcd::cpu::detail {
+
+// Blocks per cache chunk: about 256 KiB of database per pass over a block of queries.
+inline int64_t chunk_blocks(int64_t words) { return words >= 64 ? 64 : 4096 / words; }
+
+template <class Isa, int WC>
+void topk_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t b_begin,
+               int64_t b_end, TopkState* states) {
+  alignas(64) int32_t dist8[kLanes];
+  const int64_t words = db.words;
+  const int64_t chunk = chunk_blocks(words);
+  for (int64_t c0 = b_begin; c0 < b_end; c0 += chunk) {
+    const int64_t c1 = c0 + chunk < b_end ? c0 + chunk : b_end;
+    for (int64_t qi = q_begin; qi < q_end; ++qi) {
+      TopkState& st = states[qi - q_begin];
+      const uint64_t* qw = q.row(qi);
+      for (int64_t b = c0; b < c1; ++b) {
+        unsigned m = Isa::template below<WC>(db.block(b), qw, words, st.threshold(), dist8);
+        while (m) {
+          const int lane = __builtin_ctz(m);
+          m &= m - 1;
+          const int64_t idx = b * kLanes + lane;
+          if (idx >= db.rows) break;
+          if (dist8[lane] < st.threshold()) st.push(dist8[lane], idx);
+        }
+      }
+    }
+  }
+}
+
+template <class Isa, int WC>
+void distance_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t b_begin,
+                   int64_t b_end, int32_t* out) {
+  alignas(64) int32_t dist8[kLanes];
+  const int64_t words = db.words;
+  const int64_t chunk = chunk_blocks(words);
+  for (int64_t c0 = b_begin; c0 < b_end; c0 += chunk) {
+    const int64_t c1 = c0 + chunk < b_end ? c0 + chunk : b_end;
+    for (int64_t qi = q_begin; qi < q_end; ++qi) {
+      const uint64_t* qw = q.row(qi);
+      int32_t* row = out + qi * db.rows;
+      for (int64_t b = c0; b < c1; ++b) {
+        const int64_t base = b * kLanes;
+        if (base + kLanes <= db.rows) {
+          Isa::template all<WC>(db.block(b), qw, words, row + base);
+        } else {
+          Isa::template all<WC>(db.block(b), qw, words, dist8);
+          for (int64_t l = 0; base + l < db.rows; ++l) row[base + l] = dist8[l];
+        }
+      }
+    }
+  }
+}
+
+template <class Isa>
+ScanKernels make_kernels() {
+  ScanKernels k;
+  k.topk = [](const BlockedCodes& db, const QueryWords& q, int64_t qb, int64_t qe, int64_t bb, int64_t be,
+              TopkState* st) {
+    switch (db.words) {
+      case 1: return topk_scan<Isa, 1>(db, q, qb, qe, bb, be, st);
+      case 2: return topk_scan<Isa, 2>(db, q, qb, qe, bb, be, st);
+      case 3: return topk_scan<Isa, 3>(db, q, qb, qe, bb, be, st);
+      case 4: return topk_scan<Isa, 4>(db, q, qb, qe, bb, be, st);
+      default: return topk_scan<Isa, 0>(db, q, qb, qe, bb, be, st);
+    }
+  };
+  k.distance = [](const BlockedCodes& db, const QueryWords& q, int64_t qb, int64_t qe, int64_t bb, int64_t be,
+                  int32_t* out) {
+    switch (db.words) {
+      case 1: return distance_scan<Isa, 1>(db, q, qb, qe, bb, be, out);
+      case 2: return distance_scan<Isa, 2>(db, q, qb, qe, bb, be, out);
+      case 3: return distance_scan<Isa, 3>(db, q, qb, qe, bb, be, out);
+      case 4: return distance_scan<Isa, 4>(db, q, qb, qe, bb, be, out);
+      default: return distance_scan<Isa, 0>(db, q, qb, qe, bb, be, out);
+    }
+  };
+  return k;
+}
+
+}  // namespace brcd::cpu::detail

@@ -1,0 +1,72 @@
+// CPU implementations of the contrastive-loss ops: torch glue around csrc/cpu/contrastive.h.
+#include <torch/library.h>
+
+#include "cpu/contrastive.h"
+#include "ops/contrastive_common.h"
+
+namespace brcd::ops {
+namespace {
+
+template <class T>
+cpu::ContrastiveProblem<T> problem(const ContrastiveOperands& o, double temperature) {
+  cpu::ContrastiveProblem<T> p;
+  p.batch = o.batch;
+  p.bits = o.bits;
+  p.temperature = static_cast<T>(temperature);
+  p.student = o.student.data_ptr<T>();
+  p.teacher_anchor = o.teacher_anchor.data_ptr<T>();
+  p.teacher_view = o.teacher_view.data_ptr<T>();
+  p.alpha = o.alpha.data_ptr<T>();
+  p.bit_mask = o.bit_mask ? o.bit_mask->data_ptr<T>() : nullptr;
+  p.row_groups = o.row_groups ? o.row_groups->data_ptr<int64_t>() : nullptr;
+  p.col_groups = o.col_groups ? o.col_groups->data_ptr<int64_t>() : nullptr;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> contrastive_forward_cpu(const at::Tensor& student, const at::Tensor& teacher_anchor,
+                                                           const at::Tensor& teacher_view, double temperature,
+                                                           const at::Tensor& alpha,
+                                                           const std::optional<at::Tensor>& bit_mask,
+                                                           const std::optional<at::Tensor>& row_groups,
+                                                           const std::optional<at::Tensor>& col_groups) {
+  const ContrastiveOperands o =
+      prepare_operands(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups);
+  at::Tensor stats = at::empty({2, 2 * o.batch}, o.student.options());
+  at::Tensor loss = at::empty({}, o.student.options());
+  AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_forward_cpu", [&] {
+    const auto p = problem<scalar_t>(o, temperature);
+    scalar_t* s = stats.data_ptr<scalar_t>();
+    loss.fill_(cpu::contrastive_forward<scalar_t>(p, s, s + 2 * o.batch));
+  });
+  return {loss.to(o.input_dtype), stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher_anchor,
+    const at::Tensor& teacher_view, double temperature, const at::Tensor& alpha,
+    const std::optional<at::Tensor>& bit_mask, const std::optional<at::Tensor>& row_groups,
+    const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats) {
+  const ContrastiveOperands o =
+      prepare_operands(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups);
+  check_row_stats(row_stats, o);
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
+  const at::Tensor stats = row_stats.contiguous();
+  at::Tensor gs = at::empty_like(o.student), ga = at::empty_like(o.student), gv = at::empty_like(o.student);
+  AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_backward_cpu", [&] {
+    const auto p = problem<scalar_t>(o, temperature);
+    const scalar_t g = grad_loss.to(at::kDouble).item<double>();
+    const scalar_t* s = stats.data_ptr<scalar_t>();
+    cpu::contrastive_backward<scalar_t>(p, g, s, s + 2 * o.batch, gs.data_ptr<scalar_t>(), ga.data_ptr<scalar_t>(),
+                                        gv.data_ptr<scalar_t>());
+  });
+  return {gs.to(o.input_dtype), ga.to(o.input_dtype), gv.to(o.input_dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(brcd, CPU, m) {
+  m.impl("contrastive_forward", &contrastive_forward_cpu);
+  m.impl("contrastive_backward", &contrastive_backward_cpu);
+}
+
+}  // namespace brcd::ops

@@ -1,0 +1,144 @@
+"""pack_codes, unpack_codes, hamming_distance and hamming_topk against NumPy / PyTorch references."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import brcd
+from brcd import reference as ref
+from conftest import device_params
+
+ODD_BITS = [1, 7, 8, 63, 64, 65, 129, 256, 1000]
+
+
+def random_codes(n, nbits, gen, dup_fraction=0.0):
+    codes = torch.randn(n, nbits, generator=gen)
+    if dup_fraction and n > 1:  # heavy ties: copy some rows over others
+        m = int(n * dup_fraction)
+        src = torch.randint(0, n, (m,), generator=gen)
+        dst = torch.randint(0, n, (m,), generator=gen)
+        codes[dst] = codes[src]
+    return codes
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("nbits", ODD_BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.bool, torch.float16])
+def test_pack_matches_numpy_packbits(device, nbits, dtype):
+    gen = torch.Generator().manual_seed(nbits)
+    codes = torch.randn(37, nbits, generator=gen)
+    if dtype == torch.bool:
+        codes = codes > 0
+    elif dtype == torch.int32:
+        codes = codes.sign().to(torch.int32)
+    else:
+        codes = codes.to(dtype)
+    packed = brcd.pack_codes(codes.to(device))
+    expected = np.packbits((codes > 0).numpy(), axis=1, bitorder="little")
+    assert packed.dtype == torch.uint8 and packed.device.type == device
+    np.testing.assert_array_equal(packed.cpu().numpy(), expected)
+    unpacked = brcd.unpack_codes(packed, nbits)
+    assert torch.equal(unpacked.cpu(), (codes > 0).float() * 2 - 1)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_pack_non_contiguous_and_sliced(device):
+    codes = torch.randn(40, 130)[::3, 1:66].to(device)
+    assert not codes.is_contiguous()
+    assert torch.equal(brcd.pack_codes(codes).cpu(), ref.pack_codes(codes.cpu()))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("nbits", ODD_BITS)
+def test_distance_exact(device, nbits):
+    gen = torch.Generator().manual_seed(1000 + nbits)
+    q = ref.pack_codes(random_codes(13, nbits, gen))
+    db = ref.pack_codes(random_codes(203, nbits, gen, dup_fraction=0.3))
+    got = brcd.hamming_distance(q.to(device), db.to(device))
+    assert got.dtype == torch.int32
+    assert torch.equal(got.cpu(), ref.hamming_distance(q, db))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("nbits", ODD_BITS)
+@pytest.mark.parametrize("n,k", [(1, 1), (9, 9), (203, 1), (203, 10), (1031, 100), (1031, 1031)])
+def test_topk_exact_with_ties(device, nbits, n, k):
+    gen = torch.Generator().manual_seed(nbits * 7 + n + k)
+    q = ref.pack_codes(random_codes(11, nbits, gen))
+    db = ref.pack_codes(random_codes(n, nbits, gen, dup_fraction=0.5))
+    d, i = brcd.hamming_topk(q.to(device), db.to(device), k)
+    rd, ri = ref.hamming_topk(q, db, k)
+    assert d.dtype == torch.int32 and i.dtype == torch.int64
+    assert torch.equal(d.cpu(), rd)
+    assert torch.equal(i.cpu(), ri)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_topk_all_equal_codes_breaks_ties_by_index(device):
+    db = brcd.pack_codes(torch.ones(5000, 64)).to(device)
+    q = brcd.pack_codes(torch.ones(3, 64)).to(device)
+    d, i = brcd.hamming_topk(q, db, 1234)
+    assert torch.equal(d.cpu(), torch.zeros(3, 1234, dtype=torch.int32))
+    assert torch.equal(i.cpu(), torch.arange(1234).expand(3, -1))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_topk_few_queries_large_database(device):
+    # One query over a database large enough to be split into shards across threads, merged in index order.
+    gen = torch.Generator().manual_seed(5)
+    db = ref.pack_codes(random_codes(120_000, 16, gen, dup_fraction=0.2))
+    q = ref.pack_codes(random_codes(1, 16, gen))
+    for k in (1, 50, 3000):
+        d, i = brcd.hamming_topk(q.to(device), db.to(device), k)
+        rd, ri = ref.hamming_topk(q, db, k)
+        assert torch.equal(d.cpu(), rd) and torch.equal(i.cpu(), ri)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    nq=st.integers(1, 20),
+    n=st.integers(1, 300),
+    nbits=st.integers(1, 200),
+    kfrac=st.floats(0.0, 1.0),
+    dup=st.sampled_from([0.0, 0.5, 0.9]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_topk_fuzz_cpu(nq, n, nbits, kfrac, dup, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k = max(1, min(n, int(round(kfrac * n))))
+    q = ref.pack_codes(random_codes(nq, nbits, gen))
+    db = ref.pack_codes(random_codes(n, nbits, gen, dup_fraction=dup))
+    d, i = brcd.hamming_topk(q, db, k)
+    rd, ri = ref.hamming_topk(q, db, k)
+    assert torch.equal(d, rd) and torch.equal(i, ri)
+    assert torch.equal(brcd.hamming_distance(q, db), ref.hamming_distance(q, db))
+
+
+@pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
+def test_every_simd_path_is_exact(level):
+    """The SIMD level is chosen once per process: check each in a subprocess (BRCD_SIMD caps the level)."""
+    script = r"""
+import torch, brcd
+from brcd import reference as ref
+for nbits in (5, 64, 130, 256, 333):
+    g = torch.Generator().manual_seed(nbits)
+    q = brcd.pack_codes(torch.randn(9, nbits, generator=g))
+    db = brcd.pack_codes(torch.randn(777, nbits, generator=g))
+    db[100:200] = db[0]
+    assert torch.equal(brcd.hamming_distance(q, db), ref.hamming_distance(q, db))
+    for k in (1, 17, 777):
+        d, i = brcd.hamming_topk(q, db, k)
+        rd, ri = ref.hamming_topk(q, db, k)
+        assert torch.equal(d, rd) and torch.equal(i, ri)
+print(brcd.build_info()["simd"])
+"""
+    env = dict(os.environ, BRCD_SIMD=level)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    chosen = out.stdout.strip().splitlines()[-1]
+    order = ["scalar", "avx2", "avx512_vpopcntdq"]
+    assert order.index(chosen) <= order.index({"scalar": "scalar", "avx2": "avx2", "avx512": "avx512_vpopcntdq"}[level])

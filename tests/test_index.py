@@ -1,0 +1,116 @@
+"""HammingIndex: add/search/len/to/save/load, the file format's checks and atomic writes."""
+import os
+import struct
+
+import pytest
+import torch
+
+import brcd
+from brcd import reference as ref
+from brcd.index import HEADER_SIZE, HammingIndex, IndexFileError
+from conftest import device_params
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("nbits", [7, 64, 130])
+def test_add_search_matches_reference(device, nbits):
+    gen = torch.Generator().manual_seed(nbits)
+    index = HammingIndex(nbits, device=device)
+    a, b = torch.randn(300, nbits, generator=gen), torch.randn(200, nbits, generator=gen).sign()
+    assert torch.equal(index.add(a), torch.arange(300))
+    assert torch.equal(index.add(b), torch.arange(300, 500))
+    assert len(index) == 500
+    q = torch.randn(9, nbits, generator=gen)
+    d, i = index.search(q, 25)
+    rd, ri = ref.hamming_topk(ref.pack_codes(q), ref.pack_codes(torch.cat([a, b])), 25)
+    assert torch.equal(d.cpu(), rd) and torch.equal(i.cpu(), ri)
+    d2, i2 = index.search_packed(brcd.pack_codes(q), 25)
+    assert torch.equal(d2, d) and torch.equal(i2, i)
+
+
+def test_save_load_roundtrip(tmp_path):
+    index = HammingIndex(65)
+    index.add(torch.randn(123, 65))
+    path = tmp_path / "codes.bhi"
+    index.save(path)
+    loaded = HammingIndex.load(path)
+    assert loaded.nbits == 65 and len(loaded) == 123
+    assert torch.equal(loaded.packed_codes, index.packed_codes)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    empty = HammingIndex(16)
+    empty.save(tmp_path / "empty.bhi")
+    assert len(HammingIndex.load(tmp_path / "empty.bhi")) == 0
+
+
+def test_corrupt_and_truncated_files_raise(tmp_path):
+    index = HammingIndex(64)
+    index.add(torch.randn(50, 64))
+    path = tmp_path / "codes.bhi"
+    index.save(path)
+    data = path.read_bytes()
+    cases = {
+        "truncated": data[:-3],
+        "too short": data[:10],
+        "bad magic": b"XXXXXXXX" + data[8:],
+        "flipped payload bit": data[:HEADER_SIZE + 5] + bytes([data[HEADER_SIZE + 5] ^ 1]) + data[HEADER_SIZE + 6:],
+        "future version": data[:8] + struct.pack("<I", 99) + data[12:],
+        "count too large": data[:16] + struct.pack("<Q", 51) + data[24:],
+    }
+    for name, blob in cases.items():
+        bad = tmp_path / f"{name}.bhi"
+        bad.write_bytes(blob)
+        with pytest.raises(IndexFileError):
+            HammingIndex.load(bad)
+    with pytest.raises(IndexFileError, match="no such"):
+        HammingIndex.load(tmp_path / "missing.bhi")
+
+
+def test_failed_save_keeps_the_good_file(tmp_path, monkeypatch):
+    path = tmp_path / "codes.bhi"
+    good = HammingIndex(32)
+    good.add(torch.randn(10, 32))
+    good.save(path)
+    before = path.read_bytes()
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    other = HammingIndex(32)
+    other.add(torch.randn(99, 32))
+    with pytest.raises(OSError):
+        other.save(path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["codes.bhi"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="nbits"):
+        HammingIndex(0)
+    index = HammingIndex(16)
+    with pytest.raises(ValueError, match="empty"):
+        index.search(torch.randn(1, 16), 1)
+    index.add(torch.randn(5, 16))
+    with pytest.raises(ValueError, match="shape"):
+        index.add(torch.randn(5, 15))
+    with pytest.raises(TypeError, match="packed"):
+        index.add(brcd.pack_codes(torch.randn(5, 16)))  # packed bytes through the real-codes path
+    with pytest.raises(ValueError, match="packed"):
+        index.add_packed(torch.randn(5, 16))
+    with pytest.raises(ValueError, match="k must be"):
+        index.search(torch.randn(1, 16), 6)
+    odd = HammingIndex(12)
+    with pytest.raises(ValueError, match="beyond nbits"):
+        odd.add_packed(torch.full((1, 2), 255, dtype=torch.uint8))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_device_keeps_results():
+    index = HammingIndex(64)
+    index.add(torch.randn(1000, 64))
+    q = torch.randn(4, 64)
+    d, i = index.search(q, 10)
+    index.to("cuda")
+    d2, i2 = index.search(q, 10)
+    assert torch.equal(d, d2.cpu()) and torch.equal(i, i2.cpu())

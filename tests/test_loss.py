@@ -1,0 +1,198 @@
+"""The fused BRCD / NT-Xent loss against the original implementation's vectors and the package's reference."""
+import math
+
+import pytest
+import torch
+
+import brcd
+from brcd import reference as ref
+from conftest import device_params
+
+
+def make_case(B, K, seed, *, mask="random", groups="random", alpha="vector", dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, K, generator=g, dtype=torch.float64)
+    ta = torch.randn(B, K, generator=g, dtype=torch.float64)
+    tv = torch.randn(B, K, generator=g, dtype=torch.float64)
+    kw = {"temperature": 0.3}
+    if alpha == "vector":
+        kw["alpha"] = (torch.rand(B, generator=g, dtype=torch.float64) < 0.5).double() * 0.7 + 0.3 * torch.rand(
+            B, generator=g, dtype=torch.float64)
+    else:
+        kw["alpha"] = float(alpha)
+    if mask == "random":
+        m = (torch.rand(B, K, generator=g) < 0.7).double()
+        m[0] = 0  # a sample whose mask is all zeros
+        kw["bit_mask"] = m
+    elif mask == "real":
+        kw["bit_mask"] = torch.rand(B, K, generator=g, dtype=torch.float64)
+    if groups == "random":
+        clusters = torch.randint(-1, 4, (B,), generator=g)
+        kw["row_groups"] = torch.cat([clusters, clusters])
+        kw["col_groups"] = torch.cat([clusters, torch.randint(-1, 4, (B,), generator=g)])
+    elif groups == "all":  # every negative of every row dropped
+        kw["row_groups"] = torch.zeros(2 * B, dtype=torch.long)
+        kw["col_groups"] = torch.zeros(2 * B, dtype=torch.long)
+    conv = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    kw = {k: conv(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    return conv(s), conv(ta), conv(tv), kw
+
+
+def loss_and_grads(fn, s, ta, tv, kw):
+    s, ta, tv = (t.detach().clone().requires_grad_() for t in (s, ta, tv))
+    loss = fn(s, ta, tv, **kw)
+    grads = torch.autograd.grad(loss, (s, ta, tv))
+    return loss.detach(), grads
+
+
+def rel_err(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_reference_vectors(reference_cases, device):
+    cases = [c for c in reference_cases if c["kind"] in ("brcd", "ntxent")]
+    assert len(cases) >= 3
+    for c in cases:
+        dev = lambda t: None if t is None else t.to(device)
+        if c["kind"] == "brcd":
+            s = c["student"].to(device).requires_grad_()
+            tv = c["teacher_view"].to(device).requires_grad_()
+            loss = brcd.brcd_loss(s, c["teacher_anchor"].to(device), tv, temperature=float(c["temperature"]),
+                                  alpha=c["alpha"].to(device), bit_mask=dev(c["bit_mask"]),
+                                  row_groups=dev(c["row_groups"]), col_groups=dev(c["col_groups"]))
+            loss.backward()
+            expected = [(s.grad, c["grad_student"]), (tv.grad, c["grad_teacher_view"])]
+        else:
+            a = c["view_a"].to(device).requires_grad_()
+            b = c["view_b"].to(device).requires_grad_()
+            loss = brcd.ntxent_loss(a, b, temperature=float(c["temperature"]))
+            loss.backward()
+            expected = [(a.grad, c["grad_a"]), (b.grad, c["grad_b"])]
+        assert abs(loss.item() - c["loss"].item()) <= 1e-10 * max(1.0, abs(c["loss"].item()))
+        for got, want in expected:
+            assert float((got.cpu() - want).abs().max()) <= 1e-10 * max(1.0, float(want.abs().max()))
+
+
+FUZZ = [(B, K) for B in (1, 2, 3, 64, 1000) for K in (1, 8, 63, 64, 256)]
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("B,K", FUZZ)
+def test_fuzz_against_reference(device, B, K):
+    seed = 17 * B + K
+    variants = [("random", "random", "vector"), (None, None, 0.8), ("real", "random", 0.0), ("random", "all", 1.0)]
+    mask, groups, alpha = variants[seed % len(variants)]
+    s, ta, tv, kw = make_case(B, K, seed, mask=mask, groups=groups, alpha=alpha, device=device)
+    want_loss, want_grads = loss_and_grads(ref.brcd_loss, s.cpu(), ta.cpu(), tv.cpu(),
+                                           {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    got_loss, got_grads = loss_and_grads(brcd.brcd_loss, s, ta, tv, kw)
+    assert torch.allclose(got_loss.cpu(), want_loss, rtol=1e-10, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g.cpu(), w, rtol=1e-9, atol=1e-12)
+    # float32 kernels stay within 1e-5 relative of float64.
+    s32, ta32, tv32 = (t.float() for t in (s, ta, tv))
+    kw32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+    l32, g32 = loss_and_grads(brcd.brcd_loss, s32, ta32, tv32, kw32)
+    assert l32.dtype == torch.float32
+    assert abs(l32.item() - want_loss.item()) <= 1e-5 * max(abs(want_loss.item()), 1e-3)
+    for g, w in zip(g32, want_grads):
+        if w.norm() > 1e-12:
+            assert rel_err(g, w) <= 1e-5
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_all_negatives_dropped_gives_zero(device):
+    s, ta, tv, kw = make_case(8, 16, 3, mask=None, groups="all", alpha=0.5, device=device)
+    loss, grads = loss_and_grads(brcd.brcd_loss, s, ta, tv, kw)
+    assert loss.item() == 0.0
+    assert all(float(g.abs().max()) == 0.0 for g in grads)
+    # B = 1 has no negatives at all.
+    s, ta, tv, kw = make_case(1, 16, 4, mask=None, groups=None, alpha=0.5, device=device)
+    assert brcd.brcd_loss(s, ta, tv, **kw).item() == 0.0
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_ntxent_is_the_special_case(device):
+    s, ta, tv, _ = make_case(32, 64, 5, mask=None, groups=None, device=device)
+    assert torch.allclose(brcd.ntxent_loss(s, tv, temperature=0.2), ref.brcd_loss(
+        s.cpu(), ta.cpu(), tv.cpu(), temperature=0.2, alpha=0.0).to(device), rtol=1e-12)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_accumulate_in_float32(device, dtype):
+    s, ta, tv, kw = make_case(64, 64, 6, device=device)
+    kw_lo = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+    lo = [t.to(dtype) for t in (s, ta, tv)]
+    loss, grads = loss_and_grads(brcd.brcd_loss, *lo, kw_lo)
+    assert loss.dtype == dtype and all(g.dtype == dtype for g in grads)
+    # Against float64 on the same rounded inputs: only the output rounding differs.
+    up = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw_lo.items()}
+    want = ref.brcd_loss(*(t.double().cpu() for t in lo), **{k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                                             for k, v in up.items()})
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert abs(loss.double().item() - want.item()) <= tol * abs(want.item())
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_non_contiguous_inputs(device):
+    s, ta, tv, kw = make_case(20, 64, 7, device=device)
+
+    def strided(t):  # a view with the same values, every other column of a wider buffer
+        buf = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
+        buf[:, ::2] = t
+        return buf[:, ::2]
+
+    wide = [strided(t) for t in (s, ta, tv)]
+    assert not wide[0].is_contiguous()
+    expected = brcd.brcd_loss(s, ta, tv, **kw)
+    kw["bit_mask"] = strided(kw["bit_mask"])
+    assert torch.allclose(brcd.brcd_loss(*wide, **kw), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_nan_or_inf_gives_nan(device, poison):
+    s, ta, tv, kw = make_case(16, 32, 8, device=device)
+    for which in range(3):
+        tensors = [s.clone(), ta.clone(), tv.clone()]
+        tensors[which][3, 5] = poison
+        if which == 1:  # the teacher anchor only enters through alpha * cos: give that sample alpha > 0
+            kw = dict(kw, alpha=0.5)
+        assert math.isnan(brcd.brcd_loss(*tensors, **kw).item())
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_temperature_extremes_stay_finite(device):
+    s, ta, tv, kw = make_case(64, 32, 9, mask=None, groups=None, device=device)
+    for tau in (0.01, 0.05, 5.0):
+        got = brcd.brcd_loss(s, ta, tv, **dict(kw, temperature=tau))
+        want = ref.brcd_loss(s.cpu(), ta.cpu(), tv.cpu(), **{k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                                             for k, v in dict(kw, temperature=tau).items()})
+        assert torch.isfinite(got) and torch.allclose(got.cpu(), want, rtol=1e-10)
+
+
+def test_gradcheck_float64():
+    s, ta, tv, kw = make_case(5, 7, 10)
+    inputs = tuple(t.clone().requires_grad_() for t in (s, ta, tv))
+    assert torch.autograd.gradcheck(lambda a, b, c: brcd.brcd_loss(a, b, c, **kw), inputs)
+
+
+def test_torch_compile_fullgraph():
+    s, ta, tv, kw = make_case(16, 32, 11, dtype=torch.float32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(a, b, c, mask, rg, cg):
+        return brcd.brcd_loss(a, b, c, alpha=0.8, bit_mask=mask, row_groups=rg, col_groups=cg) + 0.5 * \
+            brcd.ntxent_loss(a, c)
+
+    a = s.clone().requires_grad_()
+    out = step(a, ta, tv, kw["bit_mask"], kw["row_groups"], kw["col_groups"])
+    out.backward()
+    b = s.clone().requires_grad_()
+    eager = brcd.brcd_loss(b, ta, tv, alpha=0.8, bit_mask=kw["bit_mask"], row_groups=kw["row_groups"],
+                           col_groups=kw["col_groups"]) + 0.5 * brcd.ntxent_loss(b, tv)
+    eager.backward()
+    assert torch.allclose(out, eager) and torch.allclose(a.grad, b.grad)

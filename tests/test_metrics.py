@@ -1,0 +1,124 @@
+"""Retrieval metrics: the original's mAP vectors, a brute-force reference, label forms and both paradigms."""
+import numpy as np
+import pytest
+import torch
+
+import brcd
+from brcd import metrics
+from brcd import reference as ref
+from conftest import device_params
+
+
+def labelled_codes(n, nbits, classes, gen, flip=0.2):
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    centers = torch.randn(classes, nbits, generator=gen).sign()
+    codes = centers[labels] * torch.where(torch.rand(n, nbits, generator=gen) < flip, -1.0, 1.0)
+    return codes, labels
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_reference_map_vectors(reference_cases, device):
+    cases = [c for c in reference_cases if c["kind"] == "map"]
+    assert cases
+    for c in cases:
+        got = metrics.mean_average_precision(c["query_codes"].to(device), c["db_codes"].to(device),
+                                             c["query_labels"].to(device), c["db_labels"].to(device),
+                                             topk=int(c["topk"]))
+        assert abs(got - float(c["map"])) <= 1e-12
+
+
+def brute_force_map(qc, dc, ql, dl, topk):
+    """An independent NumPy mAP: full distance matrix, stable sort (ties to the smaller index)."""
+    q = (qc.numpy() > 0).astype(np.int64)
+    d = (dc.numpy() > 0).astype(np.int64)
+    dist = (q[:, None, :] != d[None, :, :]).sum(-1)
+    rel = (ql.numpy()[:, None] == dl.numpy()[None, :]) if ql.dim() == 1 else (ql.numpy() @ dl.numpy().T > 0)
+    aps = []
+    for i in range(len(q)):
+        order = np.argsort(dist[i], kind="stable")[:topk]
+        r = rel[i, order].astype(float)
+        if r.sum() == 0:
+            aps.append(0.0)
+            continue
+        aps.append(float(((np.cumsum(r) / np.arange(1, len(r) + 1)) * r).sum() / r.sum()))
+    return float(np.mean(aps))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("nbits,topk", [(16, 50), (33, None), (64, 1000)])
+def test_map_matches_brute_force(device, nbits, topk):
+    gen = torch.Generator().manual_seed(nbits)
+    qc, ql = labelled_codes(40, nbits, 5, gen)
+    dc, dl = labelled_codes(700, nbits, 5, gen)
+    want = brute_force_map(qc, dc, ql, dl, topk or 700)
+    got = metrics.mean_average_precision(qc.to(device), dc.to(device), ql.to(device), dl.to(device), topk=topk)
+    assert abs(got - want) <= 1e-12
+    # Packed codes and one-hot labels give the same number.
+    onehot = lambda x: torch.nn.functional.one_hot(x, 5)
+    got2 = metrics.mean_average_precision(brcd.pack_codes(qc), brcd.pack_codes(dc), onehot(ql), onehot(dl), topk)
+    assert abs(got2 - want) <= 1e-12
+    assert abs(ref.mean_average_precision(qc, dc, ql, dl, topk) - want) <= 1e-12
+
+
+def test_multi_hot_labels():
+    gen = torch.Generator().manual_seed(1)
+    qc, dc = torch.randn(30, 32, generator=gen), torch.randn(400, 32, generator=gen)
+    ql = (torch.rand(30, 70, generator=gen) < 0.05).long()  # 70 classes: beyond one machine word
+    dl = (torch.rand(400, 70, generator=gen) < 0.05).long()
+    ql[0] = 0  # a query with no label: nothing relevant, scores 0
+    aps = metrics.average_precisions(qc, dc, ql, dl, topk=100)
+    assert aps[0] == 0
+    assert abs(float(aps.mean()) - brute_force_map(qc, dc, ql.double(), dl.double(), 100)) <= 1e-12
+
+
+def test_precision_metrics_against_brute_force():
+    gen = torch.Generator().manual_seed(2)
+    qc, ql = labelled_codes(25, 12, 4, gen, flip=0.15)
+    dc, dl = labelled_codes(300, 12, 4, gen, flip=0.15)
+    dist = ref.hamming_distance(ref.pack_codes(qc), ref.pack_codes(dc))
+    rel = ql[:, None] == dl[None, :]
+    # P@k
+    _, idx = ref.hamming_topk(ref.pack_codes(qc), ref.pack_codes(dc), 20)
+    want = float(torch.gather(rel, 1, idx).double().mean())
+    assert abs(metrics.precision_at_k(qc, dc, ql, dl, 20) - want) <= 1e-12
+    # precision within radius 2; a query that retrieves nothing scores 0
+    inside = dist <= 2
+    per_q = torch.where(inside.sum(1) > 0, (inside & rel).sum(1).double() / inside.sum(1).clamp_min(1), 0.0)
+    assert abs(metrics.precision_within_radius(qc, dc, ql, dl, radius=2) - float(per_q.double().mean())) <= 1e-12
+    # PR curve at radius 3
+    curve = metrics.precision_recall_curve(qc, dc, ql, dl)
+    inside = dist <= 3
+    got_p = float(curve["precision"][3])
+    has = inside.sum(1) > 0
+    want_p = float(((inside & rel).sum(1)[has].double() / inside.sum(1)[has]).mean())
+    want_r = float(((inside & rel).sum(1).double() / rel.sum(1)).mean())
+    assert abs(got_p - want_p) <= 1e-12 and abs(float(curve["recall"][3]) - want_r) <= 1e-12
+    assert abs(float(curve["recall"][-1]) - 1.0) <= 1e-12
+
+
+def test_two_paradigms():
+    gen = torch.Generator().manual_seed(3)
+    student_q, ql = labelled_codes(20, 32, 4, gen)
+    student_db, dl = labelled_codes(200, 32, 4, gen)
+    teacher_db = student_db.clone()
+    teacher_db[:, :8] *= -1
+    out = metrics.evaluate_paradigms(student_q, student_db, teacher_db, ql, dl, topk=50)
+    assert out["map_symmetric"] == metrics.mean_average_precision(student_q, student_db, ql, dl, 50)
+    assert out["map_asymmetric"] == metrics.mean_average_precision(student_q, teacher_db, ql, dl, 50)
+
+
+def test_metric_bad_input():
+    qc, dc = torch.randn(3, 16), torch.randn(10, 16)
+    ql, dl = torch.arange(3), torch.arange(10)
+    with pytest.raises(ValueError, match="db_labels"):
+        metrics.mean_average_precision(qc, dc, ql, dl[:9])
+    with pytest.raises(ValueError, match="query_labels"):
+        metrics.mean_average_precision(qc, dc, ql[:2], dl)
+    with pytest.raises(ValueError, match="bit count"):
+        metrics.mean_average_precision(qc, torch.randn(10, 24), ql, dl)
+    with pytest.raises(ValueError, match="empty"):
+        metrics.mean_average_precision(qc, dc[:0], ql, dl[:0])
+    with pytest.raises(ValueError, match="topk"):
+        metrics.mean_average_precision(qc, dc, ql, dl, topk=0)
+    with pytest.raises(ValueError, match="classes"):
+        metrics.mean_average_precision(qc, dc, torch.eye(3), torch.ones(10, 4))

@@ -1,0 +1,37 @@
+"""torch.library.opcheck for every brcd op: schema, fake kernels, autograd registration, dispatch."""
+import pytest
+import torch
+
+import brcd
+from conftest import device_params
+
+ops = torch.ops.brcd
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_opcheck_hamming(device):
+    codes = torch.randn(20, 70, device=device)
+    torch.library.opcheck(ops.pack_codes.default, (codes,))
+    q = brcd.pack_codes(codes[:5])
+    db = brcd.pack_codes(torch.randn(50, 70, device=device))
+    torch.library.opcheck(ops.hamming_distance.default, (q, db))
+    torch.library.opcheck(ops.hamming_topk.default, (q, db, 7))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_extras", [False, True])
+def test_opcheck_contrastive(device, dtype, with_extras):
+    B, K = 6, 16
+    mk = lambda: torch.randn(B, K, device=device, dtype=dtype, requires_grad=True)
+    s, ta, tv = mk(), mk(), mk()
+    alpha = torch.rand(B, device=device, dtype=dtype)
+    mask = (torch.rand(B, K, device=device) < 0.7).to(dtype) if with_extras else None
+    groups = torch.randint(-1, 3, (2 * B,), device=device) if with_extras else None
+    args = (s, ta, tv, 0.3, alpha, mask, groups, groups)
+    torch.library.opcheck(ops.contrastive_forward.default, args)
+    with torch.no_grad():
+        loss, stats = ops.contrastive_forward(*args)
+    grad = torch.ones((), device=device, dtype=dtype)
+    torch.library.opcheck(ops.contrastive_backward.default,
+                          (grad, s.detach(), ta.detach(), tv.detach(), 0.3, alpha, mask, groups, groups, stats))
