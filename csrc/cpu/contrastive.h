@@ -3,21 +3,9 @@
 #pragma once
 #include <cstdint>
 
-namespace brcd::cpu {
+#include "contrastive_problem.h"
 
-template <class T>
-struct ContrastiveProblem {
-  int64_t batch = 0;  // B
-  int64_t bits = 0;   // K
-  T temperature = T(0.3);
-  const T* student = nullptr;          // [B, K] contiguous
-  const T* teacher_anchor = nullptr;   // [B, K]
-  const T* teacher_view = nullptr;     // [B, K]
-  const T* alpha = nullptr;            // [B]
-  const T* bit_mask = nullptr;         // [B, K] or null (all ones)
-  const int64_t* row_groups = nullptr; // [2B] or null
-  const int64_t* col_groups = nullptr; // [2B] or null
-};
+namespace brcd::cpu {
 
 // Returns the loss. Saves per row a (2B rows) the log-sum-exp `lse[a]` and the positive logit `pos[a]`.
 template <class T>

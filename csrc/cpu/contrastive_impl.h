@@ -14,6 +14,8 @@
 
 namespace brcd::cpu::BRCD_ISA {
 
+using brcd::ContrastiveProblem;
+
 constexpr int kRows = BRCD_TILE_ROWS;  // rows of a tile
 constexpr int kCols = 256;             // columns of a tile
 template <class T>

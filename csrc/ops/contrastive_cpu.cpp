@@ -8,8 +8,8 @@ namespace brcd::ops {
 namespace {
 
 template <class T>
-cpu::ContrastiveProblem<T> problem(const ContrastiveOperands& o, double temperature) {
-  cpu::ContrastiveProblem<T> p;
+ContrastiveProblem<T> problem(const ContrastiveOperands& o, double temperature) {
+  ContrastiveProblem<T> p;
   p.batch = o.batch;
   p.bits = o.bits;
   p.temperature = static_cast<T>(temperature);

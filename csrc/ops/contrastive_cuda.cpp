@@ -1,0 +1,96 @@
+// CUDA implementations of the contrastive-loss ops: torch glue around csrc/cuda/launchers.h.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/launchers.h"
+#include "ops/contrastive_common.h"
+
+namespace brcd::ops {
+namespace {
+
+void check_cuda(int err, const char* what) {
+  TORCH_CHECK(err == 0, "brcd CUDA kernel ", what, " failed: ", cuda::error_string(err));
+}
+
+template <class T>
+ContrastiveProblem<T> problem(const ContrastiveOperands& o, double temperature) {
+  ContrastiveProblem<T> p;
+  p.batch = o.batch;
+  p.bits = o.bits;
+  p.temperature = static_cast<T>(temperature);
+  p.student = o.student.data_ptr<T>();
+  p.teacher_anchor = o.teacher_anchor.data_ptr<T>();
+  p.teacher_view = o.teacher_view.data_ptr<T>();
+  p.alpha = o.alpha.data_ptr<T>();
+  p.bit_mask = o.bit_mask ? o.bit_mask->data_ptr<T>() : nullptr;
+  p.row_groups = o.row_groups ? o.row_groups->data_ptr<int64_t>() : nullptr;
+  p.col_groups = o.col_groups ? o.col_groups->data_ptr<int64_t>() : nullptr;
+  return p;
+}
+
+template <class T>
+at::Tensor workspace_for(const ContrastiveOperands& o) {
+  const size_t bytes = cuda::contrastive_workspace<T>(o.batch, o.bits);
+  return at::empty({static_cast<int64_t>(bytes)}, o.student.options().dtype(at::kByte));
+}
+
+std::tuple<at::Tensor, at::Tensor> contrastive_forward_cuda(const at::Tensor& student,
+                                                            const at::Tensor& teacher_anchor,
+                                                            const at::Tensor& teacher_view, double temperature,
+                                                            const at::Tensor& alpha,
+                                                            const std::optional<at::Tensor>& bit_mask,
+                                                            const std::optional<at::Tensor>& row_groups,
+                                                            const std::optional<at::Tensor>& col_groups) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  const ContrastiveOperands o =
+      prepare_operands(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups);
+  at::Tensor stats = at::empty({2, 2 * o.batch}, o.student.options());
+  at::Tensor loss = at::empty({}, o.student.options());
+  void* s = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_forward_cuda", [&] {
+    at::Tensor ws = workspace_for<scalar_t>(o);
+    scalar_t* st = stats.data_ptr<scalar_t>();
+    check_cuda(cuda::contrastive_forward<scalar_t>(problem<scalar_t>(o, temperature), loss.data_ptr<scalar_t>(), st,
+                                                   st + 2 * o.batch, ws.data_ptr(), s),
+               "contrastive_forward");
+  });
+  return {loss.to(o.input_dtype), stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher_anchor,
+    const at::Tensor& teacher_view, double temperature, const at::Tensor& alpha,
+    const std::optional<at::Tensor>& bit_mask, const std::optional<at::Tensor>& row_groups,
+    const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  const ContrastiveOperands o =
+      prepare_operands(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups);
+  check_row_stats(row_stats, o);
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device() == student.device() && row_stats.device() == student.device(),
+                    "grad_loss and row_stats must be on the codes' device ", student.device());
+  const at::Tensor stats = row_stats.contiguous();
+  const at::Tensor g = grad_loss.reshape({}).to(o.compute_dtype).contiguous();
+  at::Tensor gs = at::empty_like(o.student), ga = at::empty_like(o.student), gv = at::empty_like(o.student);
+  void* s = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_backward_cuda", [&] {
+    at::Tensor ws = workspace_for<scalar_t>(o);
+    const scalar_t* st = stats.data_ptr<scalar_t>();
+    check_cuda(cuda::contrastive_backward<scalar_t>(problem<scalar_t>(o, temperature), g.data_ptr<scalar_t>(), st,
+                                                    st + 2 * o.batch, gs.data_ptr<scalar_t>(),
+                                                    ga.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(), ws.data_ptr(),
+                                                    s),
+               "contrastive_backward");
+  });
+  return {gs.to(o.input_dtype), ga.to(o.input_dtype), gv.to(o.input_dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(brcd, CUDA, m) {
+  m.impl("contrastive_forward", &contrastive_forward_cuda);
+  m.impl("contrastive_backward", &contrastive_backward_cuda);
+}
+
+}  // namespace brcd::ops

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The prepared GPU check, for a lent GPU machine (one call of a few minutes): build brcd with CUDA, run the whole
+# test suite (CUDA cases included) and the GPU benchmarks; logs and tables go under $OUT.
+#
+# Before the call, on the developer machine:  scripts/prepare_gpu_payload.sh   (copies the reference vectors and the
+# wheels the GPU machine lacks into .gpu/ and .whl/). Then run with carry [".gpu", ".whl"]:
+#     bash scripts/gpu_check.sh [--quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+[[ -f .gpu/vectors.pt ]] && export BRCD_REFERENCE_VECTORS=$PWD/.gpu/vectors.pt
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+
+start=$(date +%s)
+if ! BRCD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
+    python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  grep -E "error" "$OUT/build.log" | head -30
+  echo "BUILD FAILED"
+  exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+python3 -c "import brcd; print(brcd.build_info())"
+
+start=$(date +%s)
+timeout 300 python3 -m pytest -q --maxfail=20 -p no:cacheprovider tests/ -k "${TEST_FILTER:-}" >"$OUT/tests.log" 2>&1
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -25
+echo "tests: $(( $(date +%s) - start )) s"
+
+start=$(date +%s)
+timeout 300 python3 benchmarks/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -40
+echo "benchmarks: $(( $(date +%s) - start )) s"
