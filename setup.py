@@ -42,7 +42,7 @@ def _extension():
     from torch.utils import cpp_extension
 
     with_cuda = _want_cuda()
-    cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-fopenmp"]
     # Debug builds for sanitizers and gdb: BRCD_DEBUG=1.
     if os.environ.get("BRCD_DEBUG") == "1":
         cxx_flags = ["-O0", "-g", "-fopenmp"]

@@ -47,7 +47,7 @@ def test_pack_matches_numpy_packbits(device, nbits, dtype):
 
 @pytest.mark.parametrize("device", device_params())
 def test_pack_non_contiguous_and_sliced(device):
-    codes = torch.randn(40, 130)[::3, 1:66].to(device)
+    codes = torch.randn(40, 130, device=device)[::3, 1:66]
     assert not codes.is_contiguous()
     assert torch.equal(brcd.pack_codes(codes).cpu(), ref.pack_codes(codes.cpu()))
 

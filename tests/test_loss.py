@@ -56,17 +56,18 @@ def test_reference_vectors(reference_cases, device):
     assert len(cases) >= 3
     for c in cases:
         dev = lambda t: None if t is None else t.to(device)
+        leaf = lambda t: t.detach().clone().to(device).requires_grad_()  # never touch the shared fixture
         if c["kind"] == "brcd":
-            s = c["student"].to(device).requires_grad_()
-            tv = c["teacher_view"].to(device).requires_grad_()
+            s = leaf(c["student"])
+            tv = leaf(c["teacher_view"])
             loss = brcd.brcd_loss(s, c["teacher_anchor"].to(device), tv, temperature=float(c["temperature"]),
                                   alpha=c["alpha"].to(device), bit_mask=dev(c["bit_mask"]),
                                   row_groups=dev(c["row_groups"]), col_groups=dev(c["col_groups"]))
             loss.backward()
             expected = [(s.grad, c["grad_student"]), (tv.grad, c["grad_teacher_view"])]
         else:
-            a = c["view_a"].to(device).requires_grad_()
-            b = c["view_b"].to(device).requires_grad_()
+            a = leaf(c["view_a"])
+            b = leaf(c["view_b"])
             loss = brcd.ntxent_loss(a, b, temperature=float(c["temperature"]))
             loss.backward()
             expected = [(a.grad, c["grad_a"]), (b.grad, c["grad_b"])]

@@ -1,16 +1,7 @@
 // ISA-generic body of the CPU contrastive loss. Included by contrastive_<isa>.cpp, each compiled for its own
 // instruction set, which defines BRCD_ISA (the namespace) and BRCD_TILE_ROWS (rows of a tile kept in registers).
 #pragma once
-#include <omp.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <vector>
-
-#include "cpu/contrastive.h"
+#include "cpu/contrastive_prelude.h"
 
 namespace brcd::cpu::BRCD_ISA {
 

@@ -1,4 +1,7 @@
 // AVX2 scan: per-byte popcount through a nibble lookup table (vpshufb), summed per word with vpsadbw.
+// Standard headers before the target pragma (see contrastive_avx512.cpp).
+#include "cpu/hamming_layout.h"
+
 #pragma GCC target("avx2,popcnt")
 #include <immintrin.h>
 

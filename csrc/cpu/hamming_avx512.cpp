@@ -1,4 +1,7 @@
 // AVX-512 VPOPCNTDQ scan: 8 codes per 512-bit popcount.
+// Standard headers before the target pragma (see contrastive_avx512.cpp).
+#include "cpu/hamming_layout.h"
+
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512vpopcntdq,popcnt")
 #include <immintrin.h>
 

@@ -42,9 +42,10 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward_cuda(const at::Tensor& st
                                                             const std::optional<at::Tensor>& bit_mask,
                                                             const std::optional<at::Tensor>& row_groups,
                                                             const std::optional<at::Tensor>& col_groups) {
-  const c10::cuda::CUDAGuard guard(student.device());
+  // Argument checks first: with mixed devices the dispatcher lands here and the error must name the argument.
   const ContrastiveOperands o =
       prepare_operands(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups);
+  const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor stats = at::empty({2, 2 * o.batch}, o.student.options());
   at::Tensor loss = at::empty({}, o.student.options());
   void* s = c10::cuda::getCurrentCUDAStream().stream();
@@ -63,9 +64,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cuda(
     const at::Tensor& teacher_view, double temperature, const at::Tensor& alpha,
     const std::optional<at::Tensor>& bit_mask, const std::optional<at::Tensor>& row_groups,
     const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats) {
-  const c10::cuda::CUDAGuard guard(student.device());
+  // Argument checks first: with mixed devices the dispatcher lands here and the error must name the argument.
   const ContrastiveOperands o =
       prepare_operands(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups);
+  const c10::cuda::CUDAGuard guard(student.device());
   check_row_stats(row_stats, o);
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
   TORCH_CHECK_VALUE(grad_loss.device() == student.device() && row_stats.device() == student.device(),

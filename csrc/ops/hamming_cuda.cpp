@@ -26,6 +26,7 @@ const uint64_t* words_ptr(const at::Tensor& t) { return reinterpret_cast<const u
 
 at::Tensor pack_codes_cuda(const at::Tensor& codes) {
   check_codes(codes, "codes");
+  TORCH_CHECK_VALUE(codes.is_cuda(), "codes must be a CUDA tensor here");
   const c10::cuda::CUDAGuard guard(codes.device());
   const at::Tensor bits = positive_bits(codes);
   const int64_t n = bits.size(0), nbits = bits.size(1);

@@ -1,0 +1,13 @@
+// Every header contrastive_impl.h needs, included before a translation unit sets its target pragma.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/contrastive.h"
