@@ -69,6 +69,8 @@ def table(headers: Sequence[str], rows: List[Sequence[object]]) -> str:
 
 
 def git_revision() -> str:
+    if os.environ.get("BRCD_REVISION"):  # the GPU machine receives no .git
+        return os.environ["BRCD_REVISION"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               timeout=5).stdout.strip() or "unknown"

@@ -86,7 +86,7 @@ def bench_loss(sizes, K: int, eager_max: int) -> str:
         fused = fwd_bwd(brcd.brcd_loss, s, ta, tv, kw)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        t_fused = time_cuda(fused, repeat=5 if B < 100_000 else 2, warmup=2 if B < 100_000 else 1)
+        t_fused = time_cuda(fused, repeat=5 if B < 100_000 else 1, warmup=2 if B < 100_000 else 0)
         peak_fused = (torch.cuda.max_memory_allocated() - base) / 2**20
         # fwd: 2(2B)^2 K; bwd: recompute the same products plus the weighted sum of rows: 4(2B)^2 K.
         flops = 6 * (2 * B) ** 2 * K

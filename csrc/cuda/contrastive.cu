@@ -160,13 +160,28 @@ __device__ inline void similarity_tile(const T* zn, int64_t k_pad, int64_t a0, i
   }
 }
 
-// Row a's negatives: not itself, not its partner, not dropped by the groups.
+// What the per-pair test needs of a row, loaded once per row instead of once per pair (no 64-bit modulo there).
+struct RowFacts {
+  int64_t index, partner, group_as_row, group_as_col;
+  bool live;
+};
+
 template <class T>
-__device__ inline bool negative_ok(const ContrastiveProblem<T>& p, int64_t n2, int64_t a, int64_t b) {
-  if (a >= n2 || b >= n2 || b == a || b == (a + p.batch) % n2) return false;
-  if (p.row_groups == nullptr) return true;
-  const int64_t g = p.row_groups[a];
-  return !(g >= 0 && p.col_groups[b] == g);
+__device__ inline RowFacts row_facts(const ContrastiveProblem<T>& p, int64_t n2, int64_t a) {
+  RowFacts f;
+  f.index = a;
+  f.live = a < n2;
+  f.partner = a < p.batch ? a + p.batch : a - p.batch;
+  f.group_as_row = (f.live && p.row_groups) ? p.row_groups[a] : -1;
+  f.group_as_col = (f.live && p.col_groups) ? p.col_groups[a] : -1;
+  return f;
+}
+
+// b is a negative of row a: not a itself, not a's partner, not dropped by the groups (row a's group against b's
+// column group). Callers pass a.group_as_row and b.group_as_col.
+__device__ inline bool negative_ok(const RowFacts& a, const RowFacts& b) {
+  if (!a.live || !b.live || b.index == a.index || b.index == a.partner) return false;
+  return !(a.group_as_row >= 0 && b.group_as_col == a.group_as_row);
 }
 
 template <class T>
@@ -178,9 +193,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ContrastiveProblem<T>
   const T inv_tau = T(1) / p.temperature;
   T run_max[4];
   double run_sum[4];
+  RowFacts rows[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t a = a0 + ty * 4 + i;
+    rows[i] = row_facts(p, w.n2, a);
     const bool owner = tx == 0 && a < w.n2;  // the positive's own term starts one lane's sum
     run_max[i] = owner ? pos[a] : -INFINITY;
     run_sum[i] = owner ? 1.0 : 0.0;
@@ -188,13 +205,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ContrastiveProblem<T>
   for (int64_t b0 = 0; b0 < w.n2; b0 += BN) {
     T acc[4][4];
     similarity_tile(w.zn, w.k_pad, a0, b0, sm, acc);
+    RowFacts cols[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) cols[j] = row_facts(p, w.n2, b0 + tx * 4 + j);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t a = a0 + ty * 4 + i;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int64_t b = b0 + tx * 4 + j;
-        if (!negative_ok(p, w.n2, a, b)) continue;
+        if (!negative_ok(rows[i], cols[j])) continue;
         const T x = acc[i][j] * inv_tau;
         if (x > run_max[i]) {
           run_sum[i] = run_sum[i] * static_cast<double>(dev_exp(run_max[i] - x)) + 1.0;
@@ -264,19 +282,31 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(ContrastiveProblem<T
   T g[16];
 #pragma unroll
   for (int c = 0; c < 16; ++c) g[c] = T(0);
+  RowFacts rows[4];
+  T row_lse[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    rows[i] = row_facts(p, w.n2, a0 + ty * 4 + i);
+    row_lse[i] = rows[i].live ? lse[rows[i].index] : T(0);
+  }
   for (int64_t b0 = 0; b0 < w.n2; b0 += BN) {
     T acc[4][4];
     similarity_tile(w.zn, w.k_pad, a0, b0, sm.tile, acc);
+    RowFacts cols[4];
+    T col_lse[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      cols[j] = row_facts(p, w.n2, b0 + tx * 4 + j);
+      col_lse[j] = cols[j].live ? lse[cols[j].index] : T(0);
+    }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t a = a0 + ty * 4 + i;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int64_t b = b0 + tx * 4 + j;
         const T x = acc[i][j] * inv_tau;
         T c = T(0);
-        if (negative_ok(p, w.n2, a, b)) c += dev_exp(x - lse[a]);
-        if (negative_ok(p, w.n2, b, a)) c += dev_exp(x - lse[b]);
+        if (negative_ok(rows[i], cols[j])) c += dev_exp(x - row_lse[i]);
+        if (negative_ok(cols[j], rows[i])) c += dev_exp(x - col_lse[j]);
         sm.coef[ty * 4 + i][tx * 4 + j] = c;
       }
     }

@@ -80,18 +80,21 @@ __global__ void distance_kernel(const uint64_t* q, int64_t nq, const uint64_t* d
   }
 }
 
-// Pass 1: per query, the histogram of distances over this block's database split.
+// Pass 1: per query, the histogram of distances over this block's database split. Each warp counts into its own
+// copy of the shared histogram when they fit (far fewer conflicting atomics), summed into global memory at the end.
 template <int WC>
 __global__ void histogram_kernel(const uint64_t* q, int64_t nq, const uint64_t* db, int64_t n, int64_t words, int qb,
-                                 int bins, bool shared_hist, int* hist) {
+                                 int bins, int copies, int* hist) {
   extern __shared__ uint64_t smem[];
   uint64_t* sq = smem;
   int* sh = reinterpret_cast<int*>(smem + qb * words);
   const QueryBlock blk = query_block(nq, qb);
   load_queries(sq, q, blk, words);
-  int* h = shared_hist ? sh : hist + blk.first * bins;
+  const bool shared_hist = copies > 0;
+  const int per_copy = qb * bins;
+  int* h = shared_hist ? sh + (threadIdx.x / 32) % copies * per_copy : hist + blk.first * bins;
   if (shared_hist)
-    for (int i = threadIdx.x; i < blk.count * bins; i += blockDim.x) sh[i] = 0;
+    for (int i = threadIdx.x; i < copies * per_copy; i += blockDim.x) sh[i] = 0;
   __syncthreads();
   const int64_t split_len = (n + gridDim.y - 1) / gridDim.y;
   const int64_t begin = blockIdx.y * split_len, end = min64(n, begin + split_len);
@@ -102,8 +105,11 @@ __global__ void histogram_kernel(const uint64_t* q, int64_t nq, const uint64_t* 
   }
   if (!shared_hist) return;
   __syncthreads();
-  for (int i = threadIdx.x; i < blk.count * bins; i += blockDim.x)
-    if (sh[i]) atomicAdd(hist + blk.first * bins + i, sh[i]);
+  for (int i = threadIdx.x; i < blk.count * bins; i += blockDim.x) {
+    int total = 0;
+    for (int c = 0; c < copies; ++c) total += sh[c * per_copy + i];
+    if (total) atomicAdd(hist + blk.first * bins + i, total);
+  }
 }
 
 // Per query: threshold t = smallest distance whose cumulative count reaches k; need = winners taken at t.
@@ -242,8 +248,15 @@ template <int WC>
 int topk_impl(const uint64_t* q, int64_t nq, const uint64_t* db, int64_t n, int64_t words, int64_t k, int64_t* keys,
               void* workspace, cudaStream_t stream) {
   const int bins = static_cast<int>(words * 64 + 1);
-  const int qb_hist = query_block_for(words, bins);
-  const bool shared_hist = static_cast<size_t>(qb_hist) * (words * 8 + bins * 4) <= kSharedBudget;
+  // Histogram copies in shared memory: one per warp if 4 or more queries still fit a block, else one, else none
+  // (global atomics, for very long codes).
+  int copies = kWarps;
+  int qb_hist = query_block_for(words, bins * copies);
+  if (qb_hist < 4) {
+    copies = 1;
+    qb_hist = query_block_for(words, bins);
+  }
+  if (static_cast<size_t>(qb_hist) * (words * 8 + bins * 4 * copies) > kSharedBudget) copies = 0;
   const int qb = query_block_for(words, 0);
   const int64_t qblocks_hist = (nq + qb_hist - 1) / qb_hist, qblocks = (nq + qb - 1) / qb;
   const int splits_hist = splits_for(qblocks_hist, n), splits = splits_for(qblocks, n);
@@ -260,9 +273,9 @@ int topk_impl(const uint64_t* q, int64_t nq, const uint64_t* db, int64_t n, int6
 
   cudaMemsetAsync(hist, 0, sizeof(int) * nq * bins, stream);
   cudaMemsetAsync(slots, 0, sizeof(int) * nq, stream);
-  const size_t hist_smem = qb_hist * words * 8 + (shared_hist ? qb_hist * bins * 4 : 0);
+  const size_t hist_smem = qb_hist * words * 8 + static_cast<size_t>(qb_hist) * bins * 4 * copies;
   histogram_kernel<WC><<<dim3(qblocks_hist, splits_hist), kThreads, hist_smem, stream>>>(
-      q, nq, db, n, words, qb_hist, bins, shared_hist, hist);
+      q, nq, db, n, words, qb_hist, bins, copies, hist);
   threshold_kernel<<<(nq + 255) / 256, 256, 0, stream>>>(hist, nq, bins, k, thr, need);
   const int* ties_before = nullptr;
   if (splits > 1) {
