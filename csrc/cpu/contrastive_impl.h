@@ -152,6 +152,39 @@ inline void similarity_tile(const Prepared<T>& q, int64_t a0, int64_t b0, T* s) 
   }
 }
 
+// g[r * K + d] += sum_j coef[r * kCols + j] * Zn[b0 + j][d] for a whole tile of rows: the backward's second
+// product, register-blocked like similarity_tile (one vector of Zn_b, broadcast coefficients).
+template <class T>
+inline void accumulate_rows(const Prepared<T>& q, int64_t b0, int64_t jn, const T* coef, T* g) {
+  constexpr int V = kVec<T>;
+  const int64_t K = q.bits;
+  int64_t d0 = 0;
+  for (; d0 + V <= K; d0 += V) {
+    T acc[kRows][V];
+    for (int r = 0; r < kRows; ++r)
+      for (int v = 0; v < V; ++v) acc[r][v] = T(0);
+    for (int64_t j = 0; j < jn; ++j) {
+      const T* zb = q.zn.data() + (b0 + j) * K + d0;
+#pragma GCC unroll 8
+      for (int r = 0; r < kRows; ++r) {
+        const T c = coef[r * kCols + j];
+#pragma omp simd
+        for (int v = 0; v < V; ++v) acc[r][v] += c * zb[v];
+      }
+    }
+    for (int r = 0; r < kRows; ++r)
+#pragma omp simd
+      for (int v = 0; v < V; ++v) g[r * K + d0 + v] += acc[r][v];
+  }
+  for (; d0 < K; ++d0) {  // the bits past the last whole vector
+    for (int r = 0; r < kRows; ++r) {
+      T acc = 0;
+      for (int64_t j = 0; j < jn; ++j) acc += coef[r * kCols + j] * q.zn[(b0 + j) * K + d0];
+      g[r * K + d0] += acc;
+    }
+  }
+}
+
 // Row a's negatives: not itself, not its positive partner, not dropped by the groups.
 template <class T>
 inline void mask_invalid_row(const Prepared<T>& q, int64_t a, int64_t b0, T* srow) {
@@ -162,7 +195,7 @@ inline void mask_invalid_row(const Prepared<T>& q, int64_t a, int64_t b0, T* sro
 #pragma omp simd
   for (int j = 0; j < kCols; ++j) {
     const int64_t b = b0 + j;
-    const bool drop = b == a || b == partner || b >= q.n2 || (ga >= 0 && gc[j] == ga);
+    const bool drop = (b == a) | (b == partner) | (b >= q.n2) | ((ga >= 0) & (gc[j] == ga));
     srow[j] = drop ? ninf : srow[j];
   }
 }
@@ -247,32 +280,33 @@ void backward(const ContrastiveProblem<T>& p, T grad_loss, const T* lse, const T
       const int64_t a0 = t * kRows;
       for (int64_t b0 = 0; b0 < n2; b0 += kCols) {
         similarity_tile(q, a0, b0, s.data());
-        for (int r = 0; r < kRows && a0 + r < n2; ++r) {
+        for (int r = 0; r < kRows; ++r) {
           const int64_t a = a0 + r;
+          T* srow = s.data() + r * kCols;
+          if (a >= n2) {  // padding rows take no part
+            std::fill(srow, srow + kCols, T(0));
+            continue;
+          }
           const int64_t partner = (a + B) % n2;
           const int64_t ga = q.gr[a], gca = q.gc[a];
           const T la = lse[a];
-          T* srow = s.data() + r * kCols;
-          // coefficient of Zn_b in dL/dZn_a: softmax weight of b in row a plus that of a in row b.
+          const int64_t* gr_b = q.gr.data() + b0;
+          const int64_t* gc_b = q.gc.data() + b0;
+          const T* lse_b = lse_pad.data() + b0;
+          // Coefficient of Zn_b in dL/dZn_a: softmax weight of b in row a plus that of a in row b. Bitwise
+          // operators (no short-circuit branches) keep this loop vectorised.
 #pragma omp simd
           for (int j = 0; j < kCols; ++j) {
             const int64_t b = b0 + j;
-            const bool pair_ok = b != a && b != partner && b < n2;
-            const bool ab = pair_ok && !(ga >= 0 && q.gc[b] == ga);
-            const bool ba = pair_ok && !(q.gr[b] >= 0 && q.gr[b] == gca);
+            const bool pair_ok = (b != a) & (b != partner) & (b < n2);
+            const bool ab = pair_ok & !((ga >= 0) & (gc_b[j] == ga));
+            const bool ba = pair_ok & !((gr_b[j] >= 0) & (gr_b[j] == gca));
             const T e_ab = fast_exp(srow[j] - la);
-            const T e_ba = fast_exp(srow[j] - lse_pad[b]);
+            const T e_ba = fast_exp(srow[j] - lse_b[j]);
             srow[j] = (ab ? e_ab : T(0)) + (ba ? e_ba : T(0));
           }
-          T* g = gz.data() + a * K;
-          const int64_t jn = std::min<int64_t>(kCols, n2 - b0);
-          for (int64_t j = 0; j < jn; ++j) {
-            const T c = srow[j];
-            const T* zb = q.zn.data() + (b0 + j) * K;
-#pragma omp simd
-            for (int64_t d = 0; d < K; ++d) g[d] += c * zb[d];
-          }
         }
+        accumulate_rows(q, b0, std::min<int64_t>(kCols, n2 - b0), s.data(), gz.data() + a0 * K);
       }
     }
   }
