@@ -128,7 +128,8 @@ def brcd_loss(
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if isinstance(alpha, Tensor):
         alpha_t = alpha
-        if alpha_t.is_floating_point() and not _compiling() and alpha_t.numel() > 0:
+        # On the CPU the op checks the range itself; on a GPU that check is a device sync, done here once.
+        if alpha_t.is_floating_point() and alpha_t.device.type != "cpu" and not _compiling() and alpha_t.numel():
             if bool(((alpha_t < 0) | (alpha_t > 1)).any()):
                 raise ValueError("alpha must lie in [0, 1]")
     elif isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):

@@ -70,8 +70,33 @@ struct Prepared {
   std::vector<T> zt;      // [K, cols_pad]
   std::vector<T> norm;    // [2B] |z| (unclamped)
   std::vector<T> cos_ind; // [B] cos(S_k, Ta_k)
-  std::vector<int64_t> gr, gc;  // [cols_pad]: groups, -1 where none; padded columns have -1
+  // Groups renumbered 0..G-1 (int32 compares vectorise twice as wide), -1 where none; padded columns have -1.
+  std::vector<int32_t> gr, gc;  // [cols_pad]
+  bool has_groups = false;
+  // Log-sum-exp shift: cosines are at most 1, so every logit is at most 1/tau and a fixed shift of 1/tau cannot
+  // overflow; it is used while exp(-2/tau) stays a normal number, else the rows track their running maximum.
+  bool fixed_shift = true;
 };
+
+// Renumbers the group ids that occur (>= 0) densely from 0, keeping -1 for "none".
+inline void renumber_groups(const int64_t* row_groups, const int64_t* col_groups, int64_t n2, std::vector<int32_t>& gr,
+                            std::vector<int32_t>& gc) {
+  std::vector<int64_t> ids;
+  ids.reserve(static_cast<size_t>(2 * n2));
+  for (int64_t i = 0; i < n2; ++i) {
+    if (row_groups[i] >= 0) ids.push_back(row_groups[i]);
+    if (col_groups[i] >= 0) ids.push_back(col_groups[i]);
+  }
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  const auto id = [&](int64_t g) {
+    return g < 0 ? -1 : static_cast<int32_t>(std::lower_bound(ids.begin(), ids.end(), g) - ids.begin());
+  };
+  for (int64_t i = 0; i < n2; ++i) {
+    gr[i] = id(row_groups[i]);
+    gc[i] = id(col_groups[i]);
+  }
+}
 
 template <class T>
 T clamp_norm(T n) { return n > T(kEps) ? n : T(kEps); }
@@ -92,8 +117,9 @@ Prepared<T> prepare(const ContrastiveProblem<T>& p) {
   q.cos_ind.assign(static_cast<size_t>(B), T(0));
   q.gr.assign(static_cast<size_t>(q.cols_pad), -1);
   q.gc.assign(static_cast<size_t>(q.cols_pad), -1);
-  if (p.row_groups) std::copy(p.row_groups, p.row_groups + q.n2, q.gr.begin());
-  if (p.col_groups) std::copy(p.col_groups, p.col_groups + q.n2, q.gc.begin());
+  q.has_groups = p.row_groups != nullptr && p.col_groups != nullptr;
+  if (q.has_groups) renumber_groups(p.row_groups, p.col_groups, q.n2, q.gr, q.gc);
+  q.fixed_shift = T(2) * q.inv_tau < (sizeof(T) == 4 ? T(80) : T(700));
 #pragma omp parallel for schedule(static) if (B * K > 65536)
   for (int64_t a = 0; a < q.n2; ++a) {
     const int64_t k = a % B;
@@ -126,13 +152,21 @@ Prepared<T> prepare(const ContrastiveProblem<T>& p) {
   return q;
 }
 
-// s[r * kCols + j] = <Zn[a0 + r], Zn[b0 + j]> / tau for a whole tile.
+// Columns of the tile starting at b0 that hold data, rounded up to whole vectors (the rest is never touched).
 template <class T>
-inline void similarity_tile(const Prepared<T>& q, int64_t a0, int64_t b0, T* s) {
+inline int tile_cols(const Prepared<T>& q, int64_t b0) {
+  constexpr int V = kVec<T>;
+  const int64_t live = std::min<int64_t>(kCols, q.n2 - b0);
+  return static_cast<int>((live + V - 1) / V * V);
+}
+
+// s[r * kCols + j] = <Zn[a0 + r], Zn[b0 + j]> / tau for the tile's rows and its first `cols` columns.
+template <class T>
+inline void similarity_tile(const Prepared<T>& q, int64_t a0, int64_t b0, int cols, T* s) {
   constexpr int V = kVec<T>;
   const int64_t K = q.bits;
   const T* zn = q.zn.data() + a0 * K;
-  for (int j0 = 0; j0 < kCols; j0 += V) {
+  for (int j0 = 0; j0 < cols; j0 += V) {
     T acc[kRows][V];
     for (int r = 0; r < kRows; ++r)
       for (int v = 0; v < V; ++v) acc[r][v] = T(0);
@@ -185,19 +219,26 @@ inline void accumulate_rows(const Prepared<T>& q, int64_t b0, int64_t jn, const 
   }
 }
 
-// Row a's negatives: not itself, not its positive partner, not dropped by the groups.
+// Row a's negatives: not itself, not its positive partner, not a padding column, not dropped by the groups.
 template <class T>
-inline void mask_invalid_row(const Prepared<T>& q, int64_t a, int64_t b0, T* srow) {
-  const int64_t partner = (a + q.batch) % q.n2;
-  const int64_t ga = q.gr[a];
-  const int64_t* gc = q.gc.data() + b0;
+inline void mask_invalid_row(const Prepared<T>& q, int64_t a, int64_t b0, int cols, T* srow) {
   constexpr T ninf = -std::numeric_limits<T>::infinity();
+  const int32_t ga = q.gr[a];
+  if (q.has_groups && ga >= 0) {
+    const int32_t* gc = q.gc.data() + b0;
 #pragma omp simd
-  for (int j = 0; j < kCols; ++j) {
-    const int64_t b = b0 + j;
-    const bool drop = (b == a) | (b == partner) | (b >= q.n2) | ((ga >= 0) & (gc[j] == ga));
-    srow[j] = drop ? ninf : srow[j];
+    for (int j = 0; j < cols; ++j) srow[j] = gc[j] == ga ? ninf : srow[j];
   }
+  const int64_t partner = (a + q.batch) % q.n2;
+  if (a >= b0 && a < b0 + kCols) srow[a - b0] = ninf;
+  if (partner >= b0 && partner < b0 + kCols) srow[partner - b0] = ninf;
+  for (int64_t j = q.n2 - b0; j < cols; ++j) srow[j] = ninf;  // padding columns
+}
+
+// Small batches run on the calling thread: waking a team costs more than the whole product.
+template <class T>
+bool worth_threads(const Prepared<T>& q) {
+  return q.n2 * q.n2 * q.bits >= (int64_t(1) << 22);
 }
 
 template <class T>
@@ -214,45 +255,52 @@ T forward(const ContrastiveProblem<T>& p, T* lse, T* pos) {
   const Prepared<T> q = prepare(p);
   const int64_t row_tiles = q.rows_pad / kRows;
   double total = 0;
-#pragma omp parallel reduction(+ : total)
+#pragma omp parallel reduction(+ : total) if (worth_threads(q))
   {
     std::vector<T> s(static_cast<size_t>(kRows * kCols));
 #pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < row_tiles; ++t) {
       const int64_t a0 = t * kRows;
-      T run_max[kRows];
-      double run_sum[kRows];
+      // Per row: the sum of exp(logit - shift) over the negatives, and the shift (1/tau, or the running maximum).
+      T shift[kRows];
+      double neg_sum[kRows];
       T pa[kRows];
       for (int r = 0; r < kRows; ++r) {
         pa[r] = a0 + r < q.n2 ? positive_logit(p, q, a0 + r) : T(0);
-        run_max[r] = pa[r];  // the positive's own term exp(P - max) starts the sum
-        run_sum[r] = 1.0;
+        shift[r] = q.fixed_shift ? q.inv_tau : pa[r];
+        neg_sum[r] = 0.0;
       }
       for (int64_t b0 = 0; b0 < q.n2; b0 += kCols) {
-        similarity_tile(q, a0, b0, s.data());
+        const int cols = tile_cols(q, b0);
+        similarity_tile(q, a0, b0, cols, s.data());
         for (int r = 0; r < kRows && a0 + r < q.n2; ++r) {
           T* srow = s.data() + r * kCols;
-          mask_invalid_row(q, a0 + r, b0, srow);
-          T m = run_max[r];
+          mask_invalid_row(q, a0 + r, b0, cols, srow);
+          T m = shift[r];
+          if (!q.fixed_shift) {
 #pragma omp simd reduction(max : m)
-          for (int j = 0; j < kCols; ++j) m = srow[j] > m ? srow[j] : m;
+            for (int j = 0; j < cols; ++j) m = srow[j] > m ? srow[j] : m;
+          }
           T acc = 0;
 #pragma omp simd reduction(+ : acc)
-          for (int j = 0; j < kCols; ++j) acc += fast_exp(srow[j] - m);
-          if (m != run_max[r]) run_sum[r] *= static_cast<double>(fast_exp(run_max[r] - m));
-          run_sum[r] += static_cast<double>(acc);
-          run_max[r] = m;
+          for (int j = 0; j < cols; ++j) acc += fast_exp(srow[j] - m);
+          if (m != shift[r]) neg_sum[r] *= static_cast<double>(fast_exp(shift[r] - m));
+          neg_sum[r] += static_cast<double>(acc);
+          shift[r] = m;
         }
       }
       for (int r = 0; r < kRows && a0 + r < q.n2; ++r) {
         const int64_t a = a0 + r;
-        // NaN anywhere in the row (or the positive) must reach the loss.
-        const bool bad = pa[r] != pa[r] || run_sum[r] != run_sum[r];
-        const T l = bad ? std::numeric_limits<T>::quiet_NaN()
-                        : run_max[r] + static_cast<T>(std::log(run_sum[r]));
-        lse[a] = l;
+        // l_a = log(1 + sum_b exp(s_ab - P_a)): exactly 0 when every negative is dropped.
+        const double pos_term = std::exp(static_cast<double>(pa[r]) - static_cast<double>(shift[r]));
+        const double l = pos_term > 1e-300 ? std::log1p(neg_sum[r] / pos_term)
+                                           : std::log(pos_term + neg_sum[r]) + shift[r] - pa[r];
+        // NaN anywhere in the row (or the positive) reaches the loss.
+        const bool bad = pa[r] != pa[r] || neg_sum[r] != neg_sum[r];
+        const T la = bad ? std::numeric_limits<T>::quiet_NaN() : static_cast<T>(l);
+        lse[a] = pa[r] + la;
         pos[a] = pa[r];
-        total += static_cast<double>(l - pa[r]);
+        total += static_cast<double>(la);
       }
     }
   }
@@ -272,39 +320,45 @@ void backward(const ContrastiveProblem<T>& p, T grad_loss, const T* lse, const T
   std::copy(lse, lse + n2, lse_pad.begin());
   std::vector<T> gz(static_cast<size_t>(q.rows_pad * K), T(0));  // dL/dZn
   const int64_t row_tiles = q.rows_pad / kRows;
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(q))
   {
     std::vector<T> s(static_cast<size_t>(kRows * kCols));
 #pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < row_tiles; ++t) {
       const int64_t a0 = t * kRows;
       for (int64_t b0 = 0; b0 < n2; b0 += kCols) {
-        similarity_tile(q, a0, b0, s.data());
+        const int cols = tile_cols(q, b0);
+        similarity_tile(q, a0, b0, cols, s.data());
         for (int r = 0; r < kRows; ++r) {
           const int64_t a = a0 + r;
           T* srow = s.data() + r * kCols;
           if (a >= n2) {  // padding rows take no part
-            std::fill(srow, srow + kCols, T(0));
+            std::fill(srow, srow + cols, T(0));
             continue;
           }
           const int64_t partner = (a + B) % n2;
-          const int64_t ga = q.gr[a], gca = q.gc[a];
+          const int32_t ga = q.gr[a], gca = q.gc[a];
           const T la = lse[a];
-          const int64_t* gr_b = q.gr.data() + b0;
-          const int64_t* gc_b = q.gc.data() + b0;
+          const int32_t* gr_b = q.gr.data() + b0;
+          const int32_t* gc_b = q.gc.data() + b0;
           const T* lse_b = lse_pad.data() + b0;
-          // Coefficient of Zn_b in dL/dZn_a: softmax weight of b in row a plus that of a in row b. Bitwise
-          // operators (no short-circuit branches) keep this loop vectorised.
+          // Coefficient of Zn_b in dL/dZn_a: softmax weight of b in row a plus that of a in row b.
+          if (q.has_groups) {
 #pragma omp simd
-          for (int j = 0; j < kCols; ++j) {
-            const int64_t b = b0 + j;
-            const bool pair_ok = (b != a) & (b != partner) & (b < n2);
-            const bool ab = pair_ok & !((ga >= 0) & (gc_b[j] == ga));
-            const bool ba = pair_ok & !((gr_b[j] >= 0) & (gr_b[j] == gca));
-            const T e_ab = fast_exp(srow[j] - la);
-            const T e_ba = fast_exp(srow[j] - lse_b[j]);
-            srow[j] = (ab ? e_ab : T(0)) + (ba ? e_ba : T(0));
+            for (int j = 0; j < cols; ++j) {
+              const bool ab = !((ga >= 0) & (gc_b[j] == ga));
+              const bool ba = !((gr_b[j] >= 0) & (gr_b[j] == gca));
+              const T e_ab = fast_exp(srow[j] - la);
+              const T e_ba = fast_exp(srow[j] - lse_b[j]);
+              srow[j] = (ab ? e_ab : T(0)) + (ba ? e_ba : T(0));
+            }
+          } else {
+#pragma omp simd
+            for (int j = 0; j < cols; ++j) srow[j] = fast_exp(srow[j] - la) + fast_exp(srow[j] - lse_b[j]);
           }
+          if (a >= b0 && a < b0 + kCols) srow[a - b0] = T(0);
+          if (partner >= b0 && partner < b0 + kCols) srow[partner - b0] = T(0);
+          for (int64_t j = n2 - b0; j < cols; ++j) srow[j] = T(0);  // padding columns
         }
         accumulate_rows(q, b0, std::min<int64_t>(kCols, n2 - b0), s.data(), gz.data() + a0 * K);
       }

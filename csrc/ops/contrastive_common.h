@@ -72,9 +72,12 @@ inline ContrastiveOperands prepare_operands(const at::Tensor& student, const at:
                     "alpha must be a scalar or have shape [batch] = [", B, "], got ", alpha.sizes());
   TORCH_CHECK_VALUE(alpha.device() == dev, "alpha is on ", alpha.device(), " but the codes are on ", dev);
   o.alpha = cast(alpha.dim() == 0 ? alpha.expand({B}) : alpha);
-  if (dev.is_cpu()) {
-    const bool in_range = o.alpha.ge(0).logical_and(o.alpha.le(1)).all().item<bool>();
-    TORCH_CHECK_VALUE(in_range, "alpha must lie in [0, 1]");
+  if (dev.is_cpu()) {  // on CUDA the Python wrapper checks (a device sync); a loop here costs nothing
+    AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "check_alpha", [&] {
+      const scalar_t* a = o.alpha.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < B; ++i)
+        TORCH_CHECK_VALUE(a[i] >= 0 && a[i] <= 1, "alpha must lie in [0, 1], got ", a[i], " at index ", i);
+    });
   }
 
   if (bit_mask.has_value()) {

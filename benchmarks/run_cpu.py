@@ -1,0 +1,198 @@
+"""CPU benchmarks, printed as Markdown tables and written to docs/benchmarks-cpu.md.
+
+  topk  brcd.hamming_topk against faiss IndexBinaryFlat (same data, same threads): N = 1,000,000, Q = 1,000,
+        64 and 256 bits, k = 10 and 1000.
+  map   brcd mAP@1000 (5,000 queries over 50,000 codes) against the original evaluation loop (one NumPy argsort
+        per query).
+  loss  fused BRCD loss forward + backward against the eager PyTorch reference and torch.compile of it, with the
+        peak extra memory of each (measured in a fresh process per case).
+
+Usage: python benchmarks/run_cpu.py [--only topk map loss] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import brcd  # noqa: E402
+from brcd import metrics  # noqa: E402
+from brcd import reference as ref  # noqa: E402
+from common import git_revision, machine, table, time_cpu  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------- top-k
+def bench_topk(n: int, q_count: int, bit_list, ks) -> str:
+    import faiss
+
+    threads = torch.get_num_threads()
+    faiss.omp_set_num_threads(threads)
+    rows = []
+    rng = np.random.default_rng(0)
+    for nbits in bit_list:
+        db = torch.from_numpy(rng.integers(0, 256, size=(n, nbits // 8), dtype=np.uint8))
+        q = torch.from_numpy(rng.integers(0, 256, size=(q_count, nbits // 8), dtype=np.uint8))
+        index = faiss.IndexBinaryFlat(nbits)
+        index.add(db.numpy())
+        for k in ks:
+            t_faiss = time_cpu(lambda: index.search(q.numpy(), k), repeat=3)
+            t_brcd = time_cpu(lambda: brcd.hamming_topk(q, db, k), repeat=3)
+            d_faiss, _ = index.search(q.numpy(), k)
+            d_brcd, _ = brcd.hamming_topk(q, db, k)
+            same = np.array_equal(d_faiss, d_brcd.numpy())
+            pairs = n * q_count
+            rows.append([nbits, f"{q_count}x{n:,}", k, t_brcd, t_faiss, t_faiss / t_brcd, pairs / t_brcd / 1e9,
+                         pairs / t_faiss / 1e9, "yes" if same else "NO"])
+            print(rows[-1], flush=True)
+    return table(["bits", "queries x db", "k", "brcd s", "faiss s", "speed-up", "brcd G pairs/s", "faiss G pairs/s",
+                  "same distances"], rows) + f"\n\nBoth on {threads} threads; faiss-cpu {faiss.__version__}."
+
+
+# ------------------------------------------------------------------------------------------------- mAP
+def original_map(q_codes: np.ndarray, db_codes: np.ndarray, q_labels: np.ndarray, db_labels: np.ndarray, topk: int,
+                 kind: str = "quicksort") -> float:
+    """The original evaluation loop: per query, distances by a ±1 dot product, one argsort, AP over the top k."""
+    nbits = q_codes.shape[1]
+    total = 0.0
+    for i in range(q_codes.shape[0]):
+        relevant = (q_labels[i] @ db_labels.T > 0).astype(np.float32)
+        dist = 0.5 * (nbits - q_codes[i] @ db_codes.T)
+        order = np.argsort(dist, kind=kind)
+        hits = relevant[order][:topk]
+        count = int(hits.sum())
+        if count == 0:
+            continue
+        ranks = np.arange(1, count + 1)
+        positions = np.nonzero(hits)[0] + 1.0
+        total += float(np.mean(ranks / positions))
+    return total / q_codes.shape[0]
+
+
+def bench_map(q_count: int, n: int, nbits: int = 64, topk: int = 1000, classes: int = 10) -> str:
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(classes, nbits, generator=g).sign()
+    ql, dl = torch.randint(0, classes, (q_count,), generator=g), torch.randint(0, classes, (n,), generator=g)
+    flip = lambda m: torch.where(torch.rand(m, nbits, generator=g) < 0.3, -1.0, 1.0)
+    qc, dc = centers[ql] * flip(q_count), centers[dl] * flip(n)
+    onehot = lambda x: torch.nn.functional.one_hot(x, classes).numpy().astype(np.float32)
+    t_brcd = time_cpu(lambda: metrics.mean_average_precision(qc, dc, ql, dl, topk), repeat=3)
+    m_brcd = metrics.mean_average_precision(qc, dc, ql, dl, topk)
+    args = (qc.numpy(), dc.numpy(), onehot(ql), onehot(dl), topk)
+    t0 = time.perf_counter()
+    m_orig = original_map(*args)
+    t_orig = time.perf_counter() - t0
+    m_stable = original_map(*args, kind="stable")
+    rows = [[f"{q_count}x{n:,}", nbits, topk, t_brcd, t_orig, t_orig / t_brcd, t_orig / q_count * 1e3,
+             f"{m_brcd:.12f}", f"{m_stable:.12f}", f"{m_orig:.12f}"]]
+    return table(["queries x db", "bits", "K", "brcd s", "original loop s", "speed-up", "original ms/query",
+                  "brcd mAP", "original loop, stable sort", "original loop, its unstable argsort"], rows) + (
+        "\n\nThe spec breaks ties by the smaller database index: the original loop with a stable sort gives the same "
+        "value; with its default unstable argsort the value depends on tie order.")
+
+
+# ------------------------------------------------------------------------------------------------- loss
+def loss_case(B: int, K: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    s, ta, tv = (torch.randn(B, K, generator=g) for _ in range(3))
+    clusters = torch.randint(0, 10, (B,), generator=g)
+    kw = dict(temperature=0.3, alpha=(torch.rand(B, generator=g) < 0.3).float() * 0.2 + 0.8,
+              bit_mask=(torch.rand(B, K, generator=g) < 0.8).float(),
+              row_groups=torch.cat([clusters, clusters]), col_groups=torch.cat([clusters, clusters]))
+    return s, ta, tv, kw
+
+
+def loss_worker(B: int, impl: str, repeat: int) -> dict:
+    """Runs in a fresh process: time of forward + backward and the peak resident memory it added."""
+    s, ta, tv, kw = loss_case(B)
+    fn = {"fused": brcd.brcd_loss, "eager": ref.brcd_loss}.get(impl)
+    compile_s = 0.0
+    if impl == "compile":
+        fn = torch.compile(ref.brcd_loss)
+
+    def step():
+        a, b = s.detach().requires_grad_(), tv.detach().requires_grad_()
+        fn(a, ta, b, **kw).backward()
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    step()  # warm-up (and compilation)
+    first = time.perf_counter() - t0
+    if impl == "compile":
+        compile_s = first
+    t = time_cpu(step, repeat=repeat, warmup=0) if repeat else first
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # MiB (ru_maxrss is KiB)
+    return {"seconds": t, "peak_mib": peak, "compile_s": compile_s}
+
+
+def run_worker(B: int, impl: str, repeat: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--loss-worker", str(B), impl, str(repeat)], capture_output=True,
+                         text=True, timeout=1800)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:80]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_loss(sizes, eager_max: int, compile_max: int) -> str:
+    rows = []
+    fmt = lambda r, key, scale=1.0: r[key] * scale if "error" not in r else r["error"]
+    for B in sizes:
+        reps = 5 if B <= 1024 else (2 if B <= 8192 else 0)
+        fused = run_worker(B, "fused", reps)
+        eager = run_worker(B, "eager", reps if B < 4096 else 1) if B <= eager_max else None
+        comp = run_worker(B, "compile", reps if B < 4096 else 1) if B <= compile_max else None
+        ratio = lambda other: (other["seconds"] / fused["seconds"]) if other and "error" not in other else "-"
+        rows.append([B, 64, fmt(fused, "seconds", 1e3),
+                     fmt(eager, "seconds", 1e3) if eager else "-", ratio(eager),
+                     fmt(comp, "seconds", 1e3) if comp else "-", ratio(comp),
+                     fmt(fused, "peak_mib"), fmt(eager, "peak_mib") if eager else "-",
+                     fmt(comp, "peak_mib") if comp else "-", fmt(comp, "compile_s") if comp else "-"])
+        print(rows[-1], flush=True)
+    return table(["B", "K", "fused ms", "eager ms", "speed-up vs eager", "torch.compile ms", "speed-up vs compile",
+                  "fused peak MiB", "eager peak MiB", "compile peak MiB", "compile time s"], rows) + (
+        "\n\nForward + backward of the full BRCD loss (bit mask, false-negative groups from 10 clusters, per-sample "
+        "alpha), float32. Peak MiB: growth of the process's peak resident memory over the step, in a fresh process "
+        "per case (inputs excluded).")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", default=["topk", "map", "loss"])
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the script)")
+    ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks-cpu.md")
+    ap.add_argument("--loss-worker", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.loss_worker:
+        B, impl, repeat = args.loss_worker
+        print(json.dumps(loss_worker(int(B), impl, int(repeat))))
+        return
+    parts = [f"# CPU benchmarks\n\nbrcd {git_revision()}, {machine('cpu')}, measured "
+             f"{time.strftime('%Y-%m-%d')}.\n"]
+    if "topk" in args.only:
+        n, q = (100_000, 100) if args.quick else (1_000_000, 1000)
+        parts.append("## Hamming top-k against faiss IndexBinaryFlat\n\n" + bench_topk(n, q, [64, 256], [10, 1000]))
+    if "map" in args.only:
+        q, n = (500, 5000) if args.quick else (5000, 50_000)
+        parts.append("## mAP@1000 against the original evaluation loop\n\n" + bench_map(q, n))
+    if "loss" in args.only:
+        sizes = [64, 1024] if args.quick else [64, 1024, 4096, 8192, 65536]
+        parts.append("## BRCD loss, forward + backward\n\n" + bench_loss(sizes, eager_max=8192, compile_max=8192))
+    text = "\n\n".join(parts) + "\n"
+    print(text)
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
