@@ -8,29 +8,24 @@
 
 namespace brcd::cpu::detail {
 
-// Blocks per cache chunk: about 256 KiB of database per pass over a block of queries.
-inline int64_t chunk_blocks(int64_t words) { return words >= 64 ? 64 : 4096 / words; }
-
+// Block-major: each block of 8 database codes is compared with every query of the block of queries while it is
+// still in L1, so the database streams from L2 once per block of queries, not once per query.
 template <class Isa, int WC>
 void topk_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t b_begin,
                int64_t b_end, TopkState* states) {
   alignas(64) int32_t dist8[kLanes];
   const int64_t words = db.words;
-  const int64_t chunk = chunk_blocks(words);
-  for (int64_t c0 = b_begin; c0 < b_end; c0 += chunk) {
-    const int64_t c1 = c0 + chunk < b_end ? c0 + chunk : b_end;
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const uint64_t* block = db.block(b);
     for (int64_t qi = q_begin; qi < q_end; ++qi) {
       TopkState& st = states[qi - q_begin];
-      const uint64_t* qw = q.row(qi);
-      for (int64_t b = c0; b < c1; ++b) {
-        unsigned m = Isa::template below<WC>(db.block(b), qw, words, st.threshold(), dist8);
-        while (m) {
-          const int lane = __builtin_ctz(m);
-          m &= m - 1;
-          const int64_t idx = b * kLanes + lane;
-          if (idx >= db.rows) break;
-          if (dist8[lane] < st.threshold()) st.push(dist8[lane], idx);
-        }
+      unsigned m = Isa::template below<WC>(block, q.row(qi), words, st.threshold(), dist8);
+      while (m) {
+        const int lane = __builtin_ctz(m);
+        m &= m - 1;
+        const int64_t idx = b * kLanes + lane;
+        if (idx >= db.rows) break;
+        if (dist8[lane] < st.threshold()) st.push(dist8[lane], idx);
       }
     }
   }
@@ -41,20 +36,16 @@ void distance_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin,
                    int64_t b_end, int32_t* out) {
   alignas(64) int32_t dist8[kLanes];
   const int64_t words = db.words;
-  const int64_t chunk = chunk_blocks(words);
-  for (int64_t c0 = b_begin; c0 < b_end; c0 += chunk) {
-    const int64_t c1 = c0 + chunk < b_end ? c0 + chunk : b_end;
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const uint64_t* block = db.block(b);
+    const int64_t base = b * kLanes;
     for (int64_t qi = q_begin; qi < q_end; ++qi) {
-      const uint64_t* qw = q.row(qi);
       int32_t* row = out + qi * db.rows;
-      for (int64_t b = c0; b < c1; ++b) {
-        const int64_t base = b * kLanes;
-        if (base + kLanes <= db.rows) {
-          Isa::template all<WC>(db.block(b), qw, words, row + base);
-        } else {
-          Isa::template all<WC>(db.block(b), qw, words, dist8);
-          for (int64_t l = 0; base + l < db.rows; ++l) row[base + l] = dist8[l];
-        }
+      if (base + kLanes <= db.rows) {
+        Isa::template all<WC>(block, q.row(qi), words, row + base);
+      } else {
+        Isa::template all<WC>(block, q.row(qi), words, dist8);
+        for (int64_t l = 0; base + l < db.rows; ++l) row[base + l] = dist8[l];
       }
     }
   }
