@@ -98,6 +98,24 @@ def test_topk_few_queries_large_database(device):
         assert torch.equal(d.cpu(), rd) and torch.equal(i.cpu(), ri)
 
 
+@pytest.mark.parametrize("device", device_params())
+def test_topk_when_the_sampled_threshold_is_too_tight(device):
+    # The CPU guesses a starting threshold from a strided sample (every 8th block of 8 codes here). Make the sampled
+    # blocks equal to the query and the rest far from it, and ask for more codes than the near ones: the guess is
+    # too tight and the query must be rescanned in full to stay exact.
+    n, nbits = 8192, 64
+    codes = -torch.ones(n, nbits)
+    block = torch.arange(n) // 8
+    codes[block % 8 == 0] = 1.0
+    codes[5000:5003, :3] = 1.0  # a few codes at distance 61, to check the order among the far ones
+    q = brcd.pack_codes(torch.ones(2, nbits))
+    db = brcd.pack_codes(codes)
+    for k in (500, 2000):
+        d, i = brcd.hamming_topk(q.to(device), db.to(device), k)
+        rd, ri = ref.hamming_topk(q, db, k)
+        assert torch.equal(d.cpu(), rd) and torch.equal(i.cpu(), ri)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     nq=st.integers(1, 20),

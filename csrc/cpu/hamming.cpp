@@ -116,6 +116,8 @@ QueryWords to_words(const PackedCodes& q) {
 }
 
 constexpr int64_t kQueryBlock = 8;
+// Codes sampled per query to guess a starting threshold (at most 1/8 of the database).
+constexpr int64_t kSampleBlocks = 512;
 // Smallest database shard worth a thread of its own (in blocks of 8 codes).
 constexpr int64_t kMinShardBlocks = 4096;
 
@@ -128,8 +130,8 @@ int64_t shard_count(int64_t query_blocks, int64_t db_blocks) {
 }  // namespace
 
 // ---------------------------------------------------------------- top-k state
-TopkState::TopkState(int64_t k, int64_t nbits)
-    : k_(k), threshold_(nbits + 1), at_or_below_(0), count_(static_cast<size_t>(nbits + 2), 0) {
+TopkState::TopkState(int64_t k, int64_t nbits, int64_t max_dist)
+    : k_(k), threshold_(std::min(max_dist, nbits) + 1), at_or_below_(0), count_(static_cast<size_t>(nbits + 2), 0) {
   capacity_ = static_cast<size_t>(std::max<int64_t>(2 * k, 64));
   cand_dist_.reserve(std::min<size_t>(capacity_, 1 << 16));
   cand_idx_.reserve(std::min<size_t>(capacity_, 1 << 16));
@@ -203,10 +205,103 @@ void hamming_distance(const PackedCodes& queries, const PackedCodes& db, int32_t
     for (int64_t s = 0; s < shards; ++s) {
       const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
       const int64_t b0 = s * shard_len, b1 = std::min(blocked.blocks, b0 + shard_len);
-      if (b0 < b1) kern.distance(blocked, q, q0, q1, b0, b1, out);
+      if (b0 < b1) kern.distance(blocked, q, q0, q1, b0, b1, out + q0 * blocked.rows);
     }
   }
 }
+
+namespace {
+// A starting threshold per query from an evenly strided sample of the database: the smallest distance whose
+// sampled count, scaled to the whole database, reaches twice k. The scan then pushes few candidates beyond the
+// final k; it stays exact because a query left with fewer than k qualifying codes is scanned again in full.
+class SampledThresholds {
+ public:
+  SampledThresholds(const BlockedCodes& db, const QueryWords& q, const ScanKernels& kern, int64_t k) {
+    const int64_t sample_blocks = std::min(kSampleBlocks, db.blocks / 8);
+    if (sample_blocks < 16) return;  // small databases: not worth it
+    BlockedCodes sample;
+    sample.words = db.words;
+    sample.blocks = sample_blocks;
+    sample.rows = sample_blocks * kLanes;
+    sample.data.resize(static_cast<size_t>(sample_blocks * db.words * kLanes));
+    const int64_t stride = db.blocks / sample_blocks;
+    for (int64_t s = 0; s < sample_blocks; ++s)
+      std::copy(db.block(s * stride), db.block(s * stride) + db.words * kLanes,
+                sample.data.begin() + s * db.words * kLanes);
+    const int64_t bins = db.words * 64 + 1;
+    // Twice k codes expected at or below the threshold; a sampled count of `need` stands for need * n / sample.
+    const double need = 2.0 * static_cast<double>(k) * static_cast<double>(sample.rows) / static_cast<double>(db.rows);
+    max_dist_.assign(static_cast<size_t>(q.rows), -1);
+    const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
+#pragma omp parallel
+    {
+      std::vector<int32_t> dist(static_cast<size_t>(kQueryBlock * sample.rows));
+      std::vector<int64_t> hist(static_cast<size_t>(bins));
+#pragma omp for schedule(dynamic)
+      for (int64_t qb = 0; qb < qblocks; ++qb) {
+        const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
+        kern.distance(sample, q, q0, q1, 0, sample.blocks, dist.data());
+        for (int64_t qi = q0; qi < q1; ++qi) {
+          std::fill(hist.begin(), hist.end(), 0);
+          const int32_t* row = dist.data() + (qi - q0) * sample.rows;
+          for (int64_t j = 0; j < sample.rows; ++j) ++hist[row[j]];
+          int64_t cum = 0, d = 0;
+          for (; d < bins - 1; ++d) {
+            cum += hist[d];
+            if (static_cast<double>(cum) >= need) break;
+          }
+          max_dist_[qi] = d;
+        }
+      }
+    }
+  }
+  // The guessed bound for query qi, or nbits (no bound) where none was guessed.
+  int64_t max_dist(int64_t qi, int64_t nbits) const {
+    return max_dist_.empty() || max_dist_[qi] < 0 ? nbits : max_dist_[qi];
+  }
+
+ private:
+  std::vector<int64_t> max_dist_;
+};
+
+// Counting select over whole distance rows, for k a sizeable share of n (where the threshold scan would accept a
+// large fraction of the database): distances of a block of queries, a histogram, then one pass in index order that
+// drops each winner straight into its sorted place (offset of its distance + arrivals so far).
+void topk_by_histogram(const BlockedCodes& db, const QueryWords& q, const ScanKernels& kern, int64_t k,
+                       int32_t* out_dist, int64_t* out_idx) {
+  const int64_t n = db.rows, bins = db.words * 64 + 1;
+  const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
+#pragma omp parallel
+  {
+    std::vector<int32_t> dist(static_cast<size_t>(kQueryBlock * n));
+    std::vector<int64_t> start(static_cast<size_t>(bins + 1));
+#pragma omp for schedule(dynamic)
+    for (int64_t qb = 0; qb < qblocks; ++qb) {
+      const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
+      kern.distance(db, q, q0, q1, 0, db.blocks, dist.data());
+      for (int64_t qi = q0; qi < q1; ++qi) {
+        const int32_t* row = dist.data() + (qi - q0) * n;
+        std::fill(start.begin(), start.end(), 0);
+        for (int64_t j = 0; j < n; ++j) ++start[row[j] + 1];
+        for (int64_t d = 0; d < bins; ++d) start[d + 1] += start[d];  // start[d]: codes closer than d
+        int64_t t = 0;
+        while (start[t + 1] < k) ++t;  // the k-th distance
+        int64_t room_at_t = k - start[t];
+        int32_t* od = out_dist + qi * k;
+        int64_t* oi = out_idx + qi * k;
+        for (int64_t j = 0; j < n; ++j) {
+          const int32_t d = row[j];
+          if (d > t || (d == t && room_at_t == 0)) continue;
+          if (d == t) --room_at_t;
+          const int64_t pos = start[d]++;
+          od[pos] = d;
+          oi[pos] = j;
+        }
+      }
+    }
+  }
+}
+}  // namespace
 
 void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, int32_t* out_dist,
                   int64_t* out_idx) {
@@ -214,18 +309,31 @@ void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, 
   const BlockedCodes blocked = to_blocked(db);
   const QueryWords q = to_words(queries);
   const ScanKernels& kern = kernels();
+  // Where k is a quarter of the database or more, the threshold scan would accept most of it.
+  if (k * 4 >= blocked.rows && q.rows >= omp_get_max_threads()) {
+    topk_by_histogram(blocked, q, kern, k, out_dist, out_idx);
+    return;
+  }
   const int64_t nbits = blocked.words * 64;  // an upper bound on any distance
   const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
   const int64_t shards = shard_count(qblocks, blocked.blocks);
   const int64_t shard_len = (blocked.blocks + shards - 1) / shards;
 
   if (shards == 1) {
+    const SampledThresholds guess(blocked, q, kern, k);
 #pragma omp parallel for schedule(dynamic)
     for (int64_t qb = 0; qb < qblocks; ++qb) {
       const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
-      std::vector<TopkState> states(static_cast<size_t>(q1 - q0), TopkState(k, nbits));
+      std::vector<TopkState> states;
+      states.reserve(static_cast<size_t>(q1 - q0));
+      for (int64_t qi = q0; qi < q1; ++qi) states.emplace_back(k, nbits, guess.max_dist(qi, nbits));
       kern.topk(blocked, q, q0, q1, 0, blocked.blocks, states.data());
-      for (int64_t qi = q0; qi < q1; ++qi) states[qi - q0].finish(out_dist + qi * k, out_idx + qi * k);
+      for (int64_t qi = q0; qi < q1; ++qi) {
+        if (states[qi - q0].finish(out_dist + qi * k, out_idx + qi * k) == k) continue;
+        TopkState again(k, nbits, nbits);  // the guess was too tight for this query: scan everything
+        kern.topk(blocked, q, qi, qi + 1, 0, blocked.blocks, &again);
+        again.finish(out_dist + qi * k, out_idx + qi * k);
+      }
     }
     return;
   }
@@ -240,7 +348,7 @@ void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, 
       const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
       const int64_t b0 = s * shard_len, b1 = std::min(blocked.blocks, b0 + shard_len);
       if (b0 >= b1) continue;
-      std::vector<TopkState> states(static_cast<size_t>(q1 - q0), TopkState(k, nbits));
+      std::vector<TopkState> states(static_cast<size_t>(q1 - q0), TopkState(k, nbits, nbits));
       kern.topk(blocked, q, q0, q1, b0, b1, states.data());
       for (int64_t qi = q0; qi < q1; ++qi) {
         const size_t slot = static_cast<size_t>(qi * shards + s);

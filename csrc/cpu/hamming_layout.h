@@ -32,7 +32,9 @@ struct QueryWords {
 // order, so a new candidate whose distance equals the k-th best so far ranks after all of them and is rejected.
 class TopkState {
  public:
-  TopkState(int64_t k, int64_t nbits);
+  // Only distances <= max_dist are considered. The result is exact when at least k codes qualify (finish() returns
+  // k); with fewer, the caller scans again with max_dist = nbits.
+  TopkState(int64_t k, int64_t nbits, int64_t max_dist);
   int64_t threshold() const { return threshold_; }
   void push(int32_t dist, int64_t idx);
   // Writes the best min(k, accepted) candidates sorted by (distance, index); returns how many.
@@ -49,7 +51,8 @@ class TopkState {
   size_t capacity_;
 };
 
-// Per-ISA scans, defined in hamming_<isa>.cpp. `states` has one entry per query in [q_begin, q_end).
+// Per-ISA scans, defined in hamming_<isa>.cpp. `states` has one entry per query in [q_begin, q_end); `distance`
+// writes the row of query qi at out + (qi - q_begin) * db.rows.
 struct ScanKernels {
   void (*topk)(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t block_begin,
                int64_t block_end, TopkState* states);

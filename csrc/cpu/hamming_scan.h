@@ -40,7 +40,7 @@ void distance_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin,
     const uint64_t* block = db.block(b);
     const int64_t base = b * kLanes;
     for (int64_t qi = q_begin; qi < q_end; ++qi) {
-      int32_t* row = out + qi * db.rows;
+      int32_t* row = out + (qi - q_begin) * db.rows;
       if (base + kLanes <= db.rows) {
         Isa::template all<WC>(block, q.row(qi), words, row + base);
       } else {
