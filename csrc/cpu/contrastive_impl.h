@@ -9,6 +9,7 @@ using brcd::ContrastiveProblem;
 
 constexpr int kRows = BRCD_TILE_ROWS;  // rows of a tile
 constexpr int kCols = 256;             // columns of a tile
+constexpr int kGroupTiles = 16;        // row tiles sharing each column tile while it is in cache
 template <class T>
 constexpr int kVec = 64 / static_cast<int>(sizeof(T));  // elements in a 64-byte vector
 constexpr double kEps = 1e-8;
@@ -254,52 +255,59 @@ template <class T>
 T forward(const ContrastiveProblem<T>& p, T* lse, T* pos) {
   const Prepared<T> q = prepare(p);
   const int64_t row_tiles = q.rows_pad / kRows;
+  const int64_t groups = (row_tiles + kGroupTiles - 1) / kGroupTiles;
   double total = 0;
 #pragma omp parallel reduction(+ : total) if (worth_threads(q))
   {
     std::vector<T> s(static_cast<size_t>(kRows * kCols));
+    // Per row of the group: the sum of exp(logit - shift) over the negatives, and the shift (1/tau, or the
+    // running maximum).
+    std::vector<T> shift(static_cast<size_t>(kGroupTiles * kRows)), pa(shift.size());
+    std::vector<double> neg_sum(shift.size());
 #pragma omp for schedule(dynamic)
-    for (int64_t t = 0; t < row_tiles; ++t) {
-      const int64_t a0 = t * kRows;
-      // Per row: the sum of exp(logit - shift) over the negatives, and the shift (1/tau, or the running maximum).
-      T shift[kRows];
-      double neg_sum[kRows];
-      T pa[kRows];
-      for (int r = 0; r < kRows; ++r) {
-        pa[r] = a0 + r < q.n2 ? positive_logit(p, q, a0 + r) : T(0);
-        shift[r] = q.fixed_shift ? q.inv_tau : pa[r];
-        neg_sum[r] = 0.0;
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const int64_t t0 = grp * kGroupTiles, t1 = std::min(row_tiles, t0 + kGroupTiles);
+      const int64_t g0 = t0 * kRows;  // first row of the group
+      for (int64_t a = g0; a < t1 * kRows; ++a) {
+        pa[a - g0] = a < q.n2 ? positive_logit(p, q, a) : T(0);
+        shift[a - g0] = q.fixed_shift ? q.inv_tau : pa[a - g0];
+        neg_sum[a - g0] = 0.0;
       }
+      // Column tiles outside, row tiles inside: a column tile is reused from cache by the whole group.
       for (int64_t b0 = 0; b0 < q.n2; b0 += kCols) {
         const int cols = tile_cols(q, b0);
-        similarity_tile(q, a0, b0, cols, s.data());
-        for (int r = 0; r < kRows && a0 + r < q.n2; ++r) {
-          T* srow = s.data() + r * kCols;
-          mask_invalid_row(q, a0 + r, b0, cols, srow);
-          T m = shift[r];
-          if (!q.fixed_shift) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t a0 = t * kRows;
+          similarity_tile(q, a0, b0, cols, s.data());
+          for (int r = 0; r < kRows && a0 + r < q.n2; ++r) {
+            const int64_t i = a0 + r - g0;
+            T* srow = s.data() + r * kCols;
+            mask_invalid_row(q, a0 + r, b0, cols, srow);
+            T m = shift[i];
+            if (!q.fixed_shift) {
 #pragma omp simd reduction(max : m)
-            for (int j = 0; j < cols; ++j) m = srow[j] > m ? srow[j] : m;
-          }
-          T acc = 0;
+              for (int j = 0; j < cols; ++j) m = srow[j] > m ? srow[j] : m;
+            }
+            T acc = 0;
 #pragma omp simd reduction(+ : acc)
-          for (int j = 0; j < cols; ++j) acc += fast_exp(srow[j] - m);
-          if (m != shift[r]) neg_sum[r] *= static_cast<double>(fast_exp(shift[r] - m));
-          neg_sum[r] += static_cast<double>(acc);
-          shift[r] = m;
+            for (int j = 0; j < cols; ++j) acc += fast_exp(srow[j] - m);
+            if (m != shift[i]) neg_sum[i] *= static_cast<double>(fast_exp(shift[i] - m));
+            neg_sum[i] += static_cast<double>(acc);
+            shift[i] = m;
+          }
         }
       }
-      for (int r = 0; r < kRows && a0 + r < q.n2; ++r) {
-        const int64_t a = a0 + r;
+      for (int64_t a = g0; a < std::min(q.n2, t1 * kRows); ++a) {
+        const int64_t i = a - g0;
         // l_a = log(1 + sum_b exp(s_ab - P_a)): exactly 0 when every negative is dropped.
-        const double pos_term = std::exp(static_cast<double>(pa[r]) - static_cast<double>(shift[r]));
-        const double l = pos_term > 1e-300 ? std::log1p(neg_sum[r] / pos_term)
-                                           : std::log(pos_term + neg_sum[r]) + shift[r] - pa[r];
+        const double pos_term = std::exp(static_cast<double>(pa[i]) - static_cast<double>(shift[i]));
+        const double l = pos_term > 1e-300 ? std::log1p(neg_sum[i] / pos_term)
+                                           : std::log(pos_term + neg_sum[i]) + shift[i] - pa[i];
         // NaN anywhere in the row (or the positive) reaches the loss.
-        const bool bad = pa[r] != pa[r] || neg_sum[r] != neg_sum[r];
+        const bool bad = pa[i] != pa[i] || neg_sum[i] != neg_sum[i];
         const T la = bad ? std::numeric_limits<T>::quiet_NaN() : static_cast<T>(l);
-        lse[a] = pa[r] + la;
-        pos[a] = pa[r];
+        lse[a] = pa[i] + la;
+        pos[a] = pa[i];
         total += static_cast<double>(la);
       }
     }
@@ -320,47 +328,52 @@ void backward(const ContrastiveProblem<T>& p, T grad_loss, const T* lse, const T
   std::copy(lse, lse + n2, lse_pad.begin());
   std::vector<T> gz(static_cast<size_t>(q.rows_pad * K), T(0));  // dL/dZn
   const int64_t row_tiles = q.rows_pad / kRows;
+  const int64_t groups = (row_tiles + kGroupTiles - 1) / kGroupTiles;
 #pragma omp parallel if (worth_threads(q))
   {
     std::vector<T> s(static_cast<size_t>(kRows * kCols));
 #pragma omp for schedule(dynamic)
-    for (int64_t t = 0; t < row_tiles; ++t) {
-      const int64_t a0 = t * kRows;
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const int64_t t0 = grp * kGroupTiles, t1 = std::min(row_tiles, t0 + kGroupTiles);
+      // Column tiles outside, row tiles inside: a column tile is reused from cache by the whole group.
       for (int64_t b0 = 0; b0 < n2; b0 += kCols) {
         const int cols = tile_cols(q, b0);
-        similarity_tile(q, a0, b0, cols, s.data());
-        for (int r = 0; r < kRows; ++r) {
-          const int64_t a = a0 + r;
-          T* srow = s.data() + r * kCols;
-          if (a >= n2) {  // padding rows take no part
-            std::fill(srow, srow + cols, T(0));
-            continue;
-          }
-          const int64_t partner = (a + B) % n2;
-          const int32_t ga = q.gr[a], gca = q.gc[a];
-          const T la = lse[a];
-          const int32_t* gr_b = q.gr.data() + b0;
-          const int32_t* gc_b = q.gc.data() + b0;
-          const T* lse_b = lse_pad.data() + b0;
-          // Coefficient of Zn_b in dL/dZn_a: softmax weight of b in row a plus that of a in row b.
-          if (q.has_groups) {
-#pragma omp simd
-            for (int j = 0; j < cols; ++j) {
-              const bool ab = !((ga >= 0) & (gc_b[j] == ga));
-              const bool ba = !((gr_b[j] >= 0) & (gr_b[j] == gca));
-              const T e_ab = fast_exp(srow[j] - la);
-              const T e_ba = fast_exp(srow[j] - lse_b[j]);
-              srow[j] = (ab ? e_ab : T(0)) + (ba ? e_ba : T(0));
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t a0 = t * kRows;
+          similarity_tile(q, a0, b0, cols, s.data());
+          for (int r = 0; r < kRows; ++r) {
+            const int64_t a = a0 + r;
+            T* srow = s.data() + r * kCols;
+            if (a >= n2) {  // padding rows take no part
+              std::fill(srow, srow + cols, T(0));
+              continue;
             }
-          } else {
+            const int64_t partner = (a + B) % n2;
+            const int32_t ga = q.gr[a], gca = q.gc[a];
+            const T la = lse[a];
+            const int32_t* gr_b = q.gr.data() + b0;
+            const int32_t* gc_b = q.gc.data() + b0;
+            const T* lse_b = lse_pad.data() + b0;
+            // Coefficient of Zn_b in dL/dZn_a: softmax weight of b in row a plus that of a in row b.
+            if (q.has_groups) {
 #pragma omp simd
-            for (int j = 0; j < cols; ++j) srow[j] = fast_exp(srow[j] - la) + fast_exp(srow[j] - lse_b[j]);
+              for (int j = 0; j < cols; ++j) {
+                const bool ab = !((ga >= 0) & (gc_b[j] == ga));
+                const bool ba = !((gr_b[j] >= 0) & (gr_b[j] == gca));
+                const T e_ab = fast_exp(srow[j] - la);
+                const T e_ba = fast_exp(srow[j] - lse_b[j]);
+                srow[j] = (ab ? e_ab : T(0)) + (ba ? e_ba : T(0));
+              }
+            } else {
+#pragma omp simd
+              for (int j = 0; j < cols; ++j) srow[j] = fast_exp(srow[j] - la) + fast_exp(srow[j] - lse_b[j]);
+            }
+            if (a >= b0 && a < b0 + kCols) srow[a - b0] = T(0);
+            if (partner >= b0 && partner < b0 + kCols) srow[partner - b0] = T(0);
+            for (int64_t j = n2 - b0; j < cols; ++j) srow[j] = T(0);  // padding columns
           }
-          if (a >= b0 && a < b0 + kCols) srow[a - b0] = T(0);
-          if (partner >= b0 && partner < b0 + kCols) srow[partner - b0] = T(0);
-          for (int64_t j = n2 - b0; j < cols; ++j) srow[j] = T(0);  // padding columns
+          accumulate_rows(q, b0, std::min<int64_t>(kCols, n2 - b0), s.data(), gz.data() + a0 * K);
         }
-        accumulate_rows(q, b0, std::min<int64_t>(kCols, n2 - b0), s.data(), gz.data() + a0 * K);
       }
     }
   }
