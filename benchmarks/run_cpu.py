@@ -193,8 +193,8 @@ def bench_loss(sizes, eager_max: int, compile_max: int) -> str:
                   "fused peak MiB", "eager peak MiB", "compile peak MiB", "compile first call s"], rows) + (
         "\n\nForward + backward of the full BRCD loss (bit mask, false-negative groups from 10 clusters, per-sample "
         "alpha), float32. Peak MiB: the highest resident memory during one step minus the memory before it, sampled "
-        "every millisecond in a fresh process per case (inputs excluded). The first call of torch.compile includes its compilation, from a warm "
-        "inductor cache after the first benchmark run.")
+        "every millisecond in a fresh process per case (inputs excluded). The first call of torch.compile "
+        "includes its compilation, from a warm inductor cache after the first benchmark run.")
 
 
 def main():
