@@ -5,6 +5,8 @@
 #include <cmath>
 #include <optional>
 
+#include "contrastive_problem.h"
+
 namespace brcd::ops {
 
 // The operands in the compute dtype (float32, or float64 for float64 inputs), contiguous, on the codes' device.
@@ -96,6 +98,23 @@ inline ContrastiveOperands prepare_operands(const at::Tensor& student, const at:
     o.col_groups = col_groups->contiguous();
   }
   return o;
+}
+
+// The kernels' view of the prepared operands (host or device pointers, as the operands are).
+template <class T>
+ContrastiveProblem<T> make_problem(const ContrastiveOperands& o, double temperature) {
+  ContrastiveProblem<T> p;
+  p.batch = o.batch;
+  p.bits = o.bits;
+  p.temperature = static_cast<T>(temperature);
+  p.student = o.student.data_ptr<T>();
+  p.teacher_anchor = o.teacher_anchor.data_ptr<T>();
+  p.teacher_view = o.teacher_view.data_ptr<T>();
+  p.alpha = o.alpha.data_ptr<T>();
+  p.bit_mask = o.bit_mask ? o.bit_mask->data_ptr<T>() : nullptr;
+  p.row_groups = o.row_groups ? o.row_groups->data_ptr<int64_t>() : nullptr;
+  p.col_groups = o.col_groups ? o.col_groups->data_ptr<int64_t>() : nullptr;
+  return p;
 }
 
 inline void check_row_stats(const at::Tensor& row_stats, const ContrastiveOperands& o) {

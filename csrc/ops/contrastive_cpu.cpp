@@ -7,22 +7,6 @@
 namespace brcd::ops {
 namespace {
 
-template <class T>
-ContrastiveProblem<T> problem(const ContrastiveOperands& o, double temperature) {
-  ContrastiveProblem<T> p;
-  p.batch = o.batch;
-  p.bits = o.bits;
-  p.temperature = static_cast<T>(temperature);
-  p.student = o.student.data_ptr<T>();
-  p.teacher_anchor = o.teacher_anchor.data_ptr<T>();
-  p.teacher_view = o.teacher_view.data_ptr<T>();
-  p.alpha = o.alpha.data_ptr<T>();
-  p.bit_mask = o.bit_mask ? o.bit_mask->data_ptr<T>() : nullptr;
-  p.row_groups = o.row_groups ? o.row_groups->data_ptr<int64_t>() : nullptr;
-  p.col_groups = o.col_groups ? o.col_groups->data_ptr<int64_t>() : nullptr;
-  return p;
-}
-
 std::tuple<at::Tensor, at::Tensor> contrastive_forward_cpu(const at::Tensor& student, const at::Tensor& teacher_anchor,
                                                            const at::Tensor& teacher_view, double temperature,
                                                            const at::Tensor& alpha,
@@ -34,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward_cpu(const at::Tensor& stu
   at::Tensor stats = at::empty({2, 2 * o.batch}, o.student.options());
   at::Tensor loss = at::empty({}, o.student.options());
   AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_forward_cpu", [&] {
-    const auto p = problem<scalar_t>(o, temperature);
+    const auto p = make_problem<scalar_t>(o, temperature);
     scalar_t* s = stats.data_ptr<scalar_t>();
     loss.fill_(cpu::contrastive_forward<scalar_t>(p, s, s + 2 * o.batch));
   });
@@ -53,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu(
   const at::Tensor stats = row_stats.contiguous();
   at::Tensor gs = at::empty_like(o.student), ga = at::empty_like(o.student), gv = at::empty_like(o.student);
   AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_backward_cpu", [&] {
-    const auto p = problem<scalar_t>(o, temperature);
+    const auto p = make_problem<scalar_t>(o, temperature);
     const scalar_t g = grad_loss.to(at::kDouble).item<double>();
     const scalar_t* s = stats.data_ptr<scalar_t>();
     cpu::contrastive_backward<scalar_t>(p, g, s, s + 2 * o.batch, gs.data_ptr<scalar_t>(), ga.data_ptr<scalar_t>(),

@@ -14,22 +14,6 @@ void check_cuda(int err, const char* what) {
 }
 
 template <class T>
-ContrastiveProblem<T> problem(const ContrastiveOperands& o, double temperature) {
-  ContrastiveProblem<T> p;
-  p.batch = o.batch;
-  p.bits = o.bits;
-  p.temperature = static_cast<T>(temperature);
-  p.student = o.student.data_ptr<T>();
-  p.teacher_anchor = o.teacher_anchor.data_ptr<T>();
-  p.teacher_view = o.teacher_view.data_ptr<T>();
-  p.alpha = o.alpha.data_ptr<T>();
-  p.bit_mask = o.bit_mask ? o.bit_mask->data_ptr<T>() : nullptr;
-  p.row_groups = o.row_groups ? o.row_groups->data_ptr<int64_t>() : nullptr;
-  p.col_groups = o.col_groups ? o.col_groups->data_ptr<int64_t>() : nullptr;
-  return p;
-}
-
-template <class T>
 at::Tensor workspace_for(const ContrastiveOperands& o) {
   const size_t bytes = cuda::contrastive_workspace<T>(o.batch, o.bits);
   return at::empty({static_cast<int64_t>(bytes)}, o.student.options().dtype(at::kByte));
@@ -52,9 +36,10 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward_cuda(const at::Tensor& st
   AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_forward_cuda", [&] {
     at::Tensor ws = workspace_for<scalar_t>(o);
     scalar_t* st = stats.data_ptr<scalar_t>();
-    check_cuda(cuda::contrastive_forward<scalar_t>(problem<scalar_t>(o, temperature), loss.data_ptr<scalar_t>(), st,
-                                                   st + 2 * o.batch, ws.data_ptr(), s),
-               "contrastive_forward");
+    const auto p = make_problem<scalar_t>(o, temperature);
+    check_cuda(
+        cuda::contrastive_forward<scalar_t>(p, loss.data_ptr<scalar_t>(), st, st + 2 * o.batch, ws.data_ptr(), s),
+        "contrastive_forward");
   });
   return {loss.to(o.input_dtype), stats};
 }
@@ -79,10 +64,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_backward_cuda", [&] {
     at::Tensor ws = workspace_for<scalar_t>(o);
     const scalar_t* st = stats.data_ptr<scalar_t>();
-    check_cuda(cuda::contrastive_backward<scalar_t>(problem<scalar_t>(o, temperature), g.data_ptr<scalar_t>(), st,
-                                                    st + 2 * o.batch, gs.data_ptr<scalar_t>(),
-                                                    ga.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(), ws.data_ptr(),
-                                                    s),
+    const auto p = make_problem<scalar_t>(o, temperature);
+    check_cuda(cuda::contrastive_backward<scalar_t>(p, g.data_ptr<scalar_t>(), st, st + 2 * o.batch,
+                                                    gs.data_ptr<scalar_t>(), ga.data_ptr<scalar_t>(),
+                                                    gv.data_ptr<scalar_t>(), ws.data_ptr(), s),
                "contrastive_backward");
   });
   return {gs.to(o.input_dtype), ga.to(o.input_dtype), gv.to(o.input_dtype)};
