@@ -1,0 +1,178 @@
+"""Datasets for hashing: Fashion-MNIST idx files, the hashing protocol's splits, two-view augmentations, and a tiny
+synthetic set for tests. Nothing is ever downloaded: data comes from local files.
+
+>>> data = load_fashion_mnist()                      # /usr/share/datasets/fashion-mnist (Debian's package)
+>>> split = make_split(data.train_labels, data.test_labels, train_per_class=200, seed=0)
+"""
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DataFileError",
+    "ImageData",
+    "HashingSplit",
+    "DEFAULT_FASHION_MNIST_DIR",
+    "read_idx",
+    "load_fashion_mnist",
+    "make_split",
+    "synthetic_data",
+    "two_view_transform",
+    "TwoViewDataset",
+    "to_model_input",
+]
+
+DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DataFileError(ValueError):
+    """A data file that is missing, truncated or not of the expected format."""
+
+
+def read_idx(path: Union[str, Path]) -> np.ndarray:
+    """Read an idx file (the MNIST format), plain or gzip-compressed, checking its header against its size."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFileError(f"{path}: no such file")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataFileError(f"{path}: cannot be read ({exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataFileError(f"{path}: not an idx file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataFileError(f"{path}: truncated idx header")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataFileError(f"{path}: {len(raw)} bytes but its header {shape} needs {expected}: truncated or corrupt")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+@dataclass
+class ImageData:
+    train_images: Tensor  # uint8 [n, C, H, W]
+    train_labels: Tensor  # int64 [n]
+    test_images: Tensor
+    test_labels: Tensor
+    num_classes: int
+    name: str
+
+
+def _find(data_dir: Path, stem: str) -> Path:
+    for candidate in (data_dir / f"{stem}.gz", data_dir / stem):
+        if candidate.exists():
+            return candidate
+    raise DataFileError(
+        f"{data_dir}: no {stem}[.gz]. Install Debian's dataset-fashion-mnist package (apt-get install "
+        f"dataset-fashion-mnist) or point --data-dir at a folder with the four idx files."
+    )
+
+
+def load_fashion_mnist(data_dir: Optional[Union[str, Path]] = None) -> ImageData:
+    """Fashion-MNIST from its four standard idx files (gzip or plain)."""
+    root = Path(data_dir) if data_dir is not None else DEFAULT_FASHION_MNIST_DIR
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataFileError(f"{root}: {split} images {images.shape} and labels {labels.shape} do not match")
+        if labels.size and (labels.min() < 0 or labels.max() > 9):
+            raise DataFileError(f"{root}: {split} labels outside 0..9")
+        parts[split] = (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+    return ImageData(parts["train"][0], parts["train"][1], parts["test"][0], parts["test"][1], 10, "fashion-mnist")
+
+
+@dataclass
+class HashingSplit:
+    """Indices of the hashing protocol (CIBHash / BRCD style), drawn with a recorded seed.
+
+    train: a class-balanced subset of the training split (for training and clustering); database: the training
+    split (or a random subset of it); val_queries and test_queries: disjoint subsets of the test split.
+    """
+    train: Tensor
+    database: Tensor
+    val_queries: Tensor
+    test_queries: Tensor
+    seed: int
+
+
+def make_split(train_labels: Tensor, test_labels: Tensor, *, train_per_class: int = 500, val_queries: int = 1000,
+               test_queries: int = 1000, database_size: Optional[int] = None, seed: int = 0) -> HashingSplit:
+    gen = torch.Generator().manual_seed(seed)
+    classes = int(train_labels.max()) + 1
+    train = []
+    for c in range(classes):
+        idx = (train_labels == c).nonzero().flatten()
+        if len(idx) < train_per_class:
+            raise ValueError(f"class {c} has {len(idx)} training images, fewer than train_per_class={train_per_class}")
+        train.append(idx[torch.randperm(len(idx), generator=gen)[:train_per_class]])
+    if val_queries + test_queries > len(test_labels):
+        raise ValueError(f"val_queries + test_queries exceeds the {len(test_labels)} test images")
+    order = torch.randperm(len(test_labels), generator=gen)
+    n_db = len(train_labels) if database_size is None else min(database_size, len(train_labels))
+    database = torch.randperm(len(train_labels), generator=gen)[:n_db].sort().values
+    return HashingSplit(torch.cat(train).sort().values, database, order[:val_queries].sort().values,
+                        order[val_queries : val_queries + test_queries].sort().values, seed)
+
+
+def synthetic_data(num_train: int = 256, num_test: int = 128, classes: int = 4, size: int = 16,
+                   seed: int = 0) -> ImageData:
+    """A tiny image set for tests: each class is a fixed random pattern plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    patterns = torch.rand(classes, 1, size, size, generator=gen) * 255
+
+    def draw(n):
+        labels = torch.randint(0, classes, (n,), generator=gen)
+        noise = torch.randn(n, 1, size, size, generator=gen) * 40
+        return (patterns[labels] + noise).clamp(0, 255).to(torch.uint8), labels
+
+    (tr, trl), (te, tel) = draw(num_train), draw(num_test)
+    return ImageData(tr, trl, te, tel, classes, "synthetic")
+
+
+def to_model_input(images: Tensor) -> Tensor:
+    """uint8 images [n, C, H, W] to float in [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def two_view_transform(size: int, channels: int):
+    """SimCLR / CIBHash style augmentation sized to the images: random resized crop, flip, brightness and contrast
+    jitter (colour jitter and random grayscale for RGB), blur."""
+    from torchvision.transforms import v2
+
+    ops = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    if channels == 3:
+        ops += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+    else:
+        ops += [v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8)]
+    ops += [v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.0))], p=0.5)]
+    return v2.Compose(ops)
+
+
+class TwoViewDataset(torch.utils.data.Dataset):
+    """(view 1, view 2, index) of each image: two independent augmentations, as model input."""
+
+    def __init__(self, images: Tensor, transform):
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        return to_model_input(self.transform(img)), to_model_input(self.transform(img)), i

@@ -1,0 +1,108 @@
+"""Hashing models: a timm backbone and a hash head (linear, sigmoid, sign with a straight-through gradient).
+
+One factory, :func:`build_model`, knows how models are made; any timm name is accepted.
+
+>>> teacher = build_model(TEACHER_DEFAULT, bits=64, in_chans=1, img_size=28)
+>>> probs, codes = teacher(images)          # codes are ±1, gradients flow through probs
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TEACHER_DEFAULT", "STUDENT_DEFAULT", "HashHead", "HashModel", "build_model", "ModelError"]
+
+TEACHER_DEFAULT = "vit_tiny_patch16_224"
+STUDENT_DEFAULT = "mobilenetv3_small_050"
+
+
+class ModelError(ValueError):
+    """An unknown model name, bad bits, or a weights file that does not fit."""
+
+
+class SignST(torch.autograd.Function):
+    """sign(x) in the forward, identity in the backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class HashHead(nn.Module):
+    """features -> bit probabilities -> ±1 codes. In training the threshold is uniform noise (stochastic binary
+    codes, as CIBHash); in evaluation it is 0.5."""
+
+    def __init__(self, in_features: int, bits: int, stochastic: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(in_features, bits)
+        self.stochastic = stochastic
+
+    def forward(self, features: Tensor) -> Tuple[Tensor, Tensor]:
+        probs = torch.sigmoid(self.linear(features))
+        threshold = torch.rand_like(probs) if (self.training and self.stochastic) else torch.full_like(probs, 0.5)
+        return probs, SignST.apply(probs - threshold)
+
+
+class HashModel(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int, bits: int, name: str):
+        super().__init__()
+        self.backbone = backbone
+        self.head = HashHead(feature_dim, bits)
+        self.name = name
+        self.bits = bits
+
+    def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.head(self.backbone(images))
+
+
+def _small_image_kwargs(name: str, img_size: int) -> dict:
+    # Vision transformers need the input size, and a patch small enough for small images.
+    if name.startswith(("vit", "deit")):
+        return {"img_size": img_size, "patch_size": 4 if img_size <= 64 else 16}
+    return {}
+
+
+def build_model(name: str, bits: int, *, in_chans: int = 3, img_size: int = 224,
+                pretrained_path: Optional[Union[str, Path]] = None, **timm_kwargs) -> HashModel:
+    """A timm backbone (no classifier, pretrained=False) with a hash head of `bits` bits.
+
+    pretrained_path: a local state_dict for the backbone (loaded with weights_only=True; nothing is downloaded).
+    """
+    import timm
+
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+        raise ModelError(f"bits must be a positive integer, got {bits!r}")
+    if not timm.is_model(name):
+        raise ModelError(f"unknown model name {name!r} (any timm model name works, e.g. {STUDENT_DEFAULT!r})")
+    kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans)
+    kwargs.update(_small_image_kwargs(name, img_size))
+    kwargs.update(timm_kwargs)
+    backbone = timm.create_model(name, **kwargs)
+    if pretrained_path is not None:
+        path = Path(pretrained_path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+            raise ModelError(f"{path}: cannot load backbone weights ({exc})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise ModelError(f"{path}: not a state_dict")
+        if not set(state) & set(backbone.state_dict()):
+            raise ModelError(f"{path}: none of its tensors fit {name}")
+        try:
+            backbone.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a tensor of the right name and the wrong shape
+            raise ModelError(f"{path}: does not fit {name} ({str(exc).splitlines()[0]})") from None
+    backbone.eval()
+    with torch.no_grad():  # the feature size, whatever the model's head does with num_classes=0
+        feature_dim = backbone(torch.zeros(1, in_chans, img_size, img_size)).shape[-1]
+    backbone.train()
+    return HashModel(backbone, feature_dim, bits, name)
