@@ -3,6 +3,7 @@
 # with torch and the project's dependencies installed, and that the extension is built and up to date.
 #
 #   ./dev.sh test        set up, build, run the test suite (what CI runs)
+#   ./dev.sh demo        set up, build, run `brcd demo` on Fashion-MNIST (the main job; report in runs/demo/)
 #   ./dev.sh example     set up, build, run a short Hamming-search example
 #   ./dev.sh bench       set up, build, run the CPU benchmarks (tables into docs/)
 #   ./dev.sh build       set up and (re)build the extension only
@@ -68,6 +69,18 @@ case "$cmd" in
     log "running the test suite"
     exec "$PY" -m pytest -q "$@"
     ;;
+  demo)
+    build
+    # The data: Debian's dataset-fashion-mnist package, installed when missing and installable.
+    if [[ ! -d /usr/share/datasets/fashion-mnist && " $* " != *" --data-dir "* ]]; then
+      log "installing Debian's dataset-fashion-mnist"
+      if [[ $(id -u) == 0 ]]; then sudo_=""; else sudo_="sudo"; fi
+      $sudo_ apt-get update -qq >/dev/null && $sudo_ apt-get install -y -qq dataset-fashion-mnist >/dev/null ||
+        log "could not install dataset-fashion-mnist: pass --data-dir with the four idx files"
+    fi
+    "$PY" -m brcd demo --out "${BRCD_DEMO_OUT:-runs/demo}" --no-progress "$@"
+    cat "${BRCD_DEMO_OUT:-runs/demo}/report.md"
+    ;;
   example)
     build
     exec "$PY" examples/search.py "$@"
@@ -81,7 +94,7 @@ case "$cmd" in
     exec "$PY" "$@"
     ;;
   *)
-    echo "usage: ./dev.sh {test|example|bench|build|setup|python} [args]" >&2
+    echo "usage: ./dev.sh {test|demo|example|bench|build|setup|python} [args]" >&2
     exit 2
     ;;
 esac

@@ -64,9 +64,11 @@ class HashModel(nn.Module):
 
 
 def _small_image_kwargs(name: str, img_size: int) -> dict:
-    # Vision transformers need the input size, and a patch small enough for small images.
+    # Vision transformers need the input size, and a patch small enough for small images: a 4 x 4 grid of patches
+    # (16 tokens) for images up to 64 pixels.
     if name.startswith(("vit", "deit")):
-        return {"img_size": img_size, "patch_size": 4 if img_size <= 64 else 16}
+        small = img_size <= 64 and img_size % 4 == 0
+        return {"img_size": img_size, "patch_size": img_size // 4 if small else 16}
     return {}
 
 

@@ -1,0 +1,52 @@
+"""The run report: the results table, mAP over epochs (a plot) and encoding throughput, in Markdown."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _plot_curves(out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = out / "metrics.jsonl"
+    if not log.exists():
+        return ""
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for model in dict.fromkeys(r["model"] for r in records):
+        for key in ("val_map_symmetric", "val_map_asymmetric"):
+            pts = [(r["epoch"], r[key]) for r in records if r["model"] == model and key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{model} ({key.split('_')[-1]})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation mAP")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "map_over_epochs.png", dpi=120)
+    plt.close(fig)
+    return "![validation mAP over epochs](map_over_epochs.png)\n"
+
+
+def render_report(out: Path, args, results: dict) -> str:
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
+    rows = [
+        ("teacher", args.teacher, results["teacher"]["map_symmetric"], None),
+        ("student without KD", args.student, results["student_no_kd"]["map_symmetric"],
+         results["student_no_kd"]["map_asymmetric"]),
+        ("student with BRCD", args.student, results["student_brcd"]["map_symmetric"],
+         results["student_brcd"]["map_asymmetric"]),
+    ]
+    table = "| model | backbone | mAP symmetric | mAP asymmetric (teacher database) |\n|---|---|---|---|\n"
+    table += "".join(f"| {a} | {b} | {fmt(c)} | {fmt(d)} |\n" for a, b, c, d in rows)
+    tp = results["throughput_images_per_s"]
+    return (
+        f"# brcd demo\n\n{args.bits}-bit codes, mAP@{args.topk}, data: "
+        f"{'synthetic' if args.synthetic else 'Fashion-MNIST'}, seed {args.seed}, device {args.device}, "
+        f"{results['seconds']:.0f} s in all.\n\n## Test results\n\n{table}\n"
+        f"## Encoding throughput\n\n| model | images/s |\n|---|---|\n| teacher ({args.teacher}) | "
+        f"{tp['teacher']:.0f} |\n| student ({args.student}) | {tp['student']:.0f} |\n\n"
+        f"## Validation during training\n\n{_plot_curves(out)}"
+    )

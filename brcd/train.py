@@ -1,0 +1,210 @@
+"""Training loops: the CIBHash teacher, the students (without KD and with BRCD), validation in both paradigms,
+best checkpoints written atomically, early stopping, a JSON-lines metrics log, and NaN detection.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import metrics
+from .clustering import bit_masks, kmeans, nearest_centroid, negative_groups
+from .data import TwoViewDataset, to_model_input, two_view_transform
+from .index import atomic_write_bytes
+from .models import HashModel
+from .objectives import make_objective
+
+__all__ = ["TrainConfig", "TrainingError", "encode", "save_checkpoint", "load_checkpoint", "train_teacher",
+           "fit_clusters", "train_student", "Clusters", "throughput"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN loss, say); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    bits: int = 64
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    temperature: float = 0.3
+    kl_weight: float = 0.001
+    kd_weight: float = 1.0
+    alpha: float = 0.8
+    num_clusters: int = 20
+    margin: float = 0.1
+    group_mode: str = "offset+fn"  # "none" | "fn" | "offset+fn"
+    use_mask: bool = True
+    val_every: int = 1
+    patience: int = 3
+    topk: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def encode(model: HashModel, images: Tensor, *, batch_size: int = 256, device: str = "cpu",
+           desc: Optional[str] = None, progress: bool = True) -> Tensor:
+    """±1 codes [n, bits] of uint8 images, in evaluation mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress or desc is None,
+                      leave=False):
+            _, codes = model(to_model_input(images[i : i + batch_size]).to(device))
+            out.append(codes.cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def throughput(model: HashModel, images: Tensor, *, batch_size: int = 256, device: str = "cpu") -> float:
+    """Images encoded per second (one warm-up batch first)."""
+    encode(model, images[:batch_size], batch_size=batch_size, device=device)
+    t0 = time.perf_counter()
+    encode(model, images, batch_size=batch_size, device=device)
+    return len(images) / (time.perf_counter() - t0)
+
+
+def save_checkpoint(path: Path, model: HashModel, config: dict, extra: Optional[dict] = None) -> None:
+    """state_dict + config, loadable with torch.load(weights_only=True); written atomically."""
+    buffer = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "config": config, **(extra or {})}, buffer)
+    atomic_write_bytes(path, [buffer.getvalue()])
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"{path}: no such checkpoint") from None
+    except Exception as exc:  # any unpickling failure means: not a checkpoint of ours
+        raise TrainingError(f"{path}: not a brcd checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
+        raise TrainingError(f"{path}: not a brcd checkpoint (no state_dict and config)")
+    return ckpt
+
+
+@dataclass
+class Clusters:
+    centroids: Tensor
+    assignments: Tensor  # of the training images, in their order
+    masks: Tensor
+
+
+def fit_clusters(teacher: HashModel, train_images: Tensor, cfg: TrainConfig) -> Clusters:
+    codes = encode(teacher, train_images, device=cfg.device, desc="teacher codes", progress=cfg.progress)
+    result = kmeans(codes, cfg.num_clusters, restarts=3, seed=cfg.seed)
+    return Clusters(result.centroids, result.assignments, bit_masks(codes, result.assignments, cfg.num_clusters,
+                                                                     cfg.margin))
+
+
+def _loader(images: Tensor, cfg: TrainConfig):
+    channels, size = images.shape[1], images.shape[-1]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return torch.utils.data.DataLoader(TwoViewDataset(images, two_view_transform(size, channels)),
+                                       batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
+
+
+def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[], Dict[str, float]],
+         cfg: TrainConfig, ckpt_path: Path, log_path: Path, name: str) -> Dict[str, float]:
+    """The shared loop: epochs of two-view batches, validation, best checkpoint, early stopping, NaN stop."""
+    torch.manual_seed(cfg.seed)
+    loader = _loader(images, cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best, best_score, stale = {}, -math.inf, 0
+    model.to(cfg.device).train()
+    for epoch in range(1, cfg.epochs + 1):
+        total = 0.0
+        bar = tqdm(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        for step_i, (v1, v2, idx) in enumerate(bar, start=1):
+            loss = step(v1.to(cfg.device), v2.to(cfg.device), idx)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{name}: the loss became {loss.item()} at epoch {epoch}, step {step_i}; "
+                                    f"the last good checkpoint stays at {ckpt_path}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        record = {"model": name, "epoch": epoch, "loss": total / max(1, len(loader))}
+        if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
+            scores = validate()
+            record.update(scores)
+            score = max(scores.values())  # improving in either paradigm counts
+            if score > best_score:
+                best_score, best, stale = score, dict(record), 0
+                save_checkpoint(ckpt_path, model, asdict(cfg), {"epoch": epoch, "scores": scores, "name": name})
+            else:
+                stale += 1
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if stale >= cfg.patience:
+            break
+    model.load_state_dict(load_checkpoint(ckpt_path)["state_dict"])
+    return best
+
+
+def train_teacher(model: HashModel, images: Tensor, val_queries: Tensor, val_query_labels: Tensor,
+                  val_db: Tensor, val_db_labels: Tensor, cfg: TrainConfig, out_dir: Path,
+                  name: str = "teacher") -> Dict[str, float]:
+    """CIBHash training (also the student without KD). Validation: symmetric mAP@topk."""
+    objective = make_objective("cibhash", temperature=cfg.temperature, kl_weight=cfg.kl_weight)
+
+    def step(v1, v2, idx):
+        p1, c1 = model(v1)
+        p2, c2 = model(v2)
+        return objective(p1, c1, p2, c2)
+
+    def validate():
+        q = encode(model, val_queries, device=cfg.device)
+        db = encode(model, val_db, device=cfg.device)
+        return {"val_map_symmetric": metrics.mean_average_precision(q, db, val_query_labels, val_db_labels,
+                                                                     cfg.topk)}
+
+    return _fit(model, step, images, validate, cfg, out_dir / f"{name}.pt", out_dir / "metrics.jsonl", name)
+
+
+def train_student(model: HashModel, teacher: HashModel, clusters: Clusters, images: Tensor, val_queries: Tensor,
+                  val_query_labels: Tensor, val_db: Tensor, val_db_labels: Tensor, cfg: TrainConfig,
+                  out_dir: Path, name: str = "student_brcd") -> Dict[str, float]:
+    """BRCD distillation from a frozen teacher. Validation in both paradigms; the teacher's database codes are
+    computed once."""
+    objective = make_objective("brcd", temperature=cfg.temperature, kl_weight=cfg.kl_weight,
+                               kd_weight=cfg.kd_weight)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    centroids = clusters.centroids.to(cfg.device)
+    masks = clusters.masks.to(cfg.device)
+    teacher_db = encode(teacher, val_db, device=cfg.device)
+
+    def step(v1, v2, idx):
+        with torch.no_grad():
+            _, t1 = teacher(v1)
+            _, t2 = teacher(v2)
+        c = clusters.assignments[idx].to(cfg.device)
+        cv = nearest_centroid(t2, centroids)
+        rows, cols, alpha = negative_groups(c, cv, base_alpha=cfg.alpha, mode=cfg.group_mode)
+        p1, s1 = model(v1)
+        p2, s2 = model(v2)
+        return objective(p1, s1, p2, s2, t1, t2, alpha=alpha, bit_mask=masks[c] if cfg.use_mask else None,
+                         row_groups=rows, col_groups=cols)
+
+    def validate():
+        q = encode(model, val_queries, device=cfg.device)
+        db = encode(model, val_db, device=cfg.device)
+        scores = metrics.evaluate_paradigms(q, db, teacher_db, val_query_labels, val_db_labels, cfg.topk)
+        return {"val_" + k: v for k, v in scores.items()}
+
+    return _fit(model, step, images, validate, cfg, out_dir / f"{name}.pt", out_dir / "metrics.jsonl", name)

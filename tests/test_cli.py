@@ -1,0 +1,57 @@
+"""The brcd command: a tiny synthetic demo end to end, and one clear line for bad input."""
+import json
+
+import pytest
+import torch
+
+from brcd import cli
+from brcd.objectives import CIBHashObjective
+
+TINY = ["--synthetic", "--teacher-epochs", "2", "--student-epochs", "2", "--train-per-class", "20",
+        "--val-queries", "30", "--test-queries", "40", "--database-size", "200", "--val-database", "100",
+        "--clusters", "4", "--topk", "50", "--no-progress"]
+
+
+def test_demo_writes_report_metrics_and_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["demo", "--out", str(out), *TINY]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    assert set(results["teacher"]) >= {"map_symmetric"}
+    for name in ("student_no_kd", "student_brcd"):
+        assert set(results[name]) >= {"map_symmetric", "map_asymmetric"}
+        assert all(0.0 <= v <= 1.0 for v in results[name].values())
+    assert set(results["throughput_images_per_s"]) == {"teacher", "student"}
+    report = (out / "report.md").read_text()
+    assert "student with BRCD" in report and (out / "map_over_epochs.png").exists()
+    for name in ("teacher", "student_no_kd", "student_brcd"):
+        ckpt = torch.load(out / f"{name}.pt", weights_only=True)
+        assert "state_dict" in ckpt and ckpt["config"]["bits"] == 64
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in log} == {"teacher", "student_no_kd", "student_brcd"}
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--teacher", "no_such_model"], "unknown model name"),
+    (["--data-dir", "/nonexistent/folder"], "dataset-fashion-mnist"),
+])
+def test_bad_input_is_one_line_on_stderr(tmp_path, capsys, argv, needle):
+    args = ["demo", "--out", str(tmp_path / "run"), *[a for a in TINY if a != "--synthetic"], *argv]
+    if "--teacher" in argv:
+        args.append("--synthetic")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("brcd: error:") and needle in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_bad_numbers_are_rejected_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--out", str(tmp_path), "--bits", "0"])
+    assert exc.value.code == 2 and "positive integer" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_epoch_and_step(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(CIBHashObjective, "forward", lambda self, *a: torch.tensor(float("nan"), requires_grad=True))
+    assert cli.main(["demo", "--out", str(tmp_path / "run"), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "epoch 1, step 1" in err and "Traceback" not in err
