@@ -117,11 +117,16 @@ ContrastiveProblem<T> make_problem(const ContrastiveOperands& o, double temperat
   return p;
 }
 
-inline void check_row_stats(const at::Tensor& row_stats, const ContrastiveOperands& o) {
+// The backward's own inputs: the forward's row statistics and a one-value gradient, on the codes' device.
+inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& row_stats,
+                                  const ContrastiveOperands& o) {
   TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == 2 && row_stats.size(1) == 2 * o.batch,
                     "row_stats must have shape [2, 2 * batch] (from contrastive_forward), got ", row_stats.sizes());
   TORCH_CHECK_TYPE(row_stats.scalar_type() == o.compute_dtype, "row_stats must be ", o.compute_dtype, ", got ",
                    row_stats.scalar_type());
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device() == o.student.device() && row_stats.device() == o.student.device(),
+                    "grad_loss and row_stats must be on the codes' device ", o.student.device());
 }
 
 }  // namespace brcd::ops

@@ -32,8 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu(
     const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats) {
   const ContrastiveOperands o =
       prepare_operands(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups);
-  check_row_stats(row_stats, o);
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
+  check_backward_inputs(grad_loss, row_stats, o);
   const at::Tensor stats = row_stats.contiguous();
   at::Tensor gs = at::empty_like(o.student), ga = at::empty_like(o.student), gv = at::empty_like(o.student);
   AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_backward_cpu", [&] {

@@ -53,10 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cuda(
   const ContrastiveOperands o =
       prepare_operands(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups);
   const c10::cuda::CUDAGuard guard(student.device());
-  check_row_stats(row_stats, o);
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
-  TORCH_CHECK_VALUE(grad_loss.device() == student.device() && row_stats.device() == student.device(),
-                    "grad_loss and row_stats must be on the codes' device ", student.device());
+  check_backward_inputs(grad_loss, row_stats, o);
   const at::Tensor stats = row_stats.contiguous();
   const at::Tensor g = grad_loss.reshape({}).to(o.compute_dtype).contiguous();
   at::Tensor gs = at::empty_like(o.student), ga = at::empty_like(o.student), gv = at::empty_like(o.student);
