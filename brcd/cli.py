@@ -1,5 +1,8 @@
-"""The brcd command: `brcd demo` runs the whole chain on Fashion-MNIST (teacher, clusters, a student without KD and a
-BRCD student, both search paradigms) and writes DIR/report.md and DIR/metrics.json.
+"""The brcd command.
+
+`brcd demo` runs the whole chain on Fashion-MNIST (teacher, clusters, a student without KD and a BRCD student, both
+search paradigms) and writes DIR/report.md and DIR/metrics.json. `brcd evaluate` tests a checkpoint, `brcd encode`
+writes the database's codes to a HammingIndex file, and `brcd index` searches one.
 
 Errors in the input (missing or corrupt data, unknown model names, bad numbers) print one line on stderr and exit
 with status 2; a failed run (a NaN loss) exits with status 1. No traceback.
@@ -18,7 +21,8 @@ import torch
 from . import metrics
 from .clustering import GROUP_MODES
 from .data import DataFileError, load_fashion_mnist, make_split, synthetic_data
-from .index import IndexFileError, atomic_write_bytes
+from .checkpoint import load_model
+from .index import HammingIndex, IndexFileError, atomic_write_bytes
 from .models import STUDENT_DEFAULT, TEACHER_DEFAULT, ModelError, build_model
 from .train import TrainConfig, TrainingError, encode, fit_clusters, throughput, train_student, train_teacher
 
@@ -33,22 +37,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _data_args(p: argparse.ArgumentParser) -> None:
+    """The data and the split: the same defaults everywhere, so that every subcommand sees the demo's split."""
+    p.add_argument("--data-dir", type=Path, default=None, help="folder with the Fashion-MNIST idx files")
+    p.add_argument("--synthetic", action="store_true", help="a tiny synthetic data set instead (for tests)")
+    p.add_argument("--train-per-class", type=_positive_int, default=200)
+    p.add_argument("--val-queries", type=_positive_int, default=500)
+    p.add_argument("--test-queries", type=_positive_int, default=1000)
+    p.add_argument("--database-size", type=_positive_int, default=10000)
+    p.add_argument("--seed", type=int, default=0, help="the split's (and the run's) seed")
+    p.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="brcd", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="brcd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="teacher, clusters, students without KD and with BRCD; report and metrics")
     demo.add_argument("--out", type=Path, required=True, help="run directory (created)")
-    demo.add_argument("--data-dir", type=Path, default=None, help="folder with the Fashion-MNIST idx files")
-    demo.add_argument("--synthetic", action="store_true", help="a tiny synthetic data set instead (for tests)")
+    _data_args(demo)
     demo.add_argument("--bits", type=_positive_int, default=64)
     demo.add_argument("--teacher", default=TEACHER_DEFAULT, help="any timm model name")
     demo.add_argument("--student", default=STUDENT_DEFAULT, help="any timm model name")
     demo.add_argument("--teacher-epochs", type=_positive_int, default=8)
     demo.add_argument("--student-epochs", type=_positive_int, default=10)
-    demo.add_argument("--train-per-class", type=_positive_int, default=200)
-    demo.add_argument("--val-queries", type=_positive_int, default=500)
-    demo.add_argument("--test-queries", type=_positive_int, default=1000)
-    demo.add_argument("--database-size", type=_positive_int, default=10000)
     demo.add_argument("--val-database", type=_positive_int, default=2000, help="database codes used for validation")
     demo.add_argument("--clusters", type=_positive_int, default=20)
     demo.add_argument("--margin", type=float, default=0.1, help="bit-mask margin")
@@ -56,10 +68,71 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-mask", action="store_true", help="ablation: no bit mask")
     demo.add_argument("--batch-size", type=_positive_int, default=128)
     demo.add_argument("--topk", type=_positive_int, default=1000)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default="cpu")
     demo.add_argument("--no-progress", action="store_true")
+
+    evaluate = sub.add_parser("evaluate", help="test mAP of a checkpoint (both paradigms with a teacher checkpoint)")
+    evaluate.add_argument("--checkpoint", type=Path, required=True)
+    evaluate.add_argument("--teacher-checkpoint", type=Path, default=None,
+                          help="encode the database with this model too: the asymmetric paradigm")
+    evaluate.add_argument("--topk", type=_positive_int, default=1000)
+    _data_args(evaluate)
+
+    enc = sub.add_parser("encode", help="encode the database images into a HammingIndex file of packed codes")
+    enc.add_argument("--checkpoint", type=Path, required=True)
+    enc.add_argument("--out", type=Path, required=True, help="the index file to write")
+    _data_args(enc)
+
+    index = sub.add_parser("index", help="search a HammingIndex file with test images encoded by a checkpoint")
+    index.add_argument("--index", type=Path, required=True)
+    index.add_argument("--checkpoint", type=Path, required=True)
+    index.add_argument("--queries", type=_positive_int, default=5, help="how many test images to search with")
+    index.add_argument("-k", type=_positive_int, default=10)
+    _data_args(index)
     return parser
+
+
+def _data_and_split(args):
+    data = synthetic_data() if args.synthetic else load_fashion_mnist(args.data_dir)
+    split = make_split(data.train_labels, data.test_labels, train_per_class=args.train_per_class,
+                       val_queries=args.val_queries, test_queries=args.test_queries,
+                       database_size=args.database_size, seed=args.seed)
+    return data, split
+
+
+def run_evaluate(args) -> dict:
+    data, split = _data_and_split(args)
+    model = load_model(args.checkpoint, args.device)
+    queries, query_labels = data.test_images[split.test_queries], data.test_labels[split.test_queries]
+    db, db_labels = data.train_images[split.database], data.train_labels[split.database]
+    q = encode(model, queries, device=args.device)
+    results = {"map_symmetric": metrics.mean_average_precision(q, encode(model, db, device=args.device),
+                                                               query_labels, db_labels, args.topk)}
+    if args.teacher_checkpoint is not None:
+        teacher_db = encode(load_model(args.teacher_checkpoint, args.device), db, device=args.device)
+        results["map_asymmetric"] = metrics.mean_average_precision(q, teacher_db, query_labels, db_labels, args.topk)
+    return results
+
+
+def run_encode(args) -> dict:
+    data, split = _data_and_split(args)
+    model = load_model(args.checkpoint, args.device)
+    index = HammingIndex(model.bits)
+    index.add(encode(model, data.train_images[split.database], device=args.device))
+    index.save(args.out)
+    return {"index": str(args.out), "codes": len(index), "bits": model.bits}
+
+
+def run_index(args) -> dict:
+    data, split = _data_and_split(args)
+    index = HammingIndex.load(args.index)
+    model = load_model(args.checkpoint, args.device)
+    if model.bits != index.nbits:
+        raise ValueError(f"{args.checkpoint} makes {model.bits}-bit codes but {args.index} holds {index.nbits}-bit "
+                         "ones")
+    chosen = split.test_queries[: args.queries]
+    dist, ids = index.search(encode(model, data.test_images[chosen], device=args.device), min(args.k, len(index)))
+    return {"queries": [{"test_image": int(t), "ids": i.tolist(), "distances": d.tolist()}
+                        for t, i, d in zip(chosen, ids, dist)]}
 
 
 def run_demo(args) -> dict:
@@ -68,10 +141,7 @@ def run_demo(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     torch.manual_seed(args.seed)
-    data = synthetic_data() if args.synthetic else load_fashion_mnist(args.data_dir)
-    split = make_split(data.train_labels, data.test_labels, train_per_class=args.train_per_class,
-                       val_queries=args.val_queries, test_queries=args.test_queries,
-                       database_size=args.database_size, seed=args.seed)
+    data, split = _data_and_split(args)
     channels, size = data.train_images.shape[1], data.train_images.shape[-1]
     train_images = data.train_images[split.train]
     db_images, db_labels = data.train_images[split.database], data.train_labels[split.database]
@@ -129,9 +199,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "demo":
-            results = run_demo(args)
-            print(json.dumps(results, indent=2))
+        run = {"demo": run_demo, "evaluate": run_evaluate, "encode": run_encode, "index": run_index}[args.command]
+        print(json.dumps(run(args), indent=2))
         return 0
     except (DataFileError, ModelError, IndexFileError, ValueError) as exc:
         print(f"brcd: error: {exc}", file=sys.stderr)

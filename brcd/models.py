@@ -52,12 +52,14 @@ class HashHead(nn.Module):
 
 
 class HashModel(nn.Module):
-    def __init__(self, backbone: nn.Module, feature_dim: int, bits: int, name: str):
+    def __init__(self, backbone: nn.Module, feature_dim: int, bits: int, name: str, spec: Optional[dict] = None):
         super().__init__()
         self.backbone = backbone
         self.head = HashHead(feature_dim, bits)
         self.name = name
         self.bits = bits
+        # What build_model needs to make this model again (stored in checkpoints).
+        self.spec = spec or {"name": name, "bits": bits}
 
     def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         return self.head(self.backbone(images))
@@ -107,4 +109,5 @@ def build_model(name: str, bits: int, *, in_chans: int = 3, img_size: int = 224,
     with torch.no_grad():  # the feature size, whatever the model's head does with num_classes=0
         feature_dim = backbone(torch.zeros(1, in_chans, img_size, img_size)).shape[-1]
     backbone.train()
-    return HashModel(backbone, feature_dim, bits, name)
+    spec = {"name": name, "bits": bits, "in_chans": in_chans, "img_size": img_size, **timm_kwargs}
+    return HashModel(backbone, feature_dim, bits, name, spec)

@@ -3,7 +3,6 @@ best checkpoints written atomically, early stopping, a JSON-lines metrics log, a
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -18,16 +17,12 @@ from tqdm.auto import tqdm
 from . import metrics
 from .clustering import bit_masks, kmeans, nearest_centroid, negative_groups
 from .data import TwoViewDataset, to_model_input, two_view_transform
-from .index import atomic_write_bytes
+from .checkpoint import TrainingError, load_checkpoint, save_checkpoint
 from .models import HashModel
 from .objectives import make_objective
 
-__all__ = ["TrainConfig", "TrainingError", "encode", "save_checkpoint", "load_checkpoint", "train_teacher",
-           "fit_clusters", "train_student", "Clusters", "throughput"]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a NaN loss, say); the last good checkpoint is kept."""
+__all__ = ["TrainConfig", "TrainingError", "encode", "train_teacher", "fit_clusters", "train_student", "Clusters",
+           "throughput"]
 
 
 @dataclass
@@ -74,25 +69,6 @@ def throughput(model: HashModel, images: Tensor, *, batch_size: int = 256, devic
     t0 = time.perf_counter()
     encode(model, images, batch_size=batch_size, device=device)
     return len(images) / (time.perf_counter() - t0)
-
-
-def save_checkpoint(path: Path, model: HashModel, config: dict, extra: Optional[dict] = None) -> None:
-    """state_dict + config, loadable with torch.load(weights_only=True); written atomically."""
-    buffer = io.BytesIO()
-    torch.save({"state_dict": model.state_dict(), "config": config, **(extra or {})}, buffer)
-    atomic_write_bytes(path, [buffer.getvalue()])
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TrainingError(f"{path}: no such checkpoint") from None
-    except Exception as exc:  # any unpickling failure means: not a checkpoint of ours
-        raise TrainingError(f"{path}: not a brcd checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
-        raise TrainingError(f"{path}: not a brcd checkpoint (no state_dict and config)")
-    return ckpt
 
 
 @dataclass

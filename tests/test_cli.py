@@ -12,9 +12,19 @@ TINY = ["--synthetic", "--teacher-epochs", "2", "--student-epochs", "2", "--trai
         "--clusters", "4", "--topk", "50", "--no-progress"]
 
 
-def test_demo_writes_report_metrics_and_checkpoints(tmp_path, capsys):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
     assert cli.main(["demo", "--out", str(out), *TINY]) == 0
+    return out
+
+
+DATA = ["--synthetic", "--train-per-class", "20", "--val-queries", "30", "--test-queries", "40",
+        "--database-size", "200"]
+
+
+def test_demo_writes_report_metrics_and_checkpoints(demo_run):
+    out = demo_run
     results = json.loads((out / "metrics.json").read_text())
     assert set(results["teacher"]) >= {"map_symmetric"}
     for name in ("student_no_kd", "student_brcd"):
@@ -55,3 +65,29 @@ def test_nan_loss_stops_with_epoch_and_step(tmp_path, capsys, monkeypatch):
     assert cli.main(["demo", "--out", str(tmp_path / "run"), *TINY]) == 1
     err = capsys.readouterr().err
     assert "epoch 1, step 1" in err and "Traceback" not in err
+
+
+def test_evaluate_encode_and_index_from_the_demo_checkpoints(demo_run, tmp_path, capsys):
+    student, teacher = demo_run / "student_brcd.pt", demo_run / "teacher.pt"
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", str(student), "--teacher-checkpoint", str(teacher), "--topk", "50",
+                     *DATA]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    # The same split and models as the demo's test: the same numbers.
+    demo = json.loads((demo_run / "metrics.json").read_text())["student_brcd"]
+    assert scores == pytest.approx(demo, abs=1e-12)
+    index_file = tmp_path / "db.bhi"
+    assert cli.main(["encode", "--checkpoint", str(teacher), "--out", str(index_file), *DATA]) == 0
+    assert json.loads(capsys.readouterr().out)["codes"] == 200
+    assert cli.main(["index", "--index", str(index_file), "--checkpoint", str(student), "--queries", "3", "-k", "7",
+                     *DATA]) == 0
+    found = json.loads(capsys.readouterr().out)["queries"]
+    assert len(found) == 3 and all(len(q["ids"]) == 7 and q["distances"] == sorted(q["distances"]) for q in found)
+
+
+def test_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert cli.main(["evaluate", "--checkpoint", str(bad), *DATA]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("brcd: error:") and "not a brcd checkpoint" in err[-1]
