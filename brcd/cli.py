@@ -39,6 +39,8 @@ def _positive_int(text: str) -> int:
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     """The data and the split: the same defaults everywhere, so that every subcommand sees the demo's split."""
+    p.add_argument("--config", type=Path, default=None,
+                   help="a YAML file of this command's options (names as the flags, - or _); flags override it")
     p.add_argument("--data-dir", type=Path, default=None, help="folder with the Fashion-MNIST idx files")
     p.add_argument("--synthetic", action="store_true", help="a tiny synthetic data set instead (for tests)")
     p.add_argument("--train-per-class", type=_positive_int, default=200)
@@ -195,8 +197,56 @@ def write_report(out: Path, args, results: dict) -> None:
     atomic_write_bytes(out / "report.md", [render_report(out, args, results).encode()])
 
 
+def _apply_config(parser: argparse.ArgumentParser, argv) -> None:
+    """Set the chosen subcommand's defaults from its --config YAML, so that explicit flags still win."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv or not argv or argv[0] not in _subparsers(parser):
+        return
+    sub = _subparsers(parser)[argv[0]]
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        return  # argparse reports the missing value
+    path = Path(argv[i + 1])
+    import yaml
+
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"--config {path}: cannot be read as YAML ({str(exc).splitlines()[0]})") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values")
+    known = {a.dest for a in sub._actions}
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest in ("help", "config"):
+            raise ValueError(f"--config {path}: unknown option {key!r} for brcd {argv[0]}")
+        action = next(a for a in sub._actions if a.dest == dest)
+        if action.type is not None and value is not None and not isinstance(value, bool):
+            try:
+                value = action.type(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                raise ValueError(f"--config {path}: {key}: {exc}") from None
+        defaults[dest] = value
+    sub.set_defaults(**defaults)
+    for action in sub._actions:  # a required option given in the file is no longer required on the line
+        if action.dest in defaults:
+            action.required = False
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def main(argv=None) -> int:
     parser = build_parser()
+    try:
+        _apply_config(parser, argv)
+    except ValueError as exc:
+        print(f"brcd: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         run = {"demo": run_demo, "evaluate": run_evaluate, "encode": run_encode, "index": run_index}[args.command]

@@ -91,3 +91,19 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     assert cli.main(["evaluate", "--checkpoint", str(bad), *DATA]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("brcd: error:") and "not a brcd checkpoint" in err[-1]
+
+
+def test_config_file_with_flags_overriding(demo_run, tmp_path, capsys):
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"checkpoint: {demo_run / 'student_brcd.pt'}\nsynthetic: true\ntrain-per-class: 20\n"
+                      "val_queries: 30\ntest-queries: 40\ndatabase_size: 200\ntopk: 10\n")
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--config", str(config), "--topk", "50"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    demo = json.loads((demo_run / "metrics.json").read_text())["student_brcd"]
+    assert scores["map_symmetric"] == pytest.approx(demo["map_symmetric"], abs=1e-12)  # topk 50 from the flag
+    for text, needle in (("topk: [1, 2", "cannot be read"), ("nonsense_option: 3", "unknown option"),
+                         ("topk: -4", "positive integer"), ("- a\n- b", "mapping")):
+        config.write_text(text)
+        assert cli.main(["evaluate", "--config", str(config)]) == 2
+        assert needle in capsys.readouterr().err
