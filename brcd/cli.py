@@ -24,7 +24,7 @@ from .data import DataFileError, load_fashion_mnist, make_split, synthetic_data
 from .checkpoint import load_model
 from .index import HammingIndex, IndexFileError, atomic_write_bytes
 from .models import STUDENT_DEFAULT, TEACHER_DEFAULT, ModelError, build_model
-from .train import TrainConfig, TrainingError, encode, fit_clusters, throughput, train_student, train_teacher
+from .train import TrainConfig, TrainingError, checkpoint_path, encode, fit_clusters, throughput, train_student, train_teacher
 
 
 def _positive_int(text: str) -> int:
@@ -179,22 +179,34 @@ def run_demo(args) -> dict:
     teacher_db = enc(teacher, db_images)
     results = {"teacher": {"map_symmetric": metrics.mean_average_precision(enc(teacher, test_q), teacher_db,
                                                                             test_ql, db_labels, args.topk)}}
+    curves = {}
+    teacher_q = enc(teacher, test_q)
+    curves = {"teacher": metrics.precision_recall_curve(teacher_q, teacher_db, test_ql, db_labels)}
     for name, model in (("student_no_kd", student_plain), ("student_brcd", student)):
-        results[name] = metrics.evaluate_paradigms(enc(model, test_q), enc(model, db_images), teacher_db, test_ql,
-                                                   db_labels, args.topk)
+        q = enc(model, test_q)
+        curves[name] = metrics.precision_recall_curve(q, enc(model, db_images), test_ql, db_labels)
+        results[name] = {"map_symmetric": metrics.mean_average_precision(q, enc(model, db_images), test_ql,
+                                                                          db_labels, args.topk)}
+        # The asymmetric test uses the checkpoint that validated best in that paradigm, where there is one.
+        asym_path = checkpoint_path(out, name, "asymmetric")
+        if asym_path.exists():
+            q = enc(load_model(asym_path, args.device), test_q)
+        results[name]["map_asymmetric"] = metrics.mean_average_precision(q, teacher_db, test_ql, db_labels,
+                                                                         args.topk)
+        curves[name + " (asymmetric)"] = metrics.precision_recall_curve(q, teacher_db, test_ql, db_labels)
     results["throughput_images_per_s"] = {"teacher": throughput(teacher, test_q, device=args.device),
                                           "student": throughput(student, test_q, device=args.device)}
     results["seconds"] = time.time() - t_start
     atomic_write_bytes(out / "metrics.json", [json.dumps(results, indent=2).encode()])
-    write_report(out, args, results)
+    write_report(out, args, results, curves)
     log(f"done: {out / 'report.md'}")
     return results
 
 
-def write_report(out: Path, args, results: dict) -> None:
+def write_report(out: Path, args, results: dict, curves: dict) -> None:
     from .report import render_report
 
-    atomic_write_bytes(out / "report.md", [render_report(out, args, results).encode()])
+    atomic_write_bytes(out / "report.md", [render_report(out, args, results, curves).encode()])
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv) -> None:

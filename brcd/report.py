@@ -30,7 +30,27 @@ def _plot_curves(out: Path) -> str:
     return "![validation mAP over epochs](map_over_epochs.png)\n"
 
 
-def render_report(out: Path, args, results: dict) -> str:
+def _plot_pr(out: Path, curves: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, c in curves.items():
+        seen = c["recall"] > 0  # radii at which some query retrieves something
+        ax.plot(c["recall"][seen].numpy(), c["precision"][seen].numpy(), marker=".", label=name)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("Hamming-ball retrieval, radius 0 .. bits")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "pr_curves.png", dpi=120)
+    plt.close(fig)
+    return "![precision-recall curves](pr_curves.png)\n"
+
+
+def render_report(out: Path, args, results: dict, curves: dict) -> str:
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
     rows = [
         ("teacher", args.teacher, results["teacher"]["map_symmetric"], None),
@@ -48,5 +68,6 @@ def render_report(out: Path, args, results: dict) -> str:
         f"{results['seconds']:.0f} s in all.\n\n## Test results\n\n{table}\n"
         f"## Encoding throughput\n\n| model | images/s |\n|---|---|\n| teacher ({args.teacher}) | "
         f"{tp['teacher']:.0f} |\n| student ({args.student}) | {tp['student']:.0f} |\n\n"
+        f"## Precision-recall (test)\n\n{_plot_pr(out, curves)}\n"
         f"## Validation during training\n\n{_plot_curves(out)}"
     )

@@ -21,7 +21,7 @@ from .checkpoint import TrainingError, load_checkpoint, save_checkpoint
 from .models import HashModel
 from .objectives import make_objective
 
-__all__ = ["TrainConfig", "TrainingError", "encode", "train_teacher", "fit_clusters", "train_student", "Clusters",
+__all__ = ["TrainConfig", "TrainingError", "checkpoint_path", "encode", "train_teacher", "fit_clusters", "train_student", "Clusters",
            "throughput"]
 
 
@@ -92,13 +92,21 @@ def _loader(images: Tensor, cfg: TrainConfig):
                                        batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
 
 
+def checkpoint_path(out_dir: Path, name: str, paradigm: str = "symmetric") -> Path:
+    """The best checkpoint of a model by one paradigm's validation mAP: NAME.pt (symmetric) or NAME.PARADIGM.pt."""
+    return out_dir / (f"{name}.pt" if paradigm == "symmetric" else f"{name}.{paradigm}.pt")
+
+
 def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[], Dict[str, float]],
-         cfg: TrainConfig, ckpt_path: Path, log_path: Path, name: str) -> Dict[str, float]:
-    """The shared loop: epochs of two-view batches, validation, best checkpoint, early stopping, NaN stop."""
+         cfg: TrainConfig, out_dir: Path, name: str) -> Dict[str, float]:
+    """The shared loop: epochs of two-view batches; validation scores "val_map_<paradigm>"; the best checkpoint per
+    paradigm; early stopping when no paradigm improved for `patience` validations; a stop on a NaN loss.
+    Leaves the model with its best symmetric weights; returns the best score of each paradigm."""
     torch.manual_seed(cfg.seed)
     loader = _loader(images, cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best, best_score, stale = {}, -math.inf, 0
+    best: Dict[str, float] = {}
+    stale = 0
     model.to(cfg.device).train()
     for epoch in range(1, cfg.epochs + 1):
         total = 0.0
@@ -107,7 +115,7 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
             loss = step(v1.to(cfg.device), v2.to(cfg.device), idx)
             if not torch.isfinite(loss):
                 raise TrainingError(f"{name}: the loss became {loss.item()} at epoch {epoch}, step {step_i}; "
-                                    f"the last good checkpoint stays at {ckpt_path}")
+                                    f"the last good checkpoints stay in {out_dir}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -117,17 +125,19 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
             scores = validate()
             record.update(scores)
-            score = max(scores.values())  # improving in either paradigm counts
-            if score > best_score:
-                best_score, best, stale = score, dict(record), 0
-                save_checkpoint(ckpt_path, model, asdict(cfg), {"epoch": epoch, "scores": scores, "name": name})
-            else:
-                stale += 1
-        with open(log_path, "a") as f:
+            improved = False
+            for key, value in scores.items():
+                if value > best.get(key, -math.inf):
+                    best[key], improved = value, True
+                    paradigm = key.rsplit("_", 1)[-1]
+                    save_checkpoint(checkpoint_path(out_dir, name, paradigm), model, asdict(cfg),
+                                    {"epoch": epoch, "scores": scores, "name": name, "selected_by": key})
+            stale = 0 if improved else stale + 1
+        with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if stale >= cfg.patience:
             break
-    model.load_state_dict(load_checkpoint(ckpt_path)["state_dict"])
+    model.load_state_dict(load_checkpoint(checkpoint_path(out_dir, name))["state_dict"])
     return best
 
 
@@ -148,7 +158,7 @@ def train_teacher(model: HashModel, images: Tensor, val_queries: Tensor, val_que
         return {"val_map_symmetric": metrics.mean_average_precision(q, db, val_query_labels, val_db_labels,
                                                                      cfg.topk)}
 
-    return _fit(model, step, images, validate, cfg, out_dir / f"{name}.pt", out_dir / "metrics.jsonl", name)
+    return _fit(model, step, images, validate, cfg, out_dir, name)
 
 
 def train_student(model: HashModel, teacher: HashModel, clusters: Clusters, images: Tensor, val_queries: Tensor,
@@ -183,4 +193,4 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Clusters, imag
         scores = metrics.evaluate_paradigms(q, db, teacher_db, val_query_labels, val_db_labels, cfg.topk)
         return {"val_" + k: v for k, v in scores.items()}
 
-    return _fit(model, step, images, validate, cfg, out_dir / f"{name}.pt", out_dir / "metrics.jsonl", name)
+    return _fit(model, step, images, validate, cfg, out_dir, name)
