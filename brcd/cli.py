@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,8 @@ from .data import DataFileError, load_fashion_mnist, make_split, synthetic_data
 from .checkpoint import load_model
 from .index import HammingIndex, IndexFileError, atomic_write_bytes
 from .models import STUDENT_DEFAULT, TEACHER_DEFAULT, ModelError, build_model
-from .train import TrainConfig, TrainingError, checkpoint_path, encode, fit_clusters, throughput, train_student, train_teacher
+from .train import (TrainConfig, TrainingError, checkpoint_path, encode, fit_clusters, throughput, train_student,
+                    train_teacher)
 
 
 def _positive_int(text: str) -> int:
@@ -51,6 +52,23 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=_positive_int, default=64, help="code length (a distilled student takes its "
+                   "teacher's)")
+    p.add_argument("--val-database", type=_positive_int, default=2000, help="database codes used for validation")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--topk", type=_positive_int, default=1000)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clusters", type=_positive_int, default=20)
+    p.add_argument("--margin", type=float, default=0.1, help="bit-mask margin")
+    p.add_argument("--group-mode", choices=GROUP_MODES, default="offset+fn",
+                   help="ablations: none (no groups), fn (false negatives only), offset+fn (the full method)")
+    p.add_argument("--no-mask", action="store_true", help="ablation: no bit mask")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brcd", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,19 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="teacher, clusters, students without KD and with BRCD; report and metrics")
     demo.add_argument("--out", type=Path, required=True, help="run directory (created)")
     _data_args(demo)
-    demo.add_argument("--bits", type=_positive_int, default=64)
+    _training_args(demo)
     demo.add_argument("--teacher", default=TEACHER_DEFAULT, help="any timm model name")
     demo.add_argument("--student", default=STUDENT_DEFAULT, help="any timm model name")
     demo.add_argument("--teacher-epochs", type=_positive_int, default=8)
     demo.add_argument("--student-epochs", type=_positive_int, default=10)
-    demo.add_argument("--val-database", type=_positive_int, default=2000, help="database codes used for validation")
-    demo.add_argument("--clusters", type=_positive_int, default=20)
-    demo.add_argument("--margin", type=float, default=0.1, help="bit-mask margin")
-    demo.add_argument("--group-mode", choices=GROUP_MODES, default="offset+fn")
-    demo.add_argument("--no-mask", action="store_true", help="ablation: no bit mask")
-    demo.add_argument("--batch-size", type=_positive_int, default=128)
-    demo.add_argument("--topk", type=_positive_int, default=1000)
-    demo.add_argument("--no-progress", action="store_true")
+    _distill_args(demo)
+
+    teach = sub.add_parser("train-teacher", help="train a teacher with CIBHash: OUT/teacher.pt")
+    teach.add_argument("--out", type=Path, required=True, help="run directory (created)")
+    _data_args(teach)
+    _training_args(teach)
+    teach.add_argument("--teacher", default=TEACHER_DEFAULT, help="any timm model name")
+    teach.add_argument("--epochs", type=_positive_int, default=8)
+
+    distill = sub.add_parser("distill", help="train a student from a teacher checkpoint with BRCD (or without KD)")
+    distill.add_argument("--out", type=Path, required=True, help="run directory (created)")
+    distill.add_argument("--teacher-checkpoint", type=Path, required=True)
+    _data_args(distill)
+    _training_args(distill)
+    distill.add_argument("--student", default=STUDENT_DEFAULT, help="any timm model name")
+    distill.add_argument("--epochs", type=_positive_int, default=10)
+    distill.add_argument("--no-kd", action="store_true", help="the baseline: the student alone, with CIBHash")
+    _distill_args(distill)
 
     evaluate = sub.add_parser("evaluate", help="test mAP of a checkpoint (both paradigms with a teacher checkpoint)")
     evaluate.add_argument("--checkpoint", type=Path, required=True)
@@ -137,50 +165,102 @@ def run_index(args) -> dict:
                         for t, i, d in zip(chosen, ids, dist)]}
 
 
-def run_demo(args) -> dict:
-    t_start = time.time()
+@dataclass
+class _Run:
+    """What every training subcommand prepares: data, split, validation sets, config, a logger."""
+    args: argparse.Namespace
+    out: Path
+    data: object
+    train_images: torch.Tensor
+    val: tuple  # (queries, query labels, database, database labels)
+    cfg: TrainConfig
+    started: float
+
+    def make(self, name: str, bits: int):
+        channels, size = self.train_images.shape[1], self.train_images.shape[-1]
+        return build_model(name, bits, in_chans=channels, img_size=size).to(self.args.device)
+
+    def log(self, msg: str) -> None:
+        print(f"[brcd {self.args.command} {time.time() - self.started:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _prepare_run(args) -> _Run:
+    started = time.time()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     torch.manual_seed(args.seed)
     data, split = _data_and_split(args)
-    channels, size = data.train_images.shape[1], data.train_images.shape[-1]
     train_images = data.train_images[split.train]
-    db_images, db_labels = data.train_images[split.database], data.train_labels[split.database]
-    val_db, val_db_labels = db_images[: args.val_database], db_labels[: args.val_database]
-    val_q, val_ql = data.test_images[split.val_queries], data.test_labels[split.val_queries]
-    test_q, test_ql = data.test_images[split.test_queries], data.test_labels[split.test_queries]
+    val_db = split.database[: args.val_database]
+    val = (data.test_images[split.val_queries], data.test_labels[split.val_queries], data.train_images[val_db],
+           data.train_labels[val_db])
     cfg = TrainConfig(bits=args.bits, batch_size=min(args.batch_size, len(train_images)),
-                      num_clusters=args.clusters, margin=args.margin, group_mode=args.group_mode,
-                      use_mask=not args.no_mask, topk=args.topk, seed=args.seed, device=args.device,
-                      progress=not args.no_progress)
-    (out / "config.json").write_text(json.dumps(vars(args) | {"out": str(out), "data_dir": str(args.data_dir)},
-                                                indent=2))
-    make = lambda name: build_model(name, args.bits, in_chans=channels, img_size=size).to(args.device)
-    val = (val_q, val_ql, val_db, val_db_labels)
+                      num_clusters=getattr(args, "clusters", 20), margin=getattr(args, "margin", 0.1),
+                      group_mode=getattr(args, "group_mode", "offset+fn"), use_mask=not getattr(args, "no_mask", False),
+                      topk=args.topk, seed=args.seed, device=args.device, progress=not args.no_progress)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    atomic_write_bytes(out / "config.json", [json.dumps(config, indent=2).encode()])
+    return _Run(args, out, (data, split), train_images, val, cfg, started)
 
-    log = lambda msg: print(f"[brcd demo {time.time() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)
-    log(f"teacher {args.teacher}: CIBHash on {len(train_images)} images")
-    teacher = make(args.teacher)
-    train_teacher(teacher, train_images, *val, replace(cfg, epochs=args.teacher_epochs), out, "teacher")
-    log(f"k-means ({args.clusters} clusters) and bit masks (margin {args.margin})")
-    clusters = fit_clusters(teacher, train_images, cfg)
-    log(f"student {args.student} without KD")
-    student_plain = make(args.student)
-    train_teacher(student_plain, train_images, *val, replace(cfg, epochs=args.student_epochs), out,
-                  "student_no_kd")
-    log(f"student {args.student} with BRCD ({args.group_mode}, mask {'off' if args.no_mask else 'on'})")
-    student = make(args.student)
-    train_student(student, teacher, clusters, train_images, *val, replace(cfg, epochs=args.student_epochs), out,
-                  "student_brcd")
+
+def _train_teacher(run: _Run, name: str, epochs: int, bits: int):
+    run.log(f"teacher {name}: CIBHash on {len(run.train_images)} images")
+    teacher = run.make(name, bits)
+    scores = train_teacher(teacher, run.train_images, *run.val, replace(run.cfg, bits=bits, epochs=epochs), run.out,
+                           "teacher")
+    return teacher, scores
+
+
+def _train_students(run: _Run, teacher, name: str, epochs: int, kd: bool = True, plain: bool = True):
+    """The student without KD and/or with BRCD; returns {run name: (model, best validation scores)}."""
+    cfg = replace(run.cfg, bits=teacher.bits, epochs=epochs)
+    students = {}
+    if plain:
+        run.log(f"student {name} without KD")
+        model = run.make(name, teacher.bits)
+        students["student_no_kd"] = (model, train_teacher(model, run.train_images, *run.val, cfg, run.out,
+                                                          "student_no_kd"))
+    if kd:
+        run.log(f"k-means ({cfg.num_clusters} clusters) and bit masks (margin {cfg.margin})")
+        clusters = fit_clusters(teacher, run.train_images, cfg)
+        run.log(f"student {name} with BRCD ({cfg.group_mode}, mask {'on' if cfg.use_mask else 'off'})")
+        model = run.make(name, teacher.bits)
+        students["student_brcd"] = (model, train_student(model, teacher, clusters, run.train_images, *run.val, cfg,
+                                                         run.out, "student_brcd"))
+    return students
+
+
+def run_train_teacher(args) -> dict:
+    run = _prepare_run(args)
+    _, scores = _train_teacher(run, args.teacher, args.epochs, args.bits)
+    return {"checkpoint": str(checkpoint_path(run.out, "teacher")), "best_validation": scores}
+
+
+def run_distill(args) -> dict:
+    run = _prepare_run(args)
+    teacher = load_model(args.teacher_checkpoint, args.device)
+    students = _train_students(run, teacher, args.student, args.epochs, kd=not args.no_kd, plain=args.no_kd)
+    return {name: {"checkpoint": str(checkpoint_path(run.out, name)), "best_validation": scores}
+            for name, (_, scores) in students.items()}
+
+
+def run_demo(args) -> dict:
+    run = _prepare_run(args)
+    data, split = run.data
+    db_images, db_labels = data.train_images[split.database], data.train_labels[split.database]
+    test_q, test_ql = data.test_images[split.test_queries], data.test_labels[split.test_queries]
+    teacher, _ = _train_teacher(run, args.teacher, args.teacher_epochs, args.bits)
+    students = _train_students(run, teacher, args.student, args.student_epochs)
+    student_plain, student = students["student_no_kd"][0], students["student_brcd"][0]
+    out, log, t_start = run.out, run.log, run.started
 
     log(f"test: {len(test_q)} queries over {len(db_images)} database codes, mAP@{args.topk}")
     enc = lambda model, images: encode(model, images, device=args.device)
     teacher_db = enc(teacher, db_images)
-    results = {"teacher": {"map_symmetric": metrics.mean_average_precision(enc(teacher, test_q), teacher_db,
-                                                                            test_ql, db_labels, args.topk)}}
-    curves = {}
     teacher_q = enc(teacher, test_q)
+    results = {"teacher": {"map_symmetric": metrics.mean_average_precision(teacher_q, teacher_db, test_ql, db_labels,
+                                                                            args.topk)}}
     curves = {"teacher": metrics.precision_recall_curve(teacher_q, teacher_db, test_ql, db_labels)}
     for name, model in (("student_no_kd", student_plain), ("student_brcd", student)):
         q = enc(model, test_q)
@@ -261,7 +341,8 @@ def main(argv=None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
-        run = {"demo": run_demo, "evaluate": run_evaluate, "encode": run_encode, "index": run_index}[args.command]
+        run = {"demo": run_demo, "train-teacher": run_train_teacher, "distill": run_distill,
+               "evaluate": run_evaluate, "encode": run_encode, "index": run_index}[args.command]
         print(json.dumps(run(args), indent=2))
         return 0
     except (DataFileError, ModelError, IndexFileError, ValueError) as exc:

@@ -21,8 +21,8 @@ from .checkpoint import TrainingError, load_checkpoint, save_checkpoint
 from .models import HashModel
 from .objectives import make_objective
 
-__all__ = ["TrainConfig", "TrainingError", "checkpoint_path", "encode", "train_teacher", "fit_clusters", "train_student", "Clusters",
-           "throughput"]
+__all__ = ["TrainConfig", "TrainingError", "checkpoint_path", "encode", "train_teacher", "fit_clusters",
+           "train_student", "Clusters", "throughput"]
 
 
 @dataclass

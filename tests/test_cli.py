@@ -113,3 +113,19 @@ def test_config_file_with_flags_overriding(demo_run, tmp_path, capsys):
         config.write_text(text)
         assert cli.main(["evaluate", "--config", str(config)]) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_train_teacher_then_distill_in_steps(tmp_path, capsys):
+    common = DATA + ["--val-database", "100", "--topk", "50", "--no-progress", "--bits", "16"]
+    assert cli.main(["train-teacher", "--out", str(tmp_path / "t"), "--epochs", "1", *common]) == 0
+    teacher = tmp_path / "t" / "teacher.pt"
+    assert torch.load(teacher, weights_only=True)["model"]["bits"] == 16
+    capsys.readouterr()
+    assert cli.main(["distill", "--out", str(tmp_path / "s"), "--teacher-checkpoint", str(teacher), "--epochs", "1",
+                     "--clusters", "3", "--group-mode", "fn", "--no-mask", *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"student_brcd"} and set(result["student_brcd"]["best_validation"]) == {
+        "val_map_symmetric", "val_map_asymmetric"}
+    assert cli.main(["distill", "--out", str(tmp_path / "p"), "--teacher-checkpoint", str(teacher), "--epochs", "1",
+                     "--no-kd", *common]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"student_no_kd"}
