@@ -59,6 +59,8 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--topk", type=_positive_int, default=1000)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out exactly where its last finished epoch left it")
 
 
 def _distill_args(p: argparse.ArgumentParser) -> None:
@@ -188,7 +190,10 @@ def _prepare_run(args) -> _Run:
     started = time.time()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    if not args.resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        for stale in out.glob("*.last.pt"):  # a fresh run must not resume from an older one by accident
+            stale.unlink()
     torch.manual_seed(args.seed)
     data, split = _data_and_split(args)
     train_images = data.train_images[split.train]
@@ -198,7 +203,8 @@ def _prepare_run(args) -> _Run:
     cfg = TrainConfig(bits=args.bits, batch_size=min(args.batch_size, len(train_images)),
                       num_clusters=getattr(args, "clusters", 20), margin=getattr(args, "margin", 0.1),
                       group_mode=getattr(args, "group_mode", "offset+fn"), use_mask=not getattr(args, "no_mask", False),
-                      topk=args.topk, seed=args.seed, device=args.device, progress=not args.no_progress)
+                      topk=args.topk, seed=args.seed, device=args.device, progress=not args.no_progress,
+                      resume=args.resume)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     atomic_write_bytes(out / "config.json", [json.dumps(config, indent=2).encode()])
     return _Run(args, out, (data, split), train_images, val, cfg, started)

@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    resume: bool = False
 
 
 def encode(model: HashModel, images: Tensor, *, batch_size: int = 256, device: str = "cpu",
@@ -85,9 +86,8 @@ def fit_clusters(teacher: HashModel, train_images: Tensor, cfg: TrainConfig) -> 
                                                                      cfg.margin))
 
 
-def _loader(images: Tensor, cfg: TrainConfig):
+def _loader(images: Tensor, cfg: TrainConfig, gen: torch.Generator):
     channels, size = images.shape[1], images.shape[-1]
-    gen = torch.Generator().manual_seed(cfg.seed)
     return torch.utils.data.DataLoader(TwoViewDataset(images, two_view_transform(size, channels)),
                                        batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
 
@@ -102,13 +102,27 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
     """The shared loop: epochs of two-view batches; validation scores "val_map_<paradigm>"; the best checkpoint per
     paradigm; early stopping when no paradigm improved for `patience` validations; a stop on a NaN loss.
     Leaves the model with its best symmetric weights; returns the best score of each paradigm."""
-    torch.manual_seed(cfg.seed)
-    loader = _loader(images, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = _loader(images, cfg, gen)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best: Dict[str, float] = {}
-    stale = 0
+    stale, first_epoch = 0, 1
+    last = out_dir / f"{name}.last.pt"
+    torch.manual_seed(cfg.seed)
+    if cfg.resume and last.exists():
+        # Everything the next epoch depends on: weights, optimizer, progress, and both random streams (the
+        # loader's shuffling and the global one of the augmentations and the stochastic hash threshold).
+        state = load_checkpoint(last)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        best, stale, first_epoch = dict(state["best"]), state["stale"], state["epoch"] + 1
+        torch.set_rng_state(state["rng"])
+        gen.set_state(state["loader_rng"])
+        if state["stopped_early"]:
+            model.load_state_dict(load_checkpoint(checkpoint_path(out_dir, name))["state_dict"])
+            return best
     model.to(cfg.device).train()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
         total = 0.0
         bar = tqdm(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
         for step_i, (v1, v2, idx) in enumerate(bar, start=1):
@@ -135,7 +149,11 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
             stale = 0 if improved else stale + 1
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if stale >= cfg.patience:
+        stopped_early = stale >= cfg.patience
+        save_checkpoint(last, model, asdict(cfg), {"optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
+                                                   "stale": stale, "stopped_early": stopped_early, "name": name,
+                                                   "rng": torch.get_rng_state(), "loader_rng": gen.get_state()})
+        if stopped_early:
             break
     model.load_state_dict(load_checkpoint(checkpoint_path(out_dir, name))["state_dict"])
     return best

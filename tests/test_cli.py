@@ -129,3 +129,19 @@ def test_train_teacher_then_distill_in_steps(tmp_path, capsys):
     assert cli.main(["distill", "--out", str(tmp_path / "p"), "--teacher-checkpoint", str(teacher), "--epochs", "1",
                      "--no-kd", *common]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"student_no_kd"}
+
+
+def test_resume_continues_exactly(tmp_path, capsys):
+    common = DATA + ["--val-database", "100", "--topk", "50", "--no-progress", "--bits", "16"]
+    straight = tmp_path / "straight"
+    assert cli.main(["train-teacher", "--out", str(straight), "--epochs", "3", *common]) == 0
+    interrupted = tmp_path / "interrupted"
+    assert cli.main(["train-teacher", "--out", str(interrupted), "--epochs", "1", *common]) == 0
+    assert cli.main(["train-teacher", "--out", str(interrupted), "--epochs", "3", "--resume", *common]) == 0
+    a = torch.load(straight / "teacher.last.pt", weights_only=True)
+    b = torch.load(interrupted / "teacher.last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    log = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
