@@ -20,7 +20,7 @@ import torch
 
 from . import metrics
 from .clustering import GROUP_MODES
-from .data import DataFileError, load_fashion_mnist, make_split, synthetic_data
+from .data import DataFileError, load_cifar10, load_fashion_mnist, make_split, synthetic_data
 from .checkpoint import load_model
 from .index import HammingIndex, IndexFileError, atomic_write_bytes
 from .models import STUDENT_DEFAULT, TEACHER_DEFAULT, ModelError, build_model
@@ -42,7 +42,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     """The data and the split: the same defaults everywhere, so that every subcommand sees the demo's split."""
     p.add_argument("--config", type=Path, default=None,
                    help="a YAML file of this command's options (names as the flags, - or _); flags override it")
-    p.add_argument("--data-dir", type=Path, default=None, help="folder with the Fashion-MNIST idx files")
+    p.add_argument("--dataset", choices=("fashion-mnist", "cifar10"), default="fashion-mnist")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with the Fashion-MNIST idx files, or CIFAR-10's python pickle folder")
     p.add_argument("--synthetic", action="store_true", help="a tiny synthetic data set instead (for tests)")
     p.add_argument("--train-per-class", type=_positive_int, default=200)
     p.add_argument("--val-queries", type=_positive_int, default=500)
@@ -124,7 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _data_and_split(args):
-    data = synthetic_data() if args.synthetic else load_fashion_mnist(args.data_dir)
+    if args.synthetic:
+        data = synthetic_data()
+    elif args.dataset == "cifar10":
+        if args.data_dir is None:
+            raise ValueError("--dataset cifar10 needs --data-dir (the folder with data_batch_1..5 and test_batch)")
+        data = load_cifar10(args.data_dir)
+    else:
+        data = load_fashion_mnist(args.data_dir)
     split = make_split(data.train_labels, data.test_labels, train_per_class=args.train_per_class,
                        val_queries=args.val_queries, test_queries=args.test_queries,
                        database_size=args.database_size, seed=args.seed)

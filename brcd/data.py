@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
     "read_idx",
     "load_fashion_mnist",
+    "load_cifar10",
     "make_split",
     "synthetic_data",
     "two_view_transform",
@@ -79,6 +80,35 @@ def _find(data_dir: Path, stem: str) -> Path:
         f"{data_dir}: no {stem}[.gz]. Install Debian's dataset-fashion-mnist package (apt-get install "
         f"dataset-fashion-mnist) or point --data-dir at a folder with the four idx files."
     )
+
+
+def load_cifar10(data_dir: Union[str, Path]) -> ImageData:
+    """CIFAR-10 from its python-pickle folder (data_batch_1..5 and test_batch, as the official tarball unpacks)."""
+    import pickle
+
+    root = Path(data_dir)
+
+    def batch(name):
+        path = root / name
+        if not path.exists():
+            raise DataFileError(f"{path}: no such file (expected the CIFAR-10 python folder: data_batch_1..5, "
+                                f"test_batch)")
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            images = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels = np.asarray(d[b"labels"], dtype=np.int64)
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
+            raise DataFileError(f"{path}: not a CIFAR-10 batch ({type(exc).__name__})") from None
+        if len(images) != len(labels) or labels.min() < 0 or labels.max() > 9:
+            raise DataFileError(f"{path}: images and labels do not match")
+        return images, labels
+
+    train = [batch(f"data_batch_{i}") for i in range(1, 6)]
+    test_images, test_labels = batch("test_batch")
+    return ImageData(torch.from_numpy(np.concatenate([t[0] for t in train])),
+                     torch.from_numpy(np.concatenate([t[1] for t in train])),
+                     torch.from_numpy(test_images), torch.from_numpy(test_labels), 10, "cifar10")
 
 
 def load_fashion_mnist(data_dir: Optional[Union[str, Path]] = None) -> ImageData:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from .ops import brcd_loss, ntxent_loss

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from brcd.data import (DataFileError, TwoViewDataset, load_fashion_mnist, make_split, read_idx, synthetic_data,
-                       two_view_transform)
+from brcd.data import (DataFileError, TwoViewDataset, load_cifar10, load_fashion_mnist, make_split, read_idx,
+                       synthetic_data, two_view_transform)
 
 
 def write_idx(path, array: np.ndarray, compress=False):
@@ -82,3 +82,22 @@ def test_two_views_differ_and_are_model_input():
     assert a.shape == (1, 16, 16) and a.dtype == torch.float32 and i == 3
     assert -1.0 <= float(a.min()) and float(a.max()) <= 1.0
     assert not torch.equal(a, b)
+
+
+def test_load_cifar10_python_folder(tmp_path):
+    import pickle
+
+    rng = np.random.default_rng(1)
+    for name, n in [(f"data_batch_{i}", 20) for i in range(1, 6)] + [("test_batch", 10)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(np.arange(n) % 10)}
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(batch, f)
+    data = load_cifar10(tmp_path)
+    assert data.train_images.shape == (100, 3, 32, 32) and data.test_images.shape == (10, 3, 32, 32)
+    assert data.train_labels.dtype == torch.int64 and data.num_classes == 10
+    (tmp_path / "test_batch").write_bytes(b"garbage")
+    with pytest.raises(DataFileError, match="not a CIFAR-10 batch"):
+        load_cifar10(tmp_path)
+    (tmp_path / "data_batch_3").unlink()
+    with pytest.raises(DataFileError, match="data_batch_3"):
+        load_cifar10(tmp_path)
