@@ -5,12 +5,23 @@ import json
 from pathlib import Path
 
 
-def _plot_curves(out: Path) -> str:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
+def _plot_curves(out: Path) -> str:
+    plt = _pyplot()
     log = out / "metrics.jsonl"
     if not log.exists():
         return ""
@@ -24,19 +35,12 @@ def _plot_curves(out: Path) -> str:
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation mAP")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "map_over_epochs.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "map_over_epochs.png")
     return "![validation mAP over epochs](map_over_epochs.png)\n"
 
 
 def _plot_pr(out: Path, curves: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = _pyplot().subplots(figsize=(5, 4))
     for name, c in curves.items():
         seen = c["recall"] > 0  # radii at which some query retrieves something
         ax.plot(c["recall"][seen].numpy(), c["precision"][seen].numpy(), marker=".", label=name)
@@ -44,9 +48,7 @@ def _plot_pr(out: Path, curves: dict) -> str:
     ax.set_ylabel("precision")
     ax.set_title("Hamming-ball retrieval, radius 0 .. bits")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "pr_curves.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "pr_curves.png")
     return "![precision-recall curves](pr_curves.png)\n"
 
 
