@@ -15,9 +15,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import metrics
+from .checkpoint import TrainingError, load_checkpoint, save_checkpoint
 from .clustering import bit_masks, kmeans, nearest_centroid, negative_groups
 from .data import TwoViewDataset, to_model_input, two_view_transform
-from .checkpoint import TrainingError, load_checkpoint, save_checkpoint
 from .models import HashModel
 from .objectives import make_objective
 
