@@ -63,6 +63,13 @@ def _prepare(query_codes, db_codes, query_labels, db_labels):
         ql, dl = [torch.nn.functional.one_hot(x.long(), classes) if x.dim() == 1 else x for x in (ql, dl)]
     elif ql.dim() == 2 and ql.shape[1] != dl.shape[1]:
         raise ValueError(f"query_labels has {ql.shape[1]} classes but db_labels has {dl.shape[1]}")
+    # Compact label types: the relevance pass gathers one label row per ranked item.
+    if ql.dim() == 1:
+        lo, hi = int(min(ql.min(), dl.min())), int(max(ql.max(), dl.max()))
+        narrow = torch.uint8 if 0 <= lo and hi < 256 else (torch.int32 if -2**31 <= lo and hi < 2**31 else ql.dtype)
+        ql, dl = ql.to(narrow), dl.to(narrow)
+    else:
+        ql, dl = ql > 0, dl > 0
     dev = dp.device
     return qp.to(dev), dp, ql.to(dev), dl.to(dev)
 
@@ -71,7 +78,7 @@ def _relevance(ql: Tensor, dl_ranked: Tensor) -> Tensor:
     """ql [q] or [q, C]; dl_ranked [q, k] or [q, k, C] (labels of the ranked items) -> bool [q, k]."""
     if ql.dim() == 1:
         return dl_ranked == ql[:, None]
-    return ((dl_ranked > 0) & (ql[:, None, :] > 0)).any(dim=-1)
+    return (dl_ranked & ql[:, None, :]).any(dim=-1)
 
 
 def _ranked_chunks(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int):
@@ -90,12 +97,13 @@ def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: Opt
         raise ValueError(f"topk must be a positive integer or None, got {topk!r}")
     k = n if topk is None else min(int(topk), n)
     out = []
-    positions = torch.arange(1, k + 1, dtype=torch.float64, device=dp.device)
+    inv_positions = 1.0 / torch.arange(1, k + 1, dtype=torch.float64, device=dp.device)
     for _, rel in _ranked_chunks(qp, dp, ql, dl, k):
-        r = rel.double()
-        hits = r.sum(dim=1)
-        precision = torch.cumsum(r, dim=1) / positions
-        out.append(torch.where(hits > 0, (precision * r).sum(dim=1) / hits.clamp_min(1), torch.zeros_like(hits)))
+        # AP = (1 / hits) * sum over relevant positions i of (relevant items up to i) / i.
+        cum = torch.cumsum(rel, dim=1, dtype=torch.int32)
+        hits = cum[:, -1].double()
+        total = (cum * rel).double().mul_(inv_positions).sum(dim=1)
+        out.append(torch.where(hits > 0, total / hits.clamp_min(1), torch.zeros_like(hits)))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
