@@ -278,10 +278,9 @@ def run_demo(args) -> dict:
                                                                             args.topk)}}
     curves = {"teacher": metrics.precision_recall_curve(teacher_q, teacher_db, test_ql, db_labels)}
     for name, model in (("student_no_kd", student_plain), ("student_brcd", student)):
-        q = enc(model, test_q)
-        curves[name] = metrics.precision_recall_curve(q, enc(model, db_images), test_ql, db_labels)
-        results[name] = {"map_symmetric": metrics.mean_average_precision(q, enc(model, db_images), test_ql,
-                                                                          db_labels, args.topk)}
+        q, db = enc(model, test_q), enc(model, db_images)
+        curves[name] = metrics.precision_recall_curve(q, db, test_ql, db_labels)
+        results[name] = {"map_symmetric": metrics.mean_average_precision(q, db, test_ql, db_labels, args.topk)}
         # The asymmetric test uses the checkpoint that validated best in that paradigm, where there is one.
         asym_path = checkpoint_path(out, name, "asymmetric")
         if asym_path.exists():
