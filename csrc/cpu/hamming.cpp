@@ -152,7 +152,7 @@ void TopkState::push(int32_t dist, int64_t idx) {
 
 void TopkState::compact() {
   // Keep every candidate below the threshold, and the earliest (smallest-index) ones at it, up to k in all.
-  int64_t below = at_or_below_ - count_[threshold_];
+  const int64_t below = at_or_below_ - count_[threshold_];
   int64_t room_at = k_ - below;
   size_t w = 0;
   for (size_t r = 0; r < cand_dist_.size(); ++r) {
@@ -166,11 +166,9 @@ void TopkState::compact() {
   }
   cand_dist_.resize(w);
   cand_idx_.resize(w);
-  if (threshold_ < static_cast<int64_t>(count_.size())) {
-    const int64_t kept_at = std::min<int64_t>(count_[threshold_], k_ - below);
-    count_[threshold_] = kept_at;
-    at_or_below_ = below + kept_at;
-  }
+  const int64_t kept_at = std::min<int64_t>(count_[threshold_], k_ - below);  // threshold_ <= nbits + 1: in range
+  count_[threshold_] = kept_at;
+  at_or_below_ = below + kept_at;
 }
 
 int64_t TopkState::finish(int32_t* out_dist, int64_t* out_idx) {
@@ -358,23 +356,17 @@ void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, 
   }
 #pragma omp parallel for schedule(static)
   for (int64_t qi = 0; qi < q.rows; ++qi) {
-    // Stable counting merge by distance: shards are in index order and each is sorted by (distance, index).
-    std::vector<int64_t> start(static_cast<size_t>(nbits + 2), 0);
-    for (int64_t s = 0; s < shards; ++s) {
-      const size_t slot = static_cast<size_t>(qi * shards + s);
-      for (int64_t j = 0; j < part_count[slot]; ++j) ++start[part_dist[slot * k + j] + 1];
-    }
-    for (int64_t d = 0; d <= nbits; ++d) start[d + 1] += start[d];
+    // The shards' winners fed to one more select in shard order: equal distances then arrive in index order,
+    // which is all the select needs for its ties.
+    TopkState merged(k, nbits, nbits);
     for (int64_t s = 0; s < shards; ++s) {
       const size_t slot = static_cast<size_t>(qi * shards + s);
       for (int64_t j = 0; j < part_count[slot]; ++j) {
-        const int64_t pos = start[part_dist[slot * k + j]]++;
-        if (pos < k) {
-          out_dist[qi * k + pos] = part_dist[slot * k + j];
-          out_idx[qi * k + pos] = part_idx[slot * k + j];
-        }
+        const int32_t d = part_dist[slot * k + j];
+        if (d < merged.threshold()) merged.push(d, part_idx[slot * k + j]);
       }
     }
+    merged.finish(out_dist + qi * k, out_idx + qi * k);
   }
 }
 
