@@ -20,8 +20,8 @@ import torch
 
 from . import metrics
 from .clustering import GROUP_MODES
-from .data import DataFileError, load_cifar10, load_fashion_mnist, make_split, synthetic_data
-from .checkpoint import load_model
+from .data import DataFileError, load_cifar10, load_fashion_mnist, load_image_list, make_split, synthetic_data
+from .checkpoint import CHECKPOINT_FORMATS, load_model
 from .index import HammingIndex, IndexFileError, atomic_write_bytes
 from .models import STUDENT_DEFAULT, TEACHER_DEFAULT, ModelError, build_model
 from .train import (TrainConfig, TrainingError, checkpoint_path, encode, fit_clusters, throughput, train_student,
@@ -42,9 +42,13 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     """The data and the split: the same defaults everywhere, so that every subcommand sees the demo's split."""
     p.add_argument("--config", type=Path, default=None,
                    help="a YAML file of this command's options (names as the flags, - or _); flags override it")
-    p.add_argument("--dataset", choices=("fashion-mnist", "cifar10"), default="fashion-mnist")
+    p.add_argument("--dataset", choices=("fashion-mnist", "cifar10", "list"), default="fashion-mnist",
+                   help="list: your own images, DATA_DIR/train.txt and test.txt with 'path 0 1 0 ...' lines "
+                        "(multi-hot labels, as the NUS-WIDE and MS COCO lists)")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with the Fashion-MNIST idx files, or CIFAR-10's python pickle folder")
+                   help="folder with the Fashion-MNIST idx files, CIFAR-10's python pickle folder, or the list files")
+    p.add_argument("--image-size", type=_positive_int, default=32,
+                   help="--dataset list: images are resized to this square size")
     p.add_argument("--synthetic", action="store_true", help="a tiny synthetic data set instead (for tests)")
     p.add_argument("--train-per-class", type=_positive_int, default=200)
     p.add_argument("--val-queries", type=_positive_int, default=500)
@@ -61,6 +65,8 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--topk", type=_positive_int, default=1000)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS, default="pt",
+                   help="the best checkpoints as torch files (weights_only loadable) or safetensors")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out exactly where its last finished epoch left it")
 
@@ -69,7 +75,8 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clusters", type=_positive_int, default=20)
     p.add_argument("--margin", type=float, default=0.1, help="bit-mask margin")
     p.add_argument("--group-mode", choices=GROUP_MODES, default="offset+fn",
-                   help="ablations: none (no groups), fn (false negatives only), offset+fn (the full method)")
+                   help="ablations: none (neither), fn (false negatives only), offset (offset positives only), "
+                        "offset+fn (the full method)")
     p.add_argument("--no-mask", action="store_true", help="ablation: no bit mask")
 
 
@@ -132,6 +139,11 @@ def _data_and_split(args):
         if args.data_dir is None:
             raise ValueError("--dataset cifar10 needs --data-dir (the folder with data_batch_1..5 and test_batch)")
         data = load_cifar10(args.data_dir)
+    elif args.dataset == "list":
+        if args.data_dir is None:
+            raise ValueError("--dataset list needs --data-dir (the folder with train.txt and test.txt)")
+        data = load_image_list(args.data_dir, image_size=args.image_size,
+                               progress=not getattr(args, "no_progress", False))
     else:
         data = load_fashion_mnist(args.data_dir)
     split = make_split(data.train_labels, data.test_labels, train_per_class=args.train_per_class,
@@ -213,7 +225,7 @@ def _prepare_run(args) -> _Run:
                       num_clusters=getattr(args, "clusters", 20), margin=getattr(args, "margin", 0.1),
                       group_mode=getattr(args, "group_mode", "offset+fn"), use_mask=not getattr(args, "no_mask", False),
                       topk=args.topk, seed=args.seed, device=args.device, progress=not args.no_progress,
-                      resume=args.resume)
+                      resume=args.resume, checkpoint_format=args.checkpoint_format)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     atomic_write_bytes(out / "config.json", [json.dumps(config, indent=2).encode()])
     return _Run(args, out, (data, split), train_images, val, cfg, started)
@@ -249,14 +261,14 @@ def _train_students(run: _Run, teacher, name: str, epochs: int, kd: bool = True,
 def run_train_teacher(args) -> dict:
     run = _prepare_run(args)
     _, scores = _train_teacher(run, args.teacher, args.epochs, args.bits)
-    return {"checkpoint": str(checkpoint_path(run.out, "teacher")), "best_validation": scores}
+    return {"checkpoint": str(checkpoint_path(run.out, "teacher", fmt=args.checkpoint_format)), "best_validation": scores}
 
 
 def run_distill(args) -> dict:
     run = _prepare_run(args)
     teacher = load_model(args.teacher_checkpoint, args.device)
     students = _train_students(run, teacher, args.student, args.epochs, kd=not args.no_kd, plain=args.no_kd)
-    return {name: {"checkpoint": str(checkpoint_path(run.out, name)), "best_validation": scores}
+    return {name: {"checkpoint": str(checkpoint_path(run.out, name, fmt=args.checkpoint_format)), "best_validation": scores}
             for name, (_, scores) in students.items()}
 
 
@@ -282,7 +294,7 @@ def run_demo(args) -> dict:
         curves[name] = metrics.precision_recall_curve(q, db, test_ql, db_labels)
         results[name] = {"map_symmetric": metrics.mean_average_precision(q, db, test_ql, db_labels, args.topk)}
         # The asymmetric test uses the checkpoint that validated best in that paradigm, where there is one.
-        asym_path = checkpoint_path(out, name, "asymmetric")
+        asym_path = checkpoint_path(out, name, "asymmetric", args.checkpoint_format)
         if asym_path.exists():
             q = enc(load_model(asym_path, args.device), test_q)
         results[name]["map_asymmetric"] = metrics.mean_average_precision(q, teacher_db, test_ql, db_labels,

@@ -21,8 +21,9 @@ __all__ = ["KMeansResult", "kmeans", "nearest_centroid", "bit_masks", "negative_
 # How negatives are dropped and positives distrusted (the paper's ablations):
 #   "none"       no groups, alpha as given
 #   "fn"         false negatives only: g_r = g_c = [c; c]
+#   "offset"     offset positives only: no groups, alpha = 1 where c' != c
 #   "offset+fn"  the full method: g_r = [c; c], g_c = [c; c'], alpha = 1 where c' != c
-GROUP_MODES = ("none", "fn", "offset+fn")
+GROUP_MODES = ("none", "fn", "offset", "offset+fn")
 
 _CHUNK = 1 << 14
 
@@ -179,4 +180,6 @@ def negative_groups(clusters: Tensor, view_clusters: Tensor, *, base_alpha: floa
     if mode == "fn":
         return rows, rows.clone(), alpha
     alpha = torch.where(cv != c, torch.ones_like(alpha), alpha)
+    if mode == "offset":
+        return None, None, alpha
     return rows, torch.cat([c, cv]), alpha

@@ -1,5 +1,6 @@
-"""Datasets for hashing: Fashion-MNIST idx files, the hashing protocol's splits, two-view augmentations, and a tiny
-synthetic set for tests. Nothing is ever downloaded: data comes from local files.
+"""Datasets for hashing: Fashion-MNIST idx files, CIFAR-10's python folder, image list files with multi-hot labels
+(NUS-WIDE / MS COCO style), the hashing protocol's splits, two-view augmentations, and a tiny synthetic set for tests.
+Nothing is ever downloaded: data comes from local files.
 
 >>> data = load_fashion_mnist()                      # /usr/share/datasets/fashion-mnist (Debian's package)
 >>> split = make_split(data.train_labels, data.test_labels, train_per_class=200, seed=0)
@@ -10,7 +11,7 @@ import gzip
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,6 +25,8 @@ __all__ = [
     "read_idx",
     "load_fashion_mnist",
     "load_cifar10",
+    "load_image_list",
+    "read_list_file",
     "make_split",
     "synthetic_data",
     "two_view_transform",
@@ -65,7 +68,7 @@ def read_idx(path: Union[str, Path]) -> np.ndarray:
 @dataclass
 class ImageData:
     train_images: Tensor  # uint8 [n, C, H, W]
-    train_labels: Tensor  # int64 [n]
+    train_labels: Tensor  # int64: class ids [n], or multi-hot 0/1 [n, num_classes]
     test_images: Tensor
     test_labels: Tensor
     num_classes: int
@@ -111,6 +114,74 @@ def load_cifar10(data_dir: Union[str, Path]) -> ImageData:
                      torch.from_numpy(test_images), torch.from_numpy(test_labels), 10, "cifar10")
 
 
+def read_list_file(path: Union[str, Path]) -> Tuple[List[Path], np.ndarray]:
+    """A list file: one image per line, its path (relative to the list file's folder, or absolute) and then one
+    0/1 label per class, as the NUS-WIDE and MS COCO hashing lists are written. Blank lines and lines starting with
+    # are skipped. Returns the image paths and the multi-hot labels, int64 [n, num_classes]."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFileError(f"{path}: no such file")
+    paths, rows = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            if len(fields) < 2:
+                raise DataFileError(f"{path}:{line_no}: expected an image path and its 0/1 labels")
+            try:
+                labels = [int(v) for v in fields[1:]]
+            except ValueError:
+                raise DataFileError(f"{path}:{line_no}: labels must be 0 or 1, got {' '.join(fields[1:])!r}") from None
+            if any(v not in (0, 1) for v in labels):
+                raise DataFileError(f"{path}:{line_no}: labels must be 0 or 1, got {' '.join(fields[1:])!r}")
+            if rows and len(labels) != len(rows[0]):
+                raise DataFileError(f"{path}:{line_no}: {len(labels)} labels, but the first line has {len(rows[0])}")
+            image = Path(fields[0])
+            paths.append(image if image.is_absolute() else path.parent / image)
+            rows.append(labels)
+    if not rows:
+        raise DataFileError(f"{path}: no images listed")
+    return paths, np.asarray(rows, dtype=np.int64)
+
+
+def _decode_images(paths: List[Path], size: int, channels: int, desc: str, progress: bool) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
+    from tqdm.auto import tqdm
+
+    out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
+    mode = "RGB" if channels == 3 else "L"
+    for i, p in enumerate(tqdm(paths, desc=desc, disable=not progress, leave=False)):
+        try:
+            with Image.open(p) as img:
+                img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+                out[i] = np.asarray(img).reshape(size, size, channels)
+        except FileNotFoundError:
+            raise DataFileError(f"{p}: no such image (listed in the {desc} list)") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataFileError(f"{p}: cannot be decoded as an image ({exc})") from None
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def load_image_list(data_dir: Union[str, Path], *, image_size: int = 32, channels: int = 3,
+                    progress: bool = True) -> ImageData:
+    """The user's own images from DATA_DIR/train.txt and DATA_DIR/test.txt (see read_list_file), decoded and resized
+    to image_size x image_size. The training list is the pool of the training subset and the database, the test
+    list that of the queries, as in the CIFAR-10 protocol. Labels are multi-hot [n, num_classes]."""
+    if image_size < 1 or channels not in (1, 3):
+        raise ValueError(f"image_size must be positive and channels 1 or 3, got {image_size} and {channels}")
+    root = Path(data_dir)
+    train_paths, train_labels = read_list_file(root / "train.txt")
+    test_paths, test_labels = read_list_file(root / "test.txt")
+    if train_labels.shape[1] != test_labels.shape[1]:
+        raise DataFileError(f"{root}: train.txt has {train_labels.shape[1]} classes but test.txt has "
+                            f"{test_labels.shape[1]}")
+    return ImageData(_decode_images(train_paths, image_size, channels, "train", progress),
+                     torch.from_numpy(train_labels),
+                     _decode_images(test_paths, image_size, channels, "test", progress),
+                     torch.from_numpy(test_labels), int(train_labels.shape[1]), root.name or "images")
+
+
 def load_fashion_mnist(data_dir: Optional[Union[str, Path]] = None) -> ImageData:
     """Fashion-MNIST from its four standard idx files (gzip or plain)."""
     root = Path(data_dir) if data_dir is not None else DEFAULT_FASHION_MNIST_DIR
@@ -142,14 +213,25 @@ class HashingSplit:
 
 def make_split(train_labels: Tensor, test_labels: Tensor, *, train_per_class: int = 500, val_queries: int = 1000,
                test_queries: int = 1000, database_size: Optional[int] = None, seed: int = 0) -> HashingSplit:
+    """Class ids [n]: train_per_class images of every class. Multi-hot labels [n, C] (an image may belong to several
+    classes, so classes cannot be balanced exactly): train_per_class * C images drawn at random among those with at
+    least one label, as the NUS-WIDE and MS COCO protocols draw theirs."""
     gen = torch.Generator().manual_seed(seed)
-    classes = int(train_labels.max()) + 1
-    train = []
-    for c in range(classes):
-        idx = (train_labels == c).nonzero().flatten()
-        if len(idx) < train_per_class:
-            raise ValueError(f"class {c} has {len(idx)} training images, fewer than train_per_class={train_per_class}")
-        train.append(idx[torch.randperm(len(idx), generator=gen)[:train_per_class]])
+    if train_labels.dim() == 2:
+        labelled = (train_labels > 0).any(dim=1).nonzero().flatten()
+        want = train_per_class * train_labels.shape[1]
+        if len(labelled) < want:
+            raise ValueError(f"{len(labelled)} labelled training images, fewer than train_per_class x classes = "
+                             f"{want}")
+        train = [labelled[torch.randperm(len(labelled), generator=gen)[:want]]]
+    else:
+        train = []
+        for c in range(int(train_labels.max()) + 1):
+            idx = (train_labels == c).nonzero().flatten()
+            if len(idx) < train_per_class:
+                raise ValueError(f"class {c} has {len(idx)} training images, fewer than "
+                                 f"train_per_class={train_per_class}")
+            train.append(idx[torch.randperm(len(idx), generator=gen)[:train_per_class]])
     if val_queries + test_queries > len(test_labels):
         raise ValueError(f"val_queries + test_queries exceeds the {len(test_labels)} test images")
     order = torch.randperm(len(test_labels), generator=gen)

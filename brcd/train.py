@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import metrics
-from .checkpoint import TrainingError, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_FORMATS, TrainingError, load_checkpoint, save_checkpoint
 from .clustering import bit_masks, kmeans, nearest_centroid, negative_groups
 from .data import TwoViewDataset, to_model_input, two_view_transform
 from .models import HashModel
@@ -38,7 +38,7 @@ class TrainConfig:
     alpha: float = 0.8
     num_clusters: int = 20
     margin: float = 0.1
-    group_mode: str = "offset+fn"  # "none" | "fn" | "offset+fn"
+    group_mode: str = "offset+fn"  # one of clustering.GROUP_MODES
     use_mask: bool = True
     val_every: int = 1
     patience: int = 3
@@ -47,6 +47,7 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True
     resume: bool = False
+    checkpoint_format: str = "pt"  # "pt" | "safetensors": the best checkpoints (the resume state is always .pt)
 
 
 def encode(model: HashModel, images: Tensor, *, batch_size: int = 256, device: str = "cpu",
@@ -92,9 +93,11 @@ def _loader(images: Tensor, cfg: TrainConfig, gen: torch.Generator):
                                        batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
 
 
-def checkpoint_path(out_dir: Path, name: str, paradigm: str = "symmetric") -> Path:
-    """The best checkpoint of a model by one paradigm's validation mAP: NAME.pt (symmetric) or NAME.PARADIGM.pt."""
-    return out_dir / (f"{name}.pt" if paradigm == "symmetric" else f"{name}.{paradigm}.pt")
+def checkpoint_path(out_dir: Path, name: str, paradigm: str = "symmetric", fmt: str = "pt") -> Path:
+    """The best checkpoint of a model by one paradigm's validation mAP: NAME.FMT (symmetric) or NAME.PARADIGM.FMT."""
+    if fmt not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint format must be one of {CHECKPOINT_FORMATS}, got {fmt!r}")
+    return out_dir / (f"{name}.{fmt}" if paradigm == "symmetric" else f"{name}.{paradigm}.{fmt}")
 
 
 def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[], Dict[str, float]],
@@ -119,7 +122,7 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
         torch.set_rng_state(state["rng"])
         gen.set_state(state["loader_rng"])
         if state["stopped_early"]:
-            model.load_state_dict(load_checkpoint(checkpoint_path(out_dir, name))["state_dict"])
+            model.load_state_dict(load_checkpoint(checkpoint_path(out_dir, name, fmt=cfg.checkpoint_format))["state_dict"])
             return best
     model.to(cfg.device).train()
     for epoch in range(first_epoch, cfg.epochs + 1):
@@ -144,7 +147,7 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
                 if value > best.get(key, -math.inf):
                     best[key], improved = value, True
                     paradigm = key.rsplit("_", 1)[-1]
-                    save_checkpoint(checkpoint_path(out_dir, name, paradigm), model, asdict(cfg),
+                    save_checkpoint(checkpoint_path(out_dir, name, paradigm, cfg.checkpoint_format), model, asdict(cfg),
                                     {"epoch": epoch, "scores": scores, "name": name, "selected_by": key})
             stale = 0 if improved else stale + 1
         with open(out_dir / "metrics.jsonl", "a") as f:
@@ -155,7 +158,7 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
                                                    "rng": torch.get_rng_state(), "loader_rng": gen.get_state()})
         if stopped_early:
             break
-    model.load_state_dict(load_checkpoint(checkpoint_path(out_dir, name))["state_dict"])
+    model.load_state_dict(load_checkpoint(checkpoint_path(out_dir, name, fmt=cfg.checkpoint_format))["state_dict"])
     return best
 
 

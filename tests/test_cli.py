@@ -145,3 +145,30 @@ def test_resume_continues_exactly(tmp_path, capsys):
         assert torch.equal(value, b["state_dict"][key]), key
     log = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
+
+
+def test_list_dataset_with_safetensors_checkpoints(tmp_path, capsys):
+    """The user's own multi-label images from list files, safetensors checkpoints from training to evaluation."""
+    from tests.test_data import write_image_list
+
+    gen = torch.Generator().manual_seed(0)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    rows = lambda n: [[1 - int(v.sum() > 0)] + v.tolist() for v in (torch.rand(n, 2, generator=gen) < 0.4).long()]
+    write_image_list(data_dir, "train", rows(48))
+    write_image_list(data_dir, "test", rows(20))
+    data = ["--dataset", "list", "--data-dir", str(data_dir), "--image-size", "16", "--train-per-class", "8",
+            "--val-queries", "8", "--test-queries", "12", "--topk", "20"]
+    common = data + ["--val-database", "40", "--no-progress", "--bits", "16", "--checkpoint-format", "safetensors"]
+    assert cli.main(["train-teacher", "--out", str(tmp_path / "t"), "--epochs", "1", *common]) == 0
+    teacher = tmp_path / "t" / "teacher.safetensors"
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(teacher) and teacher.exists()
+    assert not (tmp_path / "t" / "teacher.pt").exists()
+    assert cli.main(["distill", "--out", str(tmp_path / "s"), "--teacher-checkpoint", str(teacher), "--epochs", "1",
+                     "--clusters", "3", "--group-mode", "offset", *common]) == 0
+    student = tmp_path / "s" / "student_brcd.safetensors"
+    assert json.loads(capsys.readouterr().out)["student_brcd"]["checkpoint"] == str(student)
+    assert cli.main(["evaluate", "--checkpoint", str(student), "--teacher-checkpoint", str(teacher),
+                     *data]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert set(scores) == {"map_symmetric", "map_asymmetric"} and all(0 <= v <= 1 for v in scores.values())

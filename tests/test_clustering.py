@@ -76,6 +76,8 @@ def test_negative_groups_modes():
     assert torch.equal(rg, cg) and alpha.tolist() == [0.5] * 4
     rg, cg, alpha = negative_groups(c, cv, mode="none")
     assert rg is None and cg is None
+    rg, cg, alpha = negative_groups(c, cv, base_alpha=0.8, mode="offset")
+    assert rg is None and cg is None and alpha.tolist() == pytest.approx([0.8, 1.0, 0.8, 0.8])
     with pytest.raises(ValueError, match="mode"):
         negative_groups(c, cv, mode="all")
 

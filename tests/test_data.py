@@ -1,4 +1,5 @@
-"""Data: idx files (plain and gzip, with their errors), Fashion-MNIST loading, splits, two-view views."""
+"""Data: idx files (plain and gzip, with their errors), Fashion-MNIST, CIFAR-10 and list-file loading, splits,
+two-view views."""
 import gzip
 import struct
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from brcd.data import (DataFileError, TwoViewDataset, load_cifar10, load_fashion_mnist, make_split, read_idx,
-                       synthetic_data, two_view_transform)
+from brcd.data import (DataFileError, TwoViewDataset, load_cifar10, load_fashion_mnist, load_image_list, make_split,
+                       read_idx, read_list_file, synthetic_data, two_view_transform)
 
 
 def write_idx(path, array: np.ndarray, compress=False):
@@ -101,3 +102,73 @@ def test_load_cifar10_python_folder(tmp_path):
     (tmp_path / "data_batch_3").unlink()
     with pytest.raises(DataFileError, match="data_batch_3"):
         load_cifar10(tmp_path)
+
+
+def write_image_list(root, name, rows, size=(20, 12)):
+    """Writes PNG images of flat colours and a list file for them; rows are multi-hot label lists."""
+    from PIL import Image
+
+    (root / "img").mkdir(exist_ok=True)
+    lines = []
+    for i, labels in enumerate(rows):
+        colour = (40 * i % 256, 200, 17 * sum(labels) % 256)
+        Image.new("RGB", size, colour).save(root / "img" / f"{name}{i}.png")
+        lines.append(f"img/{name}{i}.png " + " ".join(str(v) for v in labels))
+    (root / f"{name}.txt").write_text("# path labels\n" + "\n".join(lines) + "\n")
+
+
+def test_load_image_list_multi_hot(tmp_path):
+    train_rows = [[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1]]
+    write_image_list(tmp_path, "train", train_rows)
+    write_image_list(tmp_path, "test", [[1, 0, 0], [0, 0, 1]])
+    data = load_image_list(tmp_path, image_size=8, progress=False)
+    assert data.train_images.shape == (6, 3, 8, 8) and data.train_images.dtype == torch.uint8
+    assert data.test_images.shape == (2, 3, 8, 8) and data.num_classes == 3
+    assert data.train_labels.tolist() == train_rows and data.train_labels.dtype == torch.int64
+    # Flat colours survive the resize: image 1 is (40, 200, 17).
+    assert data.train_images[1, :, 4, 4].tolist() == [40, 200, 17]
+    gray = load_image_list(tmp_path, image_size=4, channels=1, progress=False)
+    assert gray.train_images.shape == (6, 1, 4, 4)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("img/a.png 0 2\n", "labels must be 0 or 1"),
+    ("img/a.png 0 x\n", "labels must be 0 or 1"),
+    ("img/a.png\n", "image path and its 0/1 labels"),
+    ("img/a.png 0 1\nimg/b.png 1\n", ":2: 1 labels"),
+    ("# only a comment\n", "no images"),
+])
+def test_read_list_file_errors(tmp_path, content, needle):
+    (tmp_path / "train.txt").write_text(content)
+    with pytest.raises(DataFileError, match=needle):
+        read_list_file(tmp_path / "train.txt")
+
+
+def test_load_image_list_missing_and_corrupt_images(tmp_path):
+    write_image_list(tmp_path, "train", [[1, 0], [0, 1]])
+    write_image_list(tmp_path, "test", [[1, 0]])
+    (tmp_path / "img" / "train1.png").write_bytes(b"not an image")
+    with pytest.raises(DataFileError, match="train1.png: cannot be decoded"):
+        load_image_list(tmp_path, progress=False)
+    (tmp_path / "img" / "train1.png").unlink()
+    with pytest.raises(DataFileError, match="train1.png: no such image"):
+        load_image_list(tmp_path, progress=False)
+    (tmp_path / "test.txt").unlink()
+    with pytest.raises(DataFileError, match="test.txt: no such file"):
+        load_image_list(tmp_path, progress=False)
+
+
+def test_multi_label_split_draws_labelled_images():
+    gen = torch.Generator().manual_seed(0)
+    labels = (torch.rand(400, 5, generator=gen) < 0.3).long()
+    labels[:20] = 0  # unlabelled images are never drawn for training
+    split = make_split(labels, torch.zeros(60, 5, dtype=torch.long), train_per_class=10, val_queries=20,
+                       test_queries=30, seed=3)
+    assert len(split.train) == 50 and len(set(split.train.tolist())) == 50
+    assert bool(labels[split.train].any(dim=1).all())
+    assert len(split.val_queries) == 20 and len(split.test_queries) == 30
+    again = make_split(labels, torch.zeros(60, 5, dtype=torch.long), train_per_class=10, val_queries=20,
+                       test_queries=30, seed=3)
+    assert torch.equal(split.train, again.train)
+    with pytest.raises(ValueError, match="labelled training images"):
+        make_split(labels, torch.zeros(60, 5, dtype=torch.long), train_per_class=100, val_queries=20)
