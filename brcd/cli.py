@@ -64,6 +64,7 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-database", type=_positive_int, default=2000, help="database codes used for validation")
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--topk", type=_positive_int, default=1000)
+    p.add_argument("--val-every", type=_positive_int, default=1, help="validate every N epochs (and after the last)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS, default="pt",
                    help="the best checkpoints as torch files (weights_only loadable) or safetensors")
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(demo)
     demo.add_argument("--teacher", default=TEACHER_DEFAULT, help="any timm model name")
     demo.add_argument("--student", default=STUDENT_DEFAULT, help="any timm model name")
+    demo.add_argument("--teacher-weights", type=Path, default=None,
+                        help="local pretrained backbone weights for the teacher (.pt, .safetensors or a checkpoint)")
+    demo.add_argument("--student-weights", type=Path, default=None,
+                        help="local pretrained backbone weights for the students (.pt, .safetensors or a checkpoint)")
     demo.add_argument("--teacher-epochs", type=_positive_int, default=8)
     demo.add_argument("--student-epochs", type=_positive_int, default=10)
     _distill_args(demo)
@@ -99,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(teach)
     _training_args(teach)
     teach.add_argument("--teacher", default=TEACHER_DEFAULT, help="any timm model name")
+    teach.add_argument("--teacher-weights", type=Path, default=None,
+                        help="local pretrained backbone weights for the teacher (.pt, .safetensors or a checkpoint)")
     teach.add_argument("--epochs", type=_positive_int, default=8)
 
     distill = sub.add_parser("distill", help="train a student from a teacher checkpoint with BRCD (or without KD)")
@@ -107,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(distill)
     _training_args(distill)
     distill.add_argument("--student", default=STUDENT_DEFAULT, help="any timm model name")
+    distill.add_argument("--student-weights", type=Path, default=None,
+                        help="local pretrained backbone weights for the students (.pt, .safetensors or a checkpoint)")
     distill.add_argument("--epochs", type=_positive_int, default=10)
     distill.add_argument("--no-kd", action="store_true", help="the baseline: the student alone, with CIBHash")
     _distill_args(distill)
@@ -199,9 +208,9 @@ class _Run:
     cfg: TrainConfig
     started: float
 
-    def make(self, name: str, bits: int):
+    def make(self, name: str, bits: int, weights=None):
         channels, size = self.train_images.shape[1], self.train_images.shape[-1]
-        return build_model(name, bits, in_chans=channels, img_size=size).to(self.args.device)
+        return build_model(name, bits, in_chans=channels, img_size=size, pretrained_path=weights).to(self.args.device)
 
     def log(self, msg: str) -> None:
         print(f"[brcd {self.args.command} {time.time() - self.started:6.0f}s] {msg}", file=sys.stderr, flush=True)
@@ -224,8 +233,8 @@ def _prepare_run(args) -> _Run:
     cfg = TrainConfig(bits=args.bits, batch_size=min(args.batch_size, len(train_images)),
                       num_clusters=getattr(args, "clusters", 20), margin=getattr(args, "margin", 0.1),
                       group_mode=getattr(args, "group_mode", "offset+fn"), use_mask=not getattr(args, "no_mask", False),
-                      topk=args.topk, seed=args.seed, device=args.device, progress=not args.no_progress,
-                      resume=args.resume, checkpoint_format=args.checkpoint_format)
+                      topk=args.topk, val_every=args.val_every, seed=args.seed, device=args.device,
+                      progress=not args.no_progress, resume=args.resume, checkpoint_format=args.checkpoint_format)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     atomic_write_bytes(out / "config.json", [json.dumps(config, indent=2).encode()])
     return _Run(args, out, (data, split), train_images, val, cfg, started)
@@ -233,7 +242,7 @@ def _prepare_run(args) -> _Run:
 
 def _train_teacher(run: _Run, name: str, epochs: int, bits: int):
     run.log(f"teacher {name}: CIBHash on {len(run.train_images)} images")
-    teacher = run.make(name, bits)
+    teacher = run.make(name, bits, getattr(run.args, "teacher_weights", None))
     scores = train_teacher(teacher, run.train_images, *run.val, replace(run.cfg, bits=bits, epochs=epochs), run.out,
                            "teacher")
     return teacher, scores
@@ -245,14 +254,14 @@ def _train_students(run: _Run, teacher, name: str, epochs: int, kd: bool = True,
     students = {}
     if plain:
         run.log(f"student {name} without KD")
-        model = run.make(name, teacher.bits)
+        model = run.make(name, teacher.bits, run.args.student_weights)
         students["student_no_kd"] = (model, train_teacher(model, run.train_images, *run.val, cfg, run.out,
                                                           "student_no_kd"))
     if kd:
         run.log(f"k-means ({cfg.num_clusters} clusters) and bit masks (margin {cfg.margin})")
         clusters = fit_clusters(teacher, run.train_images, cfg)
         run.log(f"student {name} with BRCD ({cfg.group_mode}, mask {'on' if cfg.use_mask else 'off'})")
-        model = run.make(name, teacher.bits)
+        model = run.make(name, teacher.bits, run.args.student_weights)
         students["student_brcd"] = (model, train_student(model, teacher, clusters, run.train_images, *run.val, cfg,
                                                          run.out, "student_brcd"))
     return students

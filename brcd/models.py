@@ -7,7 +7,6 @@ One factory, :func:`build_model`, knows how models are made; any timm name is ac
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -74,11 +73,56 @@ def _small_image_kwargs(name: str, img_size: int) -> dict:
     return {}
 
 
+def _read_weights(path: Path) -> dict:
+    """A state_dict from a torch file (weights_only) or a safetensors file; a brcd checkpoint gives its backbone."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling and safetensors failures alike: not a weights file
+        raise ModelError(f"{path}: cannot load backbone weights ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a state_dict of tensors")
+    if state and all(k.startswith(("backbone.", "head.")) for k in state):  # a brcd model: its backbone
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _load_backbone_weights(backbone: nn.Module, path: Path, name: str, in_chans: int) -> None:
+    """Loads what fits by name. A first convolution made for another number of input channels is adapted as timm
+    adapts its own pretrained weights (summed or repeated over channels); any other shape mismatch is an error."""
+    from timm.models import adapt_input_conv
+
+    state = _read_weights(path)
+    own = backbone.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own}
+    if not fitting:
+        raise ModelError(f"{path}: none of its tensors fit {name}")
+    for key, value in fitting.items():
+        want = own[key].shape
+        if value.shape == want:
+            continue
+        if value.dim() == 4 and value.shape[0] == want[0] and value.shape[2:] == want[2:] and want[1] == in_chans:
+            fitting[key] = adapt_input_conv(in_chans, value.float(), base_chans=value.shape[1]).to(value.dtype)
+        else:
+            raise ModelError(f"{path}: does not fit {name} ({key} has shape {tuple(value.shape)}, the model needs "
+                             f"{tuple(want)})")
+    backbone.load_state_dict(fitting, strict=False)
+
+
 def build_model(name: str, bits: int, *, in_chans: int = 3, img_size: int = 224,
                 pretrained_path: Optional[Union[str, Path]] = None, **timm_kwargs) -> HashModel:
     """A timm backbone (no classifier, pretrained=False) with a hash head of `bits` bits.
 
-    pretrained_path: a local state_dict for the backbone (loaded with weights_only=True; nothing is downloaded).
+    pretrained_path: local backbone weights, a torch state_dict (loaded with weights_only=True), a safetensors file
+    (as timm's releases are) or a brcd checkpoint; nothing is downloaded. Tensors are matched by name.
     """
     import timm
 
@@ -91,20 +135,7 @@ def build_model(name: str, bits: int, *, in_chans: int = 3, img_size: int = 224,
     kwargs.update(timm_kwargs)
     backbone = timm.create_model(name, **kwargs)
     if pretrained_path is not None:
-        path = Path(pretrained_path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-            raise ModelError(f"{path}: cannot load backbone weights ({exc})") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        if not isinstance(state, dict):
-            raise ModelError(f"{path}: not a state_dict")
-        if not set(state) & set(backbone.state_dict()):
-            raise ModelError(f"{path}: none of its tensors fit {name}")
-        try:
-            backbone.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # a tensor of the right name and the wrong shape
-            raise ModelError(f"{path}: does not fit {name} ({str(exc).splitlines()[0]})") from None
+        _load_backbone_weights(backbone, Path(pretrained_path), name, in_chans)
     backbone.eval()
     with torch.no_grad():  # the feature size, whatever the model's head does with num_classes=0
         feature_dim = backbone(torch.zeros(1, in_chans, img_size, img_size)).shape[-1]

@@ -172,3 +172,20 @@ def test_list_dataset_with_safetensors_checkpoints(tmp_path, capsys):
                      *data]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert set(scores) == {"map_symmetric", "map_asymmetric"} and all(0 <= v <= 1 for v in scores.values())
+
+
+def test_validation_every_n_epochs_and_pretrained_weights(tmp_path, capsys):
+    common = DATA + ["--val-database", "100", "--topk", "50", "--no-progress", "--bits", "16", "--teacher", "resnet10t"]
+    assert cli.main(["train-teacher", "--out", str(tmp_path / "a"), "--epochs", "1", *common]) == 0
+    first = tmp_path / "a" / "teacher.pt"
+    assert cli.main(["train-teacher", "--out", str(tmp_path / "b"), "--epochs", "3", "--val-every", "2",
+                     "--teacher-weights", str(first), *common]) == 0
+    log = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert ["val_map_symmetric" in r for r in log] == [False, True, True]  # every 2nd epoch, and the last
+    bad = tmp_path / "junk.pt"
+    bad.write_bytes(b"junk")
+    capsys.readouterr()
+    assert cli.main(["train-teacher", "--out", str(tmp_path / "c"), "--epochs", "1", "--teacher-weights", str(bad),
+                     *common]) == 2
+    assert "cannot load backbone weights" in capsys.readouterr().err

@@ -43,3 +43,30 @@ def test_local_pretrained_weights_load(tmp_path):
     torch.save({"nothing.fits": torch.zeros(3)}, other)
     with pytest.raises(ModelError, match="fit"):
         build_model("resnet10t", 8, in_chans=1, img_size=28, pretrained_path=other)
+
+
+def test_pretrained_weights_from_safetensors_a_checkpoint_and_another_channel_count(tmp_path):
+    from safetensors.torch import save_file
+
+    from brcd.checkpoint import save_checkpoint
+
+    torch.manual_seed(2)
+    rgb = build_model("resnet10t", 8, in_chans=3, img_size=28)
+    st = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in rgb.backbone.state_dict().items()}, st)
+    same = build_model("resnet10t", 8, in_chans=3, img_size=28, pretrained_path=st)
+    assert all(torch.equal(v, same.backbone.state_dict()[k]) for k, v in rgb.backbone.state_dict().items())
+    # A grayscale model from RGB weights: the first convolution summed over the input channels.
+    gray = build_model("resnet10t", 8, in_chans=1, img_size=28, pretrained_path=st)
+    first = next(k for k, v in rgb.backbone.state_dict().items() if v.dim() == 4)
+    assert torch.allclose(gray.backbone.state_dict()[first], rgb.backbone.state_dict()[first].sum(1, keepdim=True))
+    # The backbone of a brcd checkpoint.
+    ckpt = tmp_path / "teacher.pt"
+    save_checkpoint(ckpt, rgb, {"bits": 8})
+    again = build_model("resnet10t", 16, in_chans=3, img_size=28, pretrained_path=ckpt)
+    assert all(torch.equal(v, again.backbone.state_dict()[k]) for k, v in rgb.backbone.state_dict().items())
+    wrong = build_model("resnet18", 8, in_chans=3, img_size=28)
+    bad = tmp_path / "resnet18.pt"
+    torch.save(wrong.backbone.state_dict(), bad)
+    with pytest.raises(ModelError, match="does not fit resnet10t"):
+        build_model("resnet10t", 8, in_chans=3, img_size=28, pretrained_path=bad)
