@@ -78,8 +78,14 @@ case "$cmd" in
       $sudo_ apt-get update -qq >/dev/null && $sudo_ apt-get install -y -qq dataset-fashion-mnist >/dev/null ||
         log "could not install dataset-fashion-mnist: pass --data-dir with the four idx files"
     fi
-    "$PY" -m brcd demo --out "${BRCD_DEMO_OUT:-runs/demo}" --no-progress "$@"
-    cat "${BRCD_DEMO_OUT:-runs/demo}/report.md"
+    out="${BRCD_DEMO_OUT:-runs/demo}" prev=""
+    for arg in "$@"; do  # an --out among the arguments wins (argparse takes the last one)
+      [[ $prev == --out ]] && out=$arg
+      [[ $arg == --out=* ]] && out=${arg#--out=}
+      prev=$arg
+    done
+    "$PY" -m brcd demo --out "$out" --no-progress "$@"
+    cat "$out/report.md"
     ;;
   example)
     build

@@ -46,7 +46,8 @@ def _extension():
     # Debug builds for sanitizers and gdb: BRCD_DEBUG=1.
     if os.environ.get("BRCD_DEBUG") == "1":
         cxx_flags = ["-O0", "-g", "-fopenmp"]
-    sources = ["csrc/brcd.cpp"] + _sources("csrc/ops/*_cpu.cpp") + _sources("csrc/cpu/*.cpp")
+    sources = ["csrc/brcd.cpp"] + _sources("csrc/ops/*_cpu.cpp") + _sources("csrc/ops/*_autograd.cpp")
+    sources += _sources("csrc/cpu/*.cpp")
     define_macros = [("BRCD_VERSION", '"0.1.0"')]
     extra = {"cxx": cxx_flags}
     if with_cuda:

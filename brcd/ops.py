@@ -170,24 +170,3 @@ def _contrastive_forward_fake(student, teacher_anchor, teacher_view, temperature
 def _contrastive_backward_fake(grad_loss, student, teacher_anchor, teacher_view, temperature, alpha, bit_mask,
                                row_groups, col_groups, row_stats):
     return torch.empty_like(student), torch.empty_like(student), torch.empty_like(student)
-
-
-def _contrastive_setup_context(ctx, inputs, output):
-    student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups = inputs
-    _, stats = output
-    ctx.temperature = temperature
-    ctx.save_for_backward(student, teacher_anchor, teacher_view, alpha, bit_mask, row_groups, col_groups, stats)
-
-
-def _contrastive_backward(ctx, grad_loss, _grad_stats):
-    student, teacher_anchor, teacher_view, alpha, bit_mask, row_groups, col_groups, stats = ctx.saved_tensors
-    gs, ga, gv = _ops.contrastive_backward(
-        grad_loss, student, teacher_anchor, teacher_view, ctx.temperature, alpha, bit_mask, row_groups, col_groups,
-        stats,
-    )
-    return gs, ga, gv, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "brcd::contrastive_forward", _contrastive_backward, setup_context=_contrastive_setup_context
-)

@@ -1,5 +1,6 @@
 // The brcd op library: schemas (TORCH_LIBRARY) and the pybind11 module with the build information.
-// Device implementations live in ops/*_cpu.cpp and ops/*_cuda.cpp; fake kernels and autograd in brcd/ops.py.
+// Device implementations live in ops/*_cpu.cpp and ops/*_cuda.cpp, autograd in ops/*_autograd.cpp, fake kernels
+// in brcd/ops.py.
 #include <torch/extension.h>
 
 #include <omp.h>

@@ -206,3 +206,37 @@ def test_torch_compile_fullgraph():
                            col_groups=kw["col_groups"]) + 0.5 * brcd.ntxent_loss(b, tv)
     eager.backward()
     assert torch.allclose(out, eager) and torch.allclose(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
+def test_every_simd_path_matches_the_reference(level):
+    """Each ISA build of the CPU loss (chosen once per process; BRCD_SIMD caps it), on both of its paths: the
+    symmetric block-pair path (several blocks, a partial last one) and the running-maximum path (a tiny tau)."""
+    import os
+    import subprocess
+    import sys
+
+    script = r"""
+import sys, torch, brcd
+from brcd import reference as ref
+sys.path.insert(0, sys.argv[1])
+from test_loss import make_case, loss_and_grads, rel_err
+for B, K, tau in ((150, 70, 0.3), (130, 64, 0.3), (40, 33, 0.01)):
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        s, ta, tv, kw = make_case(B, K, B + K)
+        kw["temperature"] = tau
+        want, want_g = loss_and_grads(ref.brcd_loss, s, ta, tv, kw)
+        cast = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+        got, got_g = loss_and_grads(brcd.brcd_loss, s.to(dtype), ta.to(dtype), tv.to(dtype), cast)
+        assert abs(got.item() - want.item()) <= tol * abs(want.item()), (B, K, dtype, got.item(), want.item())
+        for g, w in zip(got_g, want_g):
+            assert rel_err(g, w) <= tol, (B, K, dtype, rel_err(g, w))
+print(brcd.build_info()["simd"])
+"""
+    env = dict(os.environ, BRCD_SIMD=level, OMP_NUM_THREADS="2")
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", script, here], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    order = ["scalar", "avx2", "avx512_vpopcntdq"]
+    chosen = out.stdout.strip().splitlines()[-1]
+    assert order.index(chosen) <= order.index({"scalar": "scalar", "avx2": "avx2", "avx512": "avx512_vpopcntdq"}[level])

@@ -102,6 +102,57 @@ inline void renumber_groups(const int64_t* row_groups, const int64_t* col_groups
 template <class T>
 T clamp_norm(T n) { return n > T(kEps) ? n : T(kEps); }
 
+// sum_d x[d] * y[d] with a vector of partial sums (GCC leaves a plain reduction loop scalar and latency bound).
+template <class T>
+T dot(const T* x, const T* y, int64_t n) {
+  constexpr int V = kVec<T>;
+  T part[V] = {};
+  int64_t d = 0;
+  for (; d + V <= n; d += V)
+#pragma omp simd
+    for (int v = 0; v < V; ++v) part[v] += x[d + v] * y[d + v];
+  T sum = 0;
+  for (; d < n; ++d) sum += x[d] * y[d];
+  for (int v = 0; v < V; ++v) sum += part[v];
+  return sum;
+}
+
+// Rows of Z = [M*S ; M*Tv] scaled to unit norm (max(|z|, eps)) into zn (row stride ld; entries past K untouched),
+// their norms |z| (unclamped), and the individual cosines cos(S_k, Ta_k).
+template <class T>
+void normalise_rows(const ContrastiveProblem<T>& p, T* zn, int64_t ld, T* norm, T* cos_ind) {
+  const int64_t B = p.batch, K = p.bits;
+#pragma omp parallel for schedule(static) if (B * K > 65536)
+  for (int64_t a = 0; a < 2 * B; ++a) {
+    const int64_t k = a % B;
+    const T* src = (a < B ? p.student : p.teacher_view) + k * K;
+    T* z = zn + a * ld;
+    if (p.bit_mask != nullptr) {
+      const T* m = p.bit_mask + k * K;
+#pragma omp simd
+      for (int64_t d = 0; d < K; ++d) z[d] = m[d] * src[d];
+    } else {
+      std::copy(src, src + K, z);
+    }
+    const T n = std::sqrt(dot(z, z, K));
+    norm[a] = n;
+    const T inv = T(1) / clamp_norm(n);
+#pragma omp simd
+    for (int64_t d = 0; d < K; ++d) z[d] *= inv;
+    if (a < B) {
+      const T* t = p.teacher_anchor + k * K;
+      cos_ind[k] = dot(src, t, K) / (clamp_norm(std::sqrt(dot(src, src, K))) * clamp_norm(std::sqrt(dot(t, t, K))));
+    }
+  }
+}
+
+// The fixed log-sum-exp shift 1/tau: cosines are at most 1, so no logit exceeds it, and it is usable while
+// exp(-2/tau), the smallest term it can produce, stays a normal number.
+template <class T>
+bool fixed_shift_fits(T inv_tau) {
+  return T(2) * inv_tau < (sizeof(T) == 4 ? T(80) : T(700));
+}
+
 template <class T>
 Prepared<T> prepare(const ContrastiveProblem<T>& p) {
   Prepared<T> q;
@@ -120,34 +171,8 @@ Prepared<T> prepare(const ContrastiveProblem<T>& p) {
   q.gc.assign(static_cast<size_t>(q.cols_pad), -1);
   q.has_groups = p.row_groups != nullptr && p.col_groups != nullptr;
   if (q.has_groups) renumber_groups(p.row_groups, p.col_groups, q.n2, q.gr, q.gc);
-  q.fixed_shift = T(2) * q.inv_tau < (sizeof(T) == 4 ? T(80) : T(700));
-#pragma omp parallel for schedule(static) if (B * K > 65536)
-  for (int64_t a = 0; a < q.n2; ++a) {
-    const int64_t k = a % B;
-    const T* src = (a < B ? p.student : p.teacher_view) + k * K;
-    const T* m = p.bit_mask ? p.bit_mask + k * K : nullptr;
-    T* z = q.zn.data() + a * K;
-    T ss = 0;
-    for (int64_t d = 0; d < K; ++d) {
-      z[d] = m ? m[d] * src[d] : src[d];
-      ss += z[d] * z[d];
-    }
-    const T n = std::sqrt(ss);
-    q.norm[a] = n;
-    const T inv = T(1) / clamp_norm(n);
-    for (int64_t d = 0; d < K; ++d) z[d] *= inv;
-    if (a < B) {
-      const T* t = p.teacher_anchor + k * K;
-      const T* s = p.student + k * K;
-      T st = 0, s2 = 0, t2 = 0;
-      for (int64_t d = 0; d < K; ++d) {
-        st += s[d] * t[d];
-        s2 += s[d] * s[d];
-        t2 += t[d] * t[d];
-      }
-      q.cos_ind[k] = st / (clamp_norm(std::sqrt(s2)) * clamp_norm(std::sqrt(t2)));
-    }
-  }
+  q.fixed_shift = fixed_shift_fits(q.inv_tau);
+  normalise_rows(p, q.zn.data(), K, q.norm.data(), q.cos_ind.data());
   for (int64_t a = 0; a < q.n2; ++a)
     for (int64_t d = 0; d < K; ++d) q.zt[d * q.cols_pad + a] = q.zn[a * K + d];
   return q;
@@ -242,17 +267,28 @@ bool worth_threads(const Prepared<T>& q) {
   return q.n2 * q.n2 * q.bits >= (int64_t(1) << 22);
 }
 
+// P_a from the normalised rows zn (row stride ld).
 template <class T>
-T positive_logit(const ContrastiveProblem<T>& p, const Prepared<T>& q, int64_t a) {
-  const int64_t k = a % q.batch, partner = (a + q.batch) % q.n2, K = q.bits;
-  T dot = 0;
-  for (int64_t d = 0; d < K; ++d) dot += q.zn[a * K + d] * q.zn[partner * K + d];
+T positive_logit(const ContrastiveProblem<T>& p, const T* zn, int64_t ld, const T* cos_ind, T inv_tau, int64_t a) {
+  const int64_t B = p.batch, k = a % B, partner = (a + B) % (2 * B);
   const T al = p.alpha[k];
-  return al * q.cos_ind[k] * q.inv_tau + (T(1) - al) * dot * q.inv_tau;
+  return al * cos_ind[k] * inv_tau + (T(1) - al) * dot(zn + a * ld, zn + partner * ld, p.bits) * inv_tau;
 }
 
+// l_a = log(1 + sum_b exp(s_ab - P_a)) from neg_sum = sum_b exp(s_ab - shift): exactly 0 when every negative is
+// dropped; NaN anywhere in the row (or the positive) reaches the loss.
 template <class T>
-T forward(const ContrastiveProblem<T>& p, T* lse, T* pos) {
+T row_loss(T pa, T shift, double neg_sum) {
+  const double pos_term = std::exp(static_cast<double>(pa) - static_cast<double>(shift));
+  const double l = pos_term > 1e-300 ? std::log1p(neg_sum / pos_term)
+                                     : std::log(pos_term + neg_sum) + shift - pa;
+  const bool bad = pa != pa || neg_sum != neg_sum;
+  return bad ? std::numeric_limits<T>::quiet_NaN() : static_cast<T>(l);
+}
+
+// The general path: row tiles against column tiles, a running maximum where the fixed shift does not fit.
+template <class T>
+T forward_general(const ContrastiveProblem<T>& p, T* lse, T* pos) {
   const Prepared<T> q = prepare(p);
   const int64_t row_tiles = q.rows_pad / kRows;
   const int64_t groups = (row_tiles + kGroupTiles - 1) / kGroupTiles;
@@ -269,7 +305,7 @@ T forward(const ContrastiveProblem<T>& p, T* lse, T* pos) {
       const int64_t t0 = grp * kGroupTiles, t1 = std::min(row_tiles, t0 + kGroupTiles);
       const int64_t g0 = t0 * kRows;  // first row of the group
       for (int64_t a = g0; a < t1 * kRows; ++a) {
-        pa[a - g0] = a < q.n2 ? positive_logit(p, q, a) : T(0);
+        pa[a - g0] = a < q.n2 ? positive_logit(p, q.zn.data(), q.bits, q.cos_ind.data(), q.inv_tau, a) : T(0);
         shift[a - g0] = q.fixed_shift ? q.inv_tau : pa[a - g0];
         neg_sum[a - g0] = 0.0;
       }
@@ -299,13 +335,7 @@ T forward(const ContrastiveProblem<T>& p, T* lse, T* pos) {
       }
       for (int64_t a = g0; a < std::min(q.n2, t1 * kRows); ++a) {
         const int64_t i = a - g0;
-        // l_a = log(1 + sum_b exp(s_ab - P_a)): exactly 0 when every negative is dropped.
-        const double pos_term = std::exp(static_cast<double>(pa[i]) - static_cast<double>(shift[i]));
-        const double l = pos_term > 1e-300 ? std::log1p(neg_sum[i] / pos_term)
-                                           : std::log(pos_term + neg_sum[i]) + shift[i] - pa[i];
-        // NaN anywhere in the row (or the positive) reaches the loss.
-        const bool bad = pa[i] != pa[i] || neg_sum[i] != neg_sum[i];
-        const T la = bad ? std::numeric_limits<T>::quiet_NaN() : static_cast<T>(l);
+        const T la = row_loss(pa[i], shift[i], neg_sum[i]);
         lse[a] = pa[i] + la;
         pos[a] = pa[i];
         total += static_cast<double>(la);
@@ -315,15 +345,79 @@ T forward(const ContrastiveProblem<T>& p, T* lse, T* pos) {
   return static_cast<T>(total / static_cast<double>(q.n2));
 }
 
+// dL/dS, dL/dTa and dL/dTv from g = sum_b coef_ab Zn_b (the negatives, row stride ld, overwritten): adds the
+// positive terms and the scale, then the chain through the normalisation, the mask and the individual cosine.
+// pos_coef[a] = w_a - 1, with w_a the positive's softmax weight in row a.
 template <class T>
-void backward(const ContrastiveProblem<T>& p, T grad_loss, const T* lse, const T* pos, T* g_student,
-              T* g_anchor, T* g_view) {
+void finish_backward(const ContrastiveProblem<T>& p, const T* zn, int64_t ld, const T* norm, const T* cos_ind,
+                     T inv_tau, T grad_loss, const T* pos_coef, T* gz, T* g_student, T* g_anchor, T* g_view) {
+  const int64_t B = p.batch, K = p.bits, n2 = 2 * B;
+  const T scale = grad_loss / static_cast<T>(n2);
+#pragma omp parallel for schedule(static) if (B * K > 65536)
+  for (int64_t k = 0; k < B; ++k) {
+    const T al = p.alpha[k];
+    const T* m = p.bit_mask ? p.bit_mask + k * K : nullptr;
+    const T cross = (T(1) - al) * (pos_coef[k] + pos_coef[k + B]);
+    const T f = scale * inv_tau;
+    for (int side = 0; side < 2; ++side) {
+      const int64_t a = k + side * B, partner = (a + B) % n2;
+      T* g = gz + a * ld;
+      const T* za = zn + a * ld;
+      const T* zp = zn + partner * ld;
+#pragma omp simd
+      for (int64_t d = 0; d < K; ++d) g[d] = f * (g[d] + cross * zp[d]);
+      T* out = side == 0 ? g_student : g_view;
+      if (out == nullptr) continue;
+      out += k * K;
+      const T n = norm[a];
+      const T inv = T(1) / clamp_norm(n);
+      // Through z / max(|z|, eps): the projection drops the radial part, except where the norm was clamped.
+      const T radial = n > T(kEps) ? dot(za, g, K) : T(0);
+#pragma omp simd
+      for (int64_t d = 0; d < K; ++d) out[d] = (g[d] - za[d] * radial) * inv;
+      if (m != nullptr) {
+#pragma omp simd
+        for (int64_t d = 0; d < K; ++d) out[d] *= m[d];
+      }
+    }
+    // Individual term: alpha_k * cos(S_k, Ta_k) / tau appears in P_k and P_{k+B}.
+    const T dc = scale * al * inv_tau * (pos_coef[k] + pos_coef[k + B]);
+    const T* s = p.student + k * K;
+    const T* ta = p.teacher_anchor + k * K;
+    const T ns_raw = std::sqrt(dot(s, s, K)), nt_raw = std::sqrt(dot(ta, ta, K));
+    const T ns = clamp_norm(ns_raw), nt = clamp_norm(nt_raw);
+    const T c = cos_ind[k];
+    const T cross_coef = dc / (ns * nt);
+    const T fs = ns_raw > T(kEps) ? dc * c / (ns * ns) : T(0);
+    const T ft = nt_raw > T(kEps) ? dc * c / (nt * nt) : T(0);
+    if (g_student != nullptr) {
+      T* out = g_student + k * K;
+#pragma omp simd
+      for (int64_t d = 0; d < K; ++d) out[d] += cross_coef * ta[d] - fs * s[d];
+    }
+    if (g_anchor != nullptr) {
+      T* out = g_anchor + k * K;
+#pragma omp simd
+      for (int64_t d = 0; d < K; ++d) out[d] = cross_coef * s[d] - ft * ta[d];
+    }
+  }
+}
+
+// w_a - 1 for every row, with w_a = exp(P_a - lse_a) the positive's softmax weight: the loss of row a moves with it
+// through P_a.
+template <class T>
+std::vector<T> positive_coefficients(const T* lse, const T* pos, int64_t n2) {
+  std::vector<T> c(static_cast<size_t>(n2));
+  for (int64_t a = 0; a < n2; ++a) c[a] = fast_exp(pos[a] - lse[a]) - T(1);
+  return c;
+}
+
+template <class T>
+void backward_general(const ContrastiveProblem<T>& p, T grad_loss, const T* lse, const T* pos, T* g_student,
+                      T* g_anchor, T* g_view) {
   const Prepared<T> q = prepare(p);
   const int64_t B = q.batch, K = q.bits, n2 = q.n2;
-  const T scale = grad_loss / static_cast<T>(n2);
-  // w_a: the positive's softmax weight; the loss of row a moves with (w_a - 1) through P_a.
-  std::vector<T> pos_coef(static_cast<size_t>(n2));
-  for (int64_t a = 0; a < n2; ++a) pos_coef[a] = fast_exp(pos[a] - lse[a]) - T(1);
+  const std::vector<T> pos_coef = positive_coefficients(lse, pos, n2);
   std::vector<T> lse_pad(static_cast<size_t>(q.cols_pad), std::numeric_limits<T>::infinity());
   std::copy(lse, lse + n2, lse_pad.begin());
   std::vector<T> gz(static_cast<size_t>(q.rows_pad * K), T(0));  // dL/dZn
@@ -377,51 +471,28 @@ void backward(const ContrastiveProblem<T>& p, T grad_loss, const T* lse, const T
       }
     }
   }
-  // Positive terms, scale, and the chain through the normalisation, the mask and the individual cosine.
-#pragma omp parallel for schedule(static) if (B * K > 65536)
-  for (int64_t k = 0; k < B; ++k) {
-    const T al = p.alpha[k];
-    const T* m = p.bit_mask ? p.bit_mask + k * K : nullptr;
-    const T cross = (T(1) - al) * (pos_coef[k] + pos_coef[k + B]);
-    for (int side = 0; side < 2; ++side) {
-      const int64_t a = k + side * B, partner = (a + B) % n2;
-      T* g = gz.data() + a * K;
-      const T* za = q.zn.data() + a * K;
-      const T* zp = q.zn.data() + partner * K;
-      T dot = 0;
-      for (int64_t d = 0; d < K; ++d) {
-        g[d] = scale * q.inv_tau * (g[d] + cross * zp[d]);
-        dot += za[d] * g[d];
-      }
-      T* out = side == 0 ? g_student : g_view;
-      if (out == nullptr) continue;
-      const T n = q.norm[a];
-      const bool clamped = !(n > T(kEps));
-      const T inv = T(1) / clamp_norm(n);
-      for (int64_t d = 0; d < K; ++d) {
-        const T dz = clamped ? g[d] * inv : (g[d] - za[d] * dot) * inv;
-        out[k * K + d] = m ? m[d] * dz : dz;
-      }
-    }
-    // Individual term: alpha_k * cos(S_k, Ta_k) / tau appears in P_k and P_{k+B}.
-    const T dc = scale * al * q.inv_tau * (pos_coef[k] + pos_coef[k + B]);
-    const T* s = p.student + k * K;
-    const T* ta = p.teacher_anchor + k * K;
-    T s2 = 0, t2 = 0;
-    for (int64_t d = 0; d < K; ++d) {
-      s2 += s[d] * s[d];
-      t2 += ta[d] * ta[d];
-    }
-    const T ns_raw = std::sqrt(s2), nt_raw = std::sqrt(t2);
-    const T ns = clamp_norm(ns_raw), nt = clamp_norm(nt_raw);
-    const T c = q.cos_ind[k];
-    const T fs = ns_raw > T(kEps) ? c / (ns * ns) : T(0);
-    const T ft = nt_raw > T(kEps) ? c / (nt * nt) : T(0);
-    for (int64_t d = 0; d < K; ++d) {
-      if (g_student) g_student[k * K + d] += dc * (ta[d] / (ns * nt) - fs * s[d]);
-      if (g_anchor) g_anchor[k * K + d] = dc * (s[d] / (ns * nt) - ft * ta[d]);
-    }
-  }
+  finish_backward(p, q.zn.data(), K, q.norm.data(), q.cos_ind.data(), q.inv_tau, grad_loss, pos_coef.data(), gz.data(),
+                  g_student, g_anchor, g_view);
+}
+
+}  // namespace brcd::cpu::BRCD_ISA
+
+#include "cpu/contrastive_symmetric.h"
+
+namespace brcd::cpu::BRCD_ISA {
+
+template <class T>
+T forward(const ContrastiveProblem<T>& p, T* lse, T* pos) {
+  return fixed_shift_fits(T(1) / p.temperature) ? forward_symmetric(p, lse, pos) : forward_general(p, lse, pos);
+}
+
+template <class T>
+void backward(const ContrastiveProblem<T>& p, T grad_loss, const T* lse, const T* pos, T* g_student, T* g_anchor,
+              T* g_view) {
+  if (fixed_shift_fits(T(1) / p.temperature))
+    backward_symmetric(p, grad_loss, lse, pos, g_student, g_anchor, g_view);
+  else
+    backward_general(p, grad_loss, lse, pos, g_student, g_anchor, g_view);
 }
 
 template float forward<float>(const ContrastiveProblem<float>&, float*, float*);
