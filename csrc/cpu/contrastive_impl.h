@@ -80,6 +80,9 @@ struct Prepared {
 };
 
 // Renumbers the group ids that occur (>= 0) densely from 0, keeping -1 for "none".
+// Rows times bits from which the O(B*K) loops (row preparation, the gradient chain) are worth a thread team.
+constexpr int64_t kRowWorkForThreads = 16384;
+
 inline void renumber_groups(const int64_t* row_groups, const int64_t* col_groups, int64_t n2, std::vector<int32_t>& gr,
                             std::vector<int32_t>& gc) {
   std::vector<int64_t> ids;
@@ -122,7 +125,7 @@ T dot(const T* x, const T* y, int64_t n) {
 template <class T>
 void normalise_rows(const ContrastiveProblem<T>& p, T* zn, int64_t ld, T* norm, T* cos_ind) {
   const int64_t B = p.batch, K = p.bits;
-#pragma omp parallel for schedule(static) if (B * K > 65536)
+#pragma omp parallel for schedule(static) if (B * K >= kRowWorkForThreads)
   for (int64_t a = 0; a < 2 * B; ++a) {
     const int64_t k = a % B;
     const T* src = (a < B ? p.student : p.teacher_view) + k * K;
@@ -353,7 +356,7 @@ void finish_backward(const ContrastiveProblem<T>& p, const T* zn, int64_t ld, co
                      T inv_tau, T grad_loss, const T* pos_coef, T* gz, T* g_student, T* g_anchor, T* g_view) {
   const int64_t B = p.batch, K = p.bits, n2 = 2 * B;
   const T scale = grad_loss / static_cast<T>(n2);
-#pragma omp parallel for schedule(static) if (B * K > 65536)
+#pragma omp parallel for schedule(static) if (B * K >= kRowWorkForThreads)
   for (int64_t k = 0; k < B; ++k) {
     const T al = p.alpha[k];
     const T* m = p.bit_mask ? p.bit_mask + k * K : nullptr;

@@ -65,6 +65,7 @@ SymPrepared<T> prepare_symmetric(const ContrastiveProblem<T>& p) {
   normalise_rows(p, q.zn.data(), q.kp, q.norm.data(), q.cos_ind.data());
   const int64_t bs = q.block;
   q.panels.assign(static_cast<size_t>(q.blocks * K * bs), T(0));
+#pragma omp parallel for schedule(static) if (B * K >= kRowWorkForThreads)
   for (int64_t blk = 0; blk < q.blocks; ++blk) {
     T* panel = q.panels.data() + blk * K * bs;
     for (int64_t j = 0; j < bs; ++j) {
@@ -75,11 +76,22 @@ SymPrepared<T> prepare_symmetric(const ContrastiveProblem<T>& p) {
   q.row_key.assign(static_cast<size_t>(q.rows_pad), -2);
   q.col_group.assign(static_cast<size_t>(q.rows_pad), -1);
   if (p.row_groups != nullptr && p.col_groups != nullptr) {
-    std::vector<int32_t> gr(static_cast<size_t>(q.n2)), gc(static_cast<size_t>(q.n2));
-    renumber_groups(p.row_groups, p.col_groups, q.n2, gr, gc);
-    for (int64_t a = 0; a < q.n2; ++a) {
-      q.row_key[a] = gr[a] >= 0 ? gr[a] : -2;
-      q.col_group[a] = gc[a];
+    // Ids as they are where they fit in int32 (cluster ids do), else renumbered densely; every negative id is "none".
+    const auto fits = [&](const int64_t* g) {
+      return std::all_of(g, g + q.n2, [](int64_t v) { return v <= std::numeric_limits<int32_t>::max(); });
+    };
+    if (fits(p.row_groups) && fits(p.col_groups)) {
+      for (int64_t a = 0; a < q.n2; ++a) {
+        q.row_key[a] = p.row_groups[a] >= 0 ? static_cast<int32_t>(p.row_groups[a]) : -2;
+        q.col_group[a] = p.col_groups[a] >= 0 ? static_cast<int32_t>(p.col_groups[a]) : -1;
+      }
+    } else {
+      std::vector<int32_t> gr(static_cast<size_t>(q.n2)), gc(static_cast<size_t>(q.n2));
+      renumber_groups(p.row_groups, p.col_groups, q.n2, gr, gc);
+      for (int64_t a = 0; a < q.n2; ++a) {
+        q.row_key[a] = gr[a] >= 0 ? gr[a] : -2;
+        q.col_group[a] = gc[a];
+      }
     }
   }
   return q;
@@ -183,11 +195,11 @@ void accumulate_block(const T* coef, int64_t rs, int64_t ts, int rows, int terms
 // pairs disjoint. Called inside a parallel region (or on one thread); every loop ends in a barrier.
 template <class Fn>
 void for_each_block_pair(int64_t blocks, Fn&& fn) {
-#pragma omp for schedule(dynamic)
+#pragma omp for schedule(static)
   for (int64_t I = 0; I < blocks; ++I) fn(I, I);
   const int64_t m = blocks + (blocks & 1);  // an odd count gets a dummy block: its pairs are skipped
   for (int64_t round = 0; round + 1 < m; ++round) {
-#pragma omp for schedule(dynamic)
+#pragma omp for schedule(static)
     for (int64_t k = 0; k < m / 2; ++k) {
       const int64_t x = k == 0 ? m - 1 : (round + k) % (m - 1);
       const int64_t y = (round - k + (m - 1)) % (m - 1);
@@ -246,6 +258,7 @@ T forward_symmetric(const ContrastiveProblem<T>& p, T* lse, T* pos) {
     });
   }
   double total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total) if (q.batch * q.bits >= kRowWorkForThreads)
   for (int64_t a = 0; a < q.n2; ++a) {
     const T pa = positive_logit(p, q.zn.data(), q.kp, q.cos_ind.data(), q.inv_tau, a);
     const T la = row_loss(pa, shift, neg_sum[a]);
