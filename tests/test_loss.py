@@ -115,6 +115,22 @@ def test_all_negatives_dropped_gives_zero(device):
 
 
 @pytest.mark.parametrize("device", device_params())
+def test_group_ids_of_any_size(device):
+    """Group ids are labels, not indices: huge ones (past int32) and other negative "none" values give the same loss
+    and gradients as small ones."""
+    s, ta, tv, kw = make_case(150, 16, 12, device=device)
+    want, want_g = loss_and_grads(brcd.brcd_loss, s, ta, tv, kw)
+    big = dict(kw)
+    for key in ("row_groups", "col_groups"):
+        g = kw[key]
+        big[key] = torch.where(g >= 0, g * 7 + 2**40, torch.full_like(g, -5))
+    got, got_g = loss_and_grads(brcd.brcd_loss, s, ta, tv, big)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    for g, w in zip(got_g, want_g):
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_ntxent_is_the_special_case(device):
     s, ta, tv, _ = make_case(32, 64, 5, mask=None, groups=None, device=device)
     assert torch.allclose(brcd.ntxent_loss(s, tv, temperature=0.2), ref.brcd_loss(
