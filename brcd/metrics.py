@@ -96,6 +96,8 @@ def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: Opt
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
         raise ValueError(f"topk must be a positive integer or None, got {topk!r}")
     k = n if topk is None else min(int(topk), n)
+    if dp.device.type == "cpu":  # one fused pass: candidates below the k-th distance, AP without a sort
+        return torch.ops.brcd.average_precision(qp, dp, ql, dl, k)
     out = []
     inv_positions = 1.0 / torch.arange(1, k + 1, dtype=torch.float64, device=dp.device)
     for _, rel in _ranked_chunks(qp, dp, ql, dl, k):

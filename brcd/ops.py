@@ -157,6 +157,11 @@ def ntxent_loss(view_a: Tensor, view_b: Tensor, *, temperature: float = 0.3) -> 
     return brcd_loss(view_a, view_a, view_b, temperature=temperature, alpha=0.0)
 
 
+@torch.library.register_fake("brcd::average_precision")
+def _average_precision_fake(query_packed, db_packed, query_labels, db_labels, k):
+    return query_packed.new_empty((query_packed.shape[0],), dtype=torch.float64)
+
+
 @torch.library.register_fake("brcd::contrastive_forward")
 def _contrastive_forward_fake(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups,
                               col_groups):

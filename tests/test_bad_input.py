@@ -81,3 +81,21 @@ def test_loss_mixed_devices():
     s, ta, tv = (torch.randn(6, 16) for _ in range(3))
     with pytest.raises(ValueError, match="teacher_view"):
         brcd.brcd_loss(s, ta, tv.cuda())
+
+
+def test_average_precision_op_bad_input():
+    ap = torch.ops.brcd.average_precision
+    q, db = brcd.pack_codes(torch.randn(3, 16)), brcd.pack_codes(torch.randn(10, 16))
+    ql, dl = torch.zeros(3, dtype=torch.long), torch.zeros(10, dtype=torch.long)
+    cases = [
+        ((q, db, ql, dl, 0), ValueError, "k must be between 1"),
+        ((q, db, ql, dl, 11), ValueError, "k must be between 1"),
+        ((q, db, ql, dl[:9], 5), ValueError, "db_labels has 9 rows"),
+        ((q, db, ql.float(), dl.float(), 5), TypeError, "query_labels: 1-D labels must be integer"),
+        ((q, db, ql, torch.zeros(10, 4), 5), ValueError, "of one kind"),
+        ((q, db, torch.zeros(3, 4), torch.zeros(10, 5), 5), ValueError, "of one kind"),
+        ((q, brcd.pack_codes(torch.randn(10, 24)), ql, dl, 5), ValueError, "bytes per code"),
+    ]
+    for args, exc, needle in cases:
+        with pytest.raises(exc, match=needle):
+            ap(*args)

@@ -122,3 +122,35 @@ def test_metric_bad_input():
         metrics.mean_average_precision(qc, dc, ql, dl, topk=0)
     with pytest.raises(ValueError, match="classes"):
         metrics.mean_average_precision(qc, dc, torch.eye(3), torch.ones(10, 4))
+
+
+def test_candidate_lists_survive_a_misleading_sample():
+    """The CPU top-k and AP guess a distance bound from a strided sample of the database. Here the sampled codes are
+    copies of the query and every other code is far: the bound admits too few codes and the scan must widen it."""
+    nbits, n, k = 64, 16384, 3000
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(1, nbits, generator=gen).sign()
+    db = torch.randn(n, nbits, generator=gen).sign()
+    db[:, :30] = -query[:, :30]  # distance >= 30 from the query ...
+    sampled = torch.arange(n).view(-1, 8)[::8].flatten()  # ... except the blocks of 8 a stride-8 sample reads
+    db[sampled] = query
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    qp, dp = brcd.pack_codes(query), brcd.pack_codes(db)
+    d, i = brcd.hamming_topk(qp, dp, k)
+    rd, ri = ref.hamming_topk(qp, dp, k)
+    assert torch.equal(d, rd) and torch.equal(i, ri)
+    want = brute_force_map(query, db, labels[:1], labels, k)
+    assert abs(metrics.mean_average_precision(query, db, labels[:1], labels, topk=k) - want) <= 1e-12
+
+
+@pytest.mark.parametrize("topk", [300, 2500])
+def test_map_on_a_database_large_enough_to_sample(topk):
+    gen = torch.Generator().manual_seed(topk)
+    qc, ql = labelled_codes(37, 32, 6, gen)
+    dc, dl = labelled_codes(9000, 32, 6, gen)
+    want = brute_force_map(qc, dc, ql, dl, topk)
+    assert abs(metrics.mean_average_precision(qc, dc, ql, dl, topk=topk) - want) <= 1e-12
+    multi = torch.nn.functional.one_hot(dl, 6) | (torch.rand(9000, 6, generator=gen) < 0.2).long()
+    qmulti = torch.nn.functional.one_hot(ql, 6)
+    want = brute_force_map(qc, dc, qmulti.double(), multi.double(), topk)
+    assert abs(metrics.mean_average_precision(qc, dc, qmulti, multi, topk=topk) - want) <= 1e-12

@@ -18,6 +18,16 @@ def test_opcheck_hamming(device):
     torch.library.opcheck(ops.hamming_topk.default, (q, db, 7))
 
 
+def test_opcheck_average_precision():
+    # CPU only: on a GPU, brcd.metrics ranks with hamming_topk and computes AP with torch.
+    q = brcd.pack_codes(torch.randn(5, 70))
+    db = brcd.pack_codes(torch.randn(50, 70))
+    ids_q, ids_db = torch.randint(0, 3, (5,)), torch.randint(0, 3, (50,))
+    torch.library.opcheck(ops.average_precision.default, (q, db, ids_q, ids_db, 9))
+    torch.library.opcheck(ops.average_precision.default, (q, db, ids_q[:, None] == torch.arange(3),
+                                                          ids_db[:, None] == torch.arange(3), 50))
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_extras", [False, True])

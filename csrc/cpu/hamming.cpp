@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "cpu/hamming_layout.h"
@@ -214,7 +215,10 @@ namespace {
 // final k; it stays exact because a query left with fewer than k qualifying codes is scanned again in full.
 class SampledThresholds {
  public:
-  SampledThresholds(const BlockedCodes& db, const QueryWords& q, const ScanKernels& kern, int64_t k) {
+  // margin: how many times k codes the bound should admit (the threshold state tightens a loose bound as it
+  // scans; a candidate list keeps whatever it admits, so it wants a tight one).
+  SampledThresholds(const BlockedCodes& db, const QueryWords& q, const ScanKernels& kern, int64_t k,
+                    double margin = 2.0) {
     const int64_t sample_blocks = std::min(kSampleBlocks, db.blocks / 8);
     if (sample_blocks < 16) return;  // small databases: not worth it
     BlockedCodes sample;
@@ -227,8 +231,9 @@ class SampledThresholds {
       std::copy(db.block(s * stride), db.block(s * stride) + db.words * kLanes,
                 sample.data.begin() + s * db.words * kLanes);
     const int64_t bins = db.words * 64 + 1;
-    // Twice k codes expected at or below the threshold; a sampled count of `need` stands for need * n / sample.
-    const double need = 2.0 * static_cast<double>(k) * static_cast<double>(sample.rows) / static_cast<double>(db.rows);
+    // margin * k codes expected at or below the threshold; a sampled count of `need` stands for need * n / sample.
+    const double need =
+        margin * static_cast<double>(k) * static_cast<double>(sample.rows) / static_cast<double>(db.rows);
     max_dist_.assign(static_cast<size_t>(q.rows), -1);
     const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
 #pragma omp parallel
@@ -261,6 +266,49 @@ class SampledThresholds {
  private:
   std::vector<int64_t> max_dist_;
 };
+
+// Where k is a few percent of the database, hits are dense: the branch-free candidate scan beats the threshold state.
+bool dense_hits(int64_t k, int64_t n) {
+  return k * 64 >= n && n < std::numeric_limits<int32_t>::max();
+}
+
+// A tight bound for candidate lists: about 1.25 k codes expected below it.
+constexpr double kCandidateMargin = 1.25;
+
+// Every code of queries [q0, q1) closer than its guessed bound, in index order. A query with fewer than k of them
+// is scanned again with a looser bound (up to none at all), so each list ends up holding the query's whole top k.
+void collect_candidates(const BlockedCodes& db, const QueryWords& q, const ScanKernels& kern,
+                        const SampledThresholds& guess, int64_t k, int64_t q0, int64_t q1,
+                        std::vector<Candidates>& cands) {
+  const int64_t nbits = db.words * 64;
+  cands.clear();
+  for (int64_t qi = q0; qi < q1; ++qi)
+    cands.emplace_back(static_cast<int32_t>(guess.max_dist(qi, nbits) + 1), 2 * k);
+  kern.collect(db, q, q0, q1, 0, db.blocks, cands.data());
+  const int32_t step = static_cast<int32_t>(std::max<int64_t>(1, nbits / 32));
+  for (int64_t qi = q0; qi < q1; ++qi) {
+    Candidates& c = cands[qi - q0];
+    while (c.size < k) {
+      c.limit = static_cast<int32_t>(std::min<int64_t>(nbits + 1, c.limit + step));
+      c.size = 0;
+      kern.collect(db, q, qi, qi + 1, 0, db.blocks, &c);
+    }
+  }
+}
+
+// The first k of index-ordered candidates by (distance, index): a stable counting sort.
+void select_candidates(const Candidates& c, int64_t k, int64_t nbits, int32_t* out_dist, int64_t* out_idx) {
+  std::vector<int64_t> start(static_cast<size_t>(nbits + 2), 0);
+  for (int64_t r = 0; r < c.size; ++r) ++start[c.dist[r] + 1];
+  for (int64_t d = 0; d <= nbits; ++d) start[d + 1] += start[d];
+  for (int64_t r = 0; r < c.size; ++r) {
+    const int64_t pos = start[c.dist[r]]++;
+    if (pos < k) {
+      out_dist[pos] = c.dist[r];
+      out_idx[pos] = c.idx[r];
+    }
+  }
+}
 
 // Counting select over whole distance rows, for k a sizeable share of n (where the threshold scan would accept a
 // large fraction of the database): distances of a block of queries, a histogram, then one pass in index order that
@@ -317,6 +365,22 @@ void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, 
   const int64_t shards = shard_count(qblocks, blocked.blocks);
   const int64_t shard_len = (blocked.blocks + shards - 1) / shards;
 
+  if (shards == 1 && dense_hits(k, blocked.rows)) {
+    const SampledThresholds guess(blocked, q, kern, k, kCandidateMargin);
+#pragma omp parallel
+    {
+      std::vector<Candidates> cands;
+#pragma omp for schedule(dynamic)
+      for (int64_t qb = 0; qb < qblocks; ++qb) {
+        const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
+        collect_candidates(blocked, q, kern, guess, k, q0, q1, cands);
+        for (int64_t qi = q0; qi < q1; ++qi)
+          select_candidates(cands[qi - q0], k, nbits, out_dist + qi * k, out_idx + qi * k);
+      }
+    }
+    return;
+  }
+
   if (shards == 1) {
     const SampledThresholds guess(blocked, q, kern, k);
 #pragma omp parallel for schedule(dynamic)
@@ -367,6 +431,89 @@ void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, 
       }
     }
     merged.finish(out_dist + qi * k, out_idx + qi * k);
+  }
+}
+
+// ---------------------------------------------------------------- average precision
+namespace {
+bool relevant(const ItemLabels& ql, int64_t qi, const ItemLabels& dl, int64_t j) {
+  if (ql.ids != nullptr) return ql.ids[qi] == dl.ids[j];
+  const uint64_t* a = ql.bits + qi * ql.words;
+  const uint64_t* b = dl.bits + j * dl.words;
+  for (int64_t w = 0; w < ql.words; ++w)
+    if (a[w] & b[w]) return true;
+  return false;
+}
+
+// AP@k from a query's index-ordered candidates (all codes closer than some bound, at least k of them). Position
+// of a code at distance d: the codes closer than d, plus those at d with a smaller index, plus one; likewise its
+// rank among the relevant. Only the first (k - closer than t) codes at the k-th distance t are in the top k.
+// inv_position[p] = 1 / p (inv_position[0] = 0). The last pass has no data-dependent branch: codes outside the
+// top k count in a scratch bin, irrelevant ones add 0.
+double candidates_ap(const Candidates& c, const ItemLabels& ql, int64_t qi, const ItemLabels& dl, int64_t k,
+                     int64_t nbits, const std::vector<double>& inv_position, std::vector<uint8_t>& rel,
+                     std::vector<int64_t>& work) {
+  const int64_t bins = nbits + 2, scratch = nbits + 1;
+  work.assign(static_cast<size_t>(4 * bins), 0);
+  int64_t* before_all = work.data();        // codes closer than d (a histogram until the prefix sum)
+  int64_t* before_rel = before_all + bins;  // relevant codes closer than d
+  int64_t* seen_all = before_rel + bins;    // codes at d met so far in the final pass
+  int64_t* seen_rel = seen_all + bins;
+  rel.resize(static_cast<size_t>(c.size));
+  for (int64_t r = 0; r < c.size; ++r) {
+    rel[r] = relevant(ql, qi, dl, c.idx[r]);
+    ++before_all[c.dist[r] + 1];
+    before_rel[c.dist[r] + 1] += rel[r];
+  }
+  for (int64_t d = 1; d < bins; ++d) {
+    before_all[d] += before_all[d - 1];
+    before_rel[d] += before_rel[d - 1];
+  }
+  int64_t t = 0;  // the k-th distance
+  while (before_all[t + 1] < k) ++t;
+  int64_t room_at_t = k - before_all[t];
+  double sum = 0;
+  int64_t hits = 0;
+  for (int64_t r = 0; r < c.size; ++r) {
+    const int32_t d = c.dist[r];
+    const bool at = d == t;
+    const bool keep = d < t || (at && room_at_t > 0);
+    room_at_t -= at & keep;
+    const int64_t bin = keep ? d : scratch;
+    const int64_t position = before_all[bin] + ++seen_all[bin];
+    const int64_t counted = rel[r] & keep;
+    seen_rel[bin] += counted;
+    const int64_t rank = before_rel[bin] + seen_rel[bin];
+    sum += static_cast<double>(rank * counted) * inv_position[keep ? position : 0];
+    hits += counted;
+  }
+  return hits > 0 ? sum / static_cast<double>(hits) : 0.0;
+}
+}  // namespace
+
+void average_precision(const PackedCodes& queries, const PackedCodes& db, const ItemLabels& query_labels,
+                       const ItemLabels& db_labels, int64_t k, double* out) {
+  if (queries.rows == 0) return;
+  const BlockedCodes blocked = to_blocked(db);
+  const QueryWords q = to_words(queries);
+  const ScanKernels& kern = kernels();
+  const int64_t nbits = blocked.words * 64;
+  const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
+  const SampledThresholds guess(blocked, q, kern, k, kCandidateMargin);
+  std::vector<double> inv_position(static_cast<size_t>(k + 1), 0.0);
+  for (int64_t p = 1; p <= k; ++p) inv_position[p] = 1.0 / static_cast<double>(p);
+#pragma omp parallel
+  {
+    std::vector<Candidates> cands;
+    std::vector<uint8_t> rel;
+    std::vector<int64_t> work;
+#pragma omp for schedule(dynamic)
+    for (int64_t qb = 0; qb < qblocks; ++qb) {
+      const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
+      collect_candidates(blocked, q, kern, guess, k, q0, q1, cands);
+      for (int64_t qi = q0; qi < q1; ++qi)
+        out[qi] = candidates_ap(cands[qi - q0], query_labels, qi, db_labels, k, nbits, inv_position, rel, work);
+    }
   }
 }
 

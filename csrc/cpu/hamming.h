@@ -31,4 +31,18 @@ void hamming_distance(const PackedCodes& queries, const PackedCodes& db, int32_t
 void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, int32_t* out_dist,
                   int64_t* out_idx);
 
+// Labels of the items of a ranking: class ids (relevant when equal) or label bitsets of `words` uint64 per item
+// (relevant when they share a bit). Exactly one of ids and bits is set.
+struct ItemLabels {
+  const int64_t* ids = nullptr;
+  const uint64_t* bits = nullptr;
+  int64_t words = 0;
+};
+
+// AP@k of every query (shared/spec/contrastive-loss.md): the database ranked by ascending distance, ties to the
+// smaller index; AP = mean over the relevant items of the top k of (their rank among the relevant) / (their
+// position); 0 where none is relevant. Computed from the codes closer than the k-th distance, without sorting.
+void average_precision(const PackedCodes& queries, const PackedCodes& db, const ItemLabels& query_labels,
+                       const ItemLabels& db_labels, int64_t k, double* out);
+
 }  // namespace brcd::cpu

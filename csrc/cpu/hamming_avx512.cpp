@@ -33,6 +33,19 @@ struct Isa {
   static inline void all(const uint64_t* block, const uint64_t* q, int64_t words, int32_t* dist8) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dist8), _mm512_cvtepi64_epi32(dist<WC>(block, q, words)));
   }
+  // Compress in registers, then plain stores of all 8 lanes (the memory form of vpcompressd is microcoded and slow
+  // on some processors); the caller's buffer has room for them.
+  template <int WC>
+  static inline int collect(const uint64_t* block, const uint64_t* q, int64_t words, int64_t threshold,
+                            unsigned valid, int32_t first_index, int32_t* out_dist, int32_t* out_idx) {
+    const __m512i d = dist<WC>(block, q, words);
+    const __mmask8 m = _mm512_cmplt_epi64_mask(d, _mm512_set1_epi64(threshold)) & static_cast<__mmask8>(valid);
+    const __m256i lanes = _mm256_add_epi32(_mm256_set1_epi32(first_index), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_dist),
+                        _mm256_maskz_compress_epi32(m, _mm512_cvtepi64_epi32(d)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_idx), _mm256_maskz_compress_epi32(m, lanes));
+    return __builtin_popcount(m);
+  }
 };
 
 }  // namespace

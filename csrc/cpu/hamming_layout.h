@@ -51,6 +51,26 @@ class TopkState {
   size_t capacity_;
 };
 
+// Every code closer than a fixed bound, in ascending index order: the scan appends without a branch per hit, which
+// pays where hits are dense (k a few percent of the database) and TopkState's branchy threshold updates stall.
+struct Candidates {
+  int32_t limit = 0;  // accept distances < limit
+  int64_t size = 0;
+  std::vector<int32_t> dist, idx;  // capacity >= size + kLanes: an append may write a whole block's lanes
+  explicit Candidates(int32_t accept_below = 0, int64_t expected = 64) : limit(accept_below) {
+    reserve(expected + kLanes);
+  }
+  void reserve(int64_t n) {
+    if (static_cast<int64_t>(dist.size()) >= n) return;
+    dist.resize(static_cast<size_t>(n));
+    idx.resize(static_cast<size_t>(n));
+  }
+  // Room for one more block of lanes.
+  void make_room() {
+    if (size + kLanes > static_cast<int64_t>(dist.size())) reserve(2 * static_cast<int64_t>(dist.size()) + kLanes);
+  }
+};
+
 // Per-ISA scans, defined in hamming_<isa>.cpp. `states` has one entry per query in [q_begin, q_end); `distance`
 // writes the row of query qi at out + (qi - q_begin) * db.rows.
 struct ScanKernels {
@@ -58,6 +78,9 @@ struct ScanKernels {
                int64_t block_end, TopkState* states);
   void (*distance)(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end,
                    int64_t block_begin, int64_t block_end, int32_t* out);
+  // Appends every code with distance < cands[qi - q_begin].limit to that query's candidates.
+  void (*collect)(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t block_begin,
+                  int64_t block_end, Candidates* cands);
 };
 
 namespace scalar { ScanKernels kernels(); }

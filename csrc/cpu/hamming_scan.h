@@ -2,8 +2,13 @@
 //   template <int WC> static unsigned below(const uint64_t* block, const uint64_t* q, int64_t words,
 //                                           int64_t threshold, int32_t* dist8);   // lanes with distance < threshold
 //   template <int WC> static void all(const uint64_t* block, const uint64_t* q, int64_t words, int32_t* dist8);
+// and optionally a branch-free append of the lanes below a threshold (valid: the lanes that are codes):
+//   template <int WC> static int collect(const uint64_t* block, const uint64_t* q, int64_t words, int64_t threshold,
+//                                        unsigned valid, int32_t first_index, int32_t* dist, int32_t* idx);
 // WC is the word count when known at compile time (1..4), else 0.
 #pragma once
+#include <algorithm>
+
 #include "cpu/hamming_layout.h"
 
 namespace brcd::cpu::detail {
@@ -51,6 +56,36 @@ void distance_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin,
   }
 }
 
+template <class Isa, int WC>
+void collect_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t b_begin,
+                  int64_t b_end, Candidates* cands) {
+  alignas(64) int32_t dist8[kLanes];
+  const int64_t words = db.words;
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const uint64_t* block = db.block(b);
+    const int64_t base = b * kLanes;
+    const int64_t lanes = std::min<int64_t>(kLanes, db.rows - base);
+    const unsigned valid = (1u << lanes) - 1;
+    for (int64_t qi = q_begin; qi < q_end; ++qi) {
+      Candidates& c = cands[qi - q_begin];
+      c.make_room();
+      if constexpr (requires { Isa::template collect<WC>(block, q.row(qi), words, 0, 0u, 0, dist8, dist8); }) {
+        c.size += Isa::template collect<WC>(block, q.row(qi), words, c.limit, valid, static_cast<int32_t>(base),
+                                            c.dist.data() + c.size, c.idx.data() + c.size);
+      } else {
+        unsigned m = Isa::template below<WC>(block, q.row(qi), words, c.limit, dist8) & valid;
+        while (m) {
+          const int lane = __builtin_ctz(m);
+          m &= m - 1;
+          c.dist[c.size] = dist8[lane];
+          c.idx[c.size] = static_cast<int32_t>(base + lane);
+          ++c.size;
+        }
+      }
+    }
+  }
+}
+
 template <class Isa>
 ScanKernels make_kernels() {
   ScanKernels k;
@@ -72,6 +107,16 @@ ScanKernels make_kernels() {
       case 3: return distance_scan<Isa, 3>(db, q, qb, qe, bb, be, out);
       case 4: return distance_scan<Isa, 4>(db, q, qb, qe, bb, be, out);
       default: return distance_scan<Isa, 0>(db, q, qb, qe, bb, be, out);
+    }
+  };
+  k.collect = [](const BlockedCodes& db, const QueryWords& q, int64_t qb, int64_t qe, int64_t bb, int64_t be,
+                 Candidates* c) {
+    switch (db.words) {
+      case 1: return collect_scan<Isa, 1>(db, q, qb, qe, bb, be, c);
+      case 2: return collect_scan<Isa, 2>(db, q, qb, qe, bb, be, c);
+      case 3: return collect_scan<Isa, 3>(db, q, qb, qe, bb, be, c);
+      case 4: return collect_scan<Isa, 4>(db, q, qb, qe, bb, be, c);
+      default: return collect_scan<Isa, 0>(db, q, qb, qe, bb, be, c);
     }
   };
   return k;

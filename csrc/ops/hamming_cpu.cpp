@@ -1,6 +1,9 @@
 // CPU implementations of the Hamming ops: torch glue around csrc/cpu/hamming.h.
 #include <torch/library.h>
 
+#include <limits>
+#include <vector>
+
 #include "cpu/hamming.h"
 #include "ops/hamming_common.h"
 
@@ -41,9 +44,60 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& query_pack
   return {dist, idx};
 }
 
+// Class ids [n] as int64, or multi-hot labels [n, C] (an entry > 0 is a label) as bitsets of ceil(C / 64) words.
+struct LabelStorage {
+  at::Tensor ids;
+  std::vector<uint64_t> bits;
+  cpu::ItemLabels view;
+};
+
+LabelStorage item_labels(const at::Tensor& labels, int64_t rows, const char* name) {
+  TORCH_CHECK_VALUE(labels.dim() == 1 || labels.dim() == 2, name, " must be class ids [n] or multi-hot labels [n, C], got ",
+                    labels.dim(), " dimensions");
+  TORCH_CHECK_VALUE(labels.size(0) == rows, name, " has ", labels.size(0), " rows but there are ", rows, " codes");
+  TORCH_CHECK_VALUE(labels.device().is_cpu(), name, " must be on the CPU, got ", labels.device());
+  LabelStorage s;
+  if (labels.dim() == 1) {
+    TORCH_CHECK_TYPE(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool, name,
+                     ": 1-D labels must be integer class ids, got ", labels.scalar_type());
+    s.ids = labels.to(at::kLong).contiguous();
+    s.view.ids = s.ids.data_ptr<int64_t>();
+    return s;
+  }
+  const at::Tensor has = labels.scalar_type() == at::kBool ? labels.contiguous() : labels.gt(0).contiguous();
+  const int64_t classes = has.size(1), words = std::max<int64_t>(1, (classes + 63) / 64);
+  s.bits.assign(static_cast<size_t>(rows * words), 0);
+  const bool* h = has.data_ptr<bool>();
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < classes; ++c)
+      if (h[i * classes + c]) s.bits[i * words + c / 64] |= uint64_t(1) << (c % 64);
+  s.view.bits = s.bits.data();
+  s.view.words = words;
+  return s;
+}
+
+at::Tensor average_precision_cpu(const at::Tensor& query_packed, const at::Tensor& db_packed,
+                                 const at::Tensor& query_labels, const at::Tensor& db_labels, int64_t k) {
+  const at::Tensor q = check_packed(query_packed, "query_packed");
+  const at::Tensor db = check_packed(db_packed, "db_packed");
+  check_pair(q, db);
+  check_k(k, db);
+  TORCH_CHECK_VALUE(db.size(0) < std::numeric_limits<int32_t>::max(), "db_packed has ", db.size(0),
+                    " codes; average_precision handles fewer than 2^31");
+  TORCH_CHECK_VALUE(query_labels.dim() == db_labels.dim() && (query_labels.dim() == 1 || query_labels.size(1) ==
+                    db_labels.size(1)), "query_labels and db_labels must be of one kind: class ids [n] on both "
+                    "sides, or multi-hot labels with the same number of classes");
+  const LabelStorage ql = item_labels(query_labels, q.size(0), "query_labels");
+  const LabelStorage dl = item_labels(db_labels, db.size(0), "db_labels");
+  at::Tensor out = at::empty({q.size(0)}, q.options().dtype(at::kDouble));
+  cpu::average_precision(view(q), view(db), ql.view, dl.view, k, out.data_ptr<double>());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(brcd, CPU, m) {
+  m.impl("average_precision", &average_precision_cpu);
   m.impl("pack_codes", &pack_codes_cpu);
   m.impl("hamming_distance", &hamming_distance_cpu);
   m.impl("hamming_topk", &hamming_topk_cpu);
