@@ -56,19 +56,20 @@ class TopkState {
 struct Candidates {
   int32_t limit = 0;  // accept distances < limit
   int64_t size = 0;
-  std::vector<int32_t> dist, idx;  // capacity >= size + kLanes: an append may write a whole block's lanes
+  std::vector<int32_t> dist, idx;  // capacity >= size + 2 kLanes: an append may write two blocks' lanes
   explicit Candidates(int32_t accept_below = 0, int64_t expected = 64) : limit(accept_below) {
-    reserve(expected + kLanes);
+    reserve(expected + 2 * kLanes);
   }
   void reserve(int64_t n) {
     if (static_cast<int64_t>(dist.size()) >= n) return;
     dist.resize(static_cast<size_t>(n));
     idx.resize(static_cast<size_t>(n));
   }
-  // Room for one more block of lanes.
-  void make_room() {
-    if (size + kLanes > static_cast<int64_t>(dist.size())) reserve(2 * static_cast<int64_t>(dist.size()) + kLanes);
+  // Room for two more blocks of lanes: an inlined test in the scan loop, the growth out of line.
+  inline void make_room() {
+    if (__builtin_expect(size + 2 * kLanes > static_cast<int64_t>(dist.size()), 0)) grow();
   }
+  [[gnu::noinline]] void grow() { reserve(2 * static_cast<int64_t>(dist.size()) + 2 * kLanes); }
 };
 
 // Per-ISA scans, defined in hamming_<isa>.cpp. `states` has one entry per query in [q_begin, q_end); `distance`

@@ -61,6 +61,20 @@ void collect_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, 
                   int64_t b_end, Candidates* cands) {
   alignas(64) int32_t dist8[kLanes];
   const int64_t words = db.words;
+  if constexpr (requires { Isa::template collect2<WC>(nullptr, nullptr, words, 0, 0u, 0, dist8, dist8); }) {
+    for (; b_begin + 2 <= b_end; b_begin += 2) {  // pairs of blocks; a last odd one below
+      const uint64_t* block = db.block(b_begin);
+      const int64_t base = b_begin * kLanes;
+      const int64_t lanes = std::min<int64_t>(2 * kLanes, db.rows - base);
+      const unsigned valid = (1u << lanes) - 1;
+      for (int64_t qi = q_begin; qi < q_end; ++qi) {
+        Candidates& c = cands[qi - q_begin];
+        c.make_room();
+        c.size += Isa::template collect2<WC>(block, q.row(qi), words, c.limit, valid, static_cast<int32_t>(base),
+                                             c.dist.data() + c.size, c.idx.data() + c.size);
+      }
+    }
+  }
   for (int64_t b = b_begin; b < b_end; ++b) {
     const uint64_t* block = db.block(b);
     const int64_t base = b * kLanes;
