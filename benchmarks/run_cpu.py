@@ -45,7 +45,11 @@ def bench_topk(n: int, q_count: int, bit_list, ks) -> str:
         index = faiss.IndexBinaryFlat(nbits)
         index.add(db.numpy())
         for k in ks:
+            # Each library's OpenMP threads spin for a while after its last parallel region: a pause between the
+            # two keeps one from timing against the other's idle spinning.
+            time.sleep(0.5)
             t_faiss = time_cpu(lambda: index.search(q.numpy(), k), repeat=3)
+            time.sleep(0.5)
             t_brcd = time_cpu(lambda: brcd.hamming_topk(q, db, k), repeat=3)
             d_faiss, _ = index.search(q.numpy(), k)
             d_brcd, _ = brcd.hamming_topk(q, db, k)
@@ -162,7 +166,15 @@ def loss_worker(B: int, impl: str, repeat: int) -> dict:
         compile_s = first
         with PeakRss() as mem:  # the compiled step's own memory, not the compiler's
             step()
-    t = time_cpu(step, repeat=repeat, warmup=0) if repeat else first
+    if repeat:
+        # Steps of a fraction of a millisecond are timed in runs of about 50 ms (the same for every implementation):
+        # one step alone is at the mercy of the clock and of the scheduler.
+        t0 = time.perf_counter()
+        step()
+        inner = int(min(1000, max(1, 0.05 / (time.perf_counter() - t0))))
+        t = time_cpu(lambda: [step() for _ in range(inner)], repeat=repeat, warmup=0) / inner
+    else:
+        t = first
     return {"seconds": t, "peak_mib": (mem.peak - mem.start) / 2**20, "compile_s": compile_s}
 
 

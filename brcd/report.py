@@ -1,4 +1,5 @@
-"""The run report: the results table, mAP over epochs (a plot) and encoding throughput, in Markdown."""
+"""The run report in Markdown: the results table, encoding throughput (a table and a bar chart), precision-recall
+curves and mAP over epochs (plots)."""
 from __future__ import annotations
 
 import json
@@ -52,6 +53,20 @@ def _plot_pr(out: Path, curves: dict) -> str:
     return "![precision-recall curves](pr_curves.png)\n"
 
 
+def _plot_throughput(out: Path, names: list, values: list) -> str:
+    fig, ax = _pyplot().subplots(figsize=(5, 2.2))
+    ax.barh(names, values, color=["tab:blue", "tab:orange"])
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.0f}", va="center", fontsize=8)
+    ax.set_xlabel("images / s (encoding)")
+    ax.set_xlim(0, max(values) * 1.2)
+    _save(fig, out / "throughput.png")
+    return "![encoding throughput](throughput.png)\n"
+
+
+_DATASET_NAMES = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "list": "image lists"}
+
+
 def render_report(out: Path, args, results: dict, curves: dict) -> str:
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
     rows = [
@@ -64,12 +79,16 @@ def render_report(out: Path, args, results: dict, curves: dict) -> str:
     table = "| model | backbone | mAP symmetric | mAP asymmetric (teacher database) |\n|---|---|---|---|\n"
     table += "".join(f"| {a} | {b} | {fmt(c)} | {fmt(d)} |\n" for a, b, c, d in rows)
     tp = results["throughput_images_per_s"]
+    data = "synthetic" if args.synthetic else _DATASET_NAMES.get(args.dataset, args.dataset)
+    if args.dataset == "list" and not args.synthetic:
+        data += f" ({args.data_dir})"
+    chart = _plot_throughput(out, [f"student\n{args.student}", f"teacher\n{args.teacher}"],
+                             [tp["student"], tp["teacher"]])
     return (
-        f"# brcd demo\n\n{args.bits}-bit codes, mAP@{args.topk}, data: "
-        f"{'synthetic' if args.synthetic else 'Fashion-MNIST'}, seed {args.seed}, device {args.device}, "
-        f"{results['seconds']:.0f} s in all.\n\n## Test results\n\n{table}\n"
+        f"# brcd demo\n\n{args.bits}-bit codes, mAP@{args.topk}, data: {data}, seed {args.seed}, "
+        f"device {args.device}, {results['seconds']:.0f} s in all.\n\n## Test results\n\n{table}\n"
         f"## Encoding throughput\n\n| model | images/s |\n|---|---|\n| teacher ({args.teacher}) | "
-        f"{tp['teacher']:.0f} |\n| student ({args.student}) | {tp['student']:.0f} |\n\n"
+        f"{tp['teacher']:.0f} |\n| student ({args.student}) | {tp['student']:.0f} |\n\n{chart}\n"
         f"## Precision-recall (test)\n\n{_plot_pr(out, curves)}\n"
         f"## Validation during training\n\n{_plot_curves(out)}"
     )

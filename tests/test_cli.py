@@ -34,6 +34,7 @@ def test_demo_writes_report_metrics_and_checkpoints(demo_run):
     report = (out / "report.md").read_text()
     assert "student with BRCD" in report and (out / "map_over_epochs.png").exists()
     assert (out / "pr_curves.png").exists() and "pr_curves.png" in report
+    assert (out / "throughput.png").exists() and "throughput.png" in report and "data: synthetic" in report
     for name in ("teacher", "student_no_kd", "student_brcd", "student_brcd.asymmetric"):
         ckpt = torch.load(out / f"{name}.pt", weights_only=True)
         assert "state_dict" in ckpt and ckpt["config"]["bits"] == 64 and ckpt["model"]["bits"] == 64
