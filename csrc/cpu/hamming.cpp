@@ -460,8 +460,13 @@ double candidates_ap(const Candidates& c, const ItemLabels& ql, int64_t qi, cons
   int64_t* seen_all = before_rel + bins;    // codes at d met so far in the final pass
   int64_t* seen_rel = seen_all + bins;
   rel.resize(static_cast<size_t>(c.size));
+  if (ql.ids != nullptr) {  // the common case without a call per candidate
+    const int64_t id = ql.ids[qi];
+    for (int64_t r = 0; r < c.size; ++r) rel[r] = dl.ids[c.idx[r]] == id;
+  } else {
+    for (int64_t r = 0; r < c.size; ++r) rel[r] = relevant(ql, qi, dl, c.idx[r]);
+  }
   for (int64_t r = 0; r < c.size; ++r) {
-    rel[r] = relevant(ql, qi, dl, c.idx[r]);
     ++before_all[c.dist[r] + 1];
     before_rel[c.dist[r] + 1] += rel[r];
   }
