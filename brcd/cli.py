@@ -166,11 +166,13 @@ def run_evaluate(args) -> dict:
     model = load_model(args.checkpoint, args.device)
     queries, query_labels = data.test_images[split.test_queries], data.test_labels[split.test_queries]
     db, db_labels = data.train_images[split.database], data.train_labels[split.database]
-    q = encode(model, queries, device=args.device)
-    results = {"map_symmetric": metrics.mean_average_precision(q, encode(model, db, device=args.device),
+    q = encode(model, queries, device=args.device, desc="encoding queries")
+    results = {"map_symmetric": metrics.mean_average_precision(q, encode(model, db, device=args.device,
+                                                                      desc="encoding the database"),
                                                                query_labels, db_labels, args.topk)}
     if args.teacher_checkpoint is not None:
-        teacher_db = encode(load_model(args.teacher_checkpoint, args.device), db, device=args.device)
+        teacher_db = encode(load_model(args.teacher_checkpoint, args.device), db, device=args.device,
+                            desc="encoding the database (teacher)")
         results["map_asymmetric"] = metrics.mean_average_precision(q, teacher_db, query_labels, db_labels, args.topk)
     return results
 
@@ -179,7 +181,7 @@ def run_encode(args) -> dict:
     data, split = _data_and_split(args)
     model = load_model(args.checkpoint, args.device)
     index = HammingIndex(model.bits)
-    index.add(encode(model, data.train_images[split.database], device=args.device))
+    index.add(encode(model, data.train_images[split.database], device=args.device, desc="encoding the database"))
     index.save(args.out)
     return {"index": str(args.out), "codes": len(index), "bits": model.bits}
 
@@ -292,7 +294,8 @@ def run_demo(args) -> dict:
     out, log, t_start = run.out, run.log, run.started
 
     log(f"test: {len(test_q)} queries over {len(db_images)} database codes, mAP@{args.topk}")
-    enc = lambda model, images: encode(model, images, device=args.device)
+    enc = lambda model, images: encode(model, images, device=args.device, desc="encoding test sets",
+                                       progress=not args.no_progress)
     teacher_db = enc(teacher, db_images)
     teacher_q = enc(teacher, test_q)
     results = {"teacher": {"map_symmetric": metrics.mean_average_precision(teacher_q, teacher_db, test_ql, db_labels,

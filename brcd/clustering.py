@@ -91,7 +91,7 @@ def _plus_plus_init(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
 
 
 def kmeans(codes: Tensor, num_clusters: int, *, restarts: int = 3, iterations: int = 50, seed: int = 0,
-           tol: float = 1e-6) -> KMeansResult:
+           tol: float = 1e-6, progress: bool = False) -> KMeansResult:
     """Lloyd's k-means with k-means++ starts; the best of `restarts` runs by inertia. Runs on the codes' device.
 
     An emptied cluster is re-seeded with the point farthest from its centroid, so every cluster ends non-empty.
@@ -102,9 +102,11 @@ def kmeans(codes: Tensor, num_clusters: int, *, restarts: int = 3, iterations: i
         raise ValueError(f"num_clusters must be an integer between 1 and the number of codes {n}, got {num_clusters!r}")
     if restarts < 1 or iterations < 1:
         raise ValueError("restarts and iterations must be at least 1")
+    from tqdm.auto import tqdm
+
     gen = torch.Generator().manual_seed(seed)
     best: Optional[KMeansResult] = None
-    for _ in range(restarts):
+    for _ in tqdm(range(restarts), desc=f"k-means ({num_clusters} clusters)", disable=not progress, leave=False):
         centroids = _plus_plus_init(x, num_clusters, gen)
         prev = float("inf")
         for _ in range(iterations):

@@ -82,7 +82,7 @@ class Clusters:
 
 def fit_clusters(teacher: HashModel, train_images: Tensor, cfg: TrainConfig) -> Clusters:
     codes = encode(teacher, train_images, device=cfg.device, desc="teacher codes", progress=cfg.progress)
-    result = kmeans(codes, cfg.num_clusters, restarts=3, seed=cfg.seed)
+    result = kmeans(codes, cfg.num_clusters, restarts=3, seed=cfg.seed, progress=cfg.progress)
     return Clusters(result.centroids, result.assignments, bit_masks(codes, result.assignments, cfg.num_clusters,
                                                                      cfg.margin))
 
