@@ -237,7 +237,7 @@ import sys, torch, brcd
 from brcd import reference as ref
 sys.path.insert(0, sys.argv[1])
 from test_loss import make_case, loss_and_grads, rel_err
-for B, K, tau in ((150, 70, 0.3), (130, 64, 0.3), (40, 33, 0.01)):
+for B, K, tau in ((150, 70, 0.3), (130, 64, 0.3), (300, 64, 0.3), (40, 33, 0.01)):  # 300: a thread team
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
         s, ta, tv, kw = make_case(B, K, B + K)
         kw["temperature"] = tau
