@@ -479,17 +479,18 @@ double candidates_ap(const Candidates& c, const ItemLabels& ql, int64_t qi, cons
   int64_t room_at_t = k - before_all[t];
   double sum = 0;
   int64_t hits = 0;
+  // Integer arithmetic for the selections: a code beyond the top k is an unpredictable branch otherwise.
   for (int64_t r = 0; r < c.size; ++r) {
-    const int32_t d = c.dist[r];
-    const bool at = d == t;
-    const bool keep = d < t || (at && room_at_t > 0);
+    const int64_t d = c.dist[r];
+    const int64_t at = d == t;
+    const int64_t keep = static_cast<int64_t>(d < t) | (at & static_cast<int64_t>(room_at_t > 0));
     room_at_t -= at & keep;
-    const int64_t bin = keep ? d : scratch;
+    const int64_t bin = scratch + (d - scratch) * keep;
     const int64_t position = before_all[bin] + ++seen_all[bin];
     const int64_t counted = rel[r] & keep;
     seen_rel[bin] += counted;
     const int64_t rank = before_rel[bin] + seen_rel[bin];
-    sum += static_cast<double>(rank * counted) * inv_position[keep ? position : 0];
+    sum += static_cast<double>(rank * counted) * inv_position[position * keep];
     hits += counted;
   }
   return hits > 0 ? sum / static_cast<double>(hits) : 0.0;
