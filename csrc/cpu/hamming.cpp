@@ -239,7 +239,9 @@ class SampledThresholds {
 #pragma omp parallel
     {
       std::vector<int32_t> dist(static_cast<size_t>(kQueryBlock * sample.rows));
-      std::vector<int64_t> hist(static_cast<size_t>(bins));
+      // Four interleaved histograms: neighbouring codes often share a distance, and one counter would make each
+      // increment wait for the last. (The sample's rows are whole blocks of 8, so a multiple of 4.)
+      std::vector<int64_t> hist(static_cast<size_t>(4 * bins));
 #pragma omp for schedule(dynamic)
       for (int64_t qb = 0; qb < qblocks; ++qb) {
         const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
@@ -247,10 +249,11 @@ class SampledThresholds {
         for (int64_t qi = q0; qi < q1; ++qi) {
           std::fill(hist.begin(), hist.end(), 0);
           const int32_t* row = dist.data() + (qi - q0) * sample.rows;
-          for (int64_t j = 0; j < sample.rows; ++j) ++hist[row[j]];
+          for (int64_t j = 0; j < sample.rows; j += 4)
+            for (int64_t u = 0; u < 4; ++u) ++hist[u * bins + row[j + u]];
           int64_t cum = 0, d = 0;
           for (; d < bins - 1; ++d) {
-            cum += hist[d];
+            cum += hist[d] + hist[bins + d] + hist[2 * bins + d] + hist[3 * bins + d];
             if (static_cast<double>(cum) >= need) break;
           }
           max_dist_[qi] = d;
@@ -445,53 +448,75 @@ bool relevant(const ItemLabels& ql, int64_t qi, const ItemLabels& dl, int64_t j)
   return false;
 }
 
-// AP@k from a query's index-ordered candidates (all codes closer than some bound, at least k of them). Position
-// of a code at distance d: the codes closer than d, plus those at d with a smaller index, plus one; likewise its
-// rank among the relevant. Only the first (k - closer than t) codes at the k-th distance t are in the top k.
-// inv_position[p] = 1 / p (inv_position[0] = 0). The last pass has no data-dependent branch: codes outside the
-// top k count in a scratch bin, irrelevant ones add 0.
+// AP@k from a query's index-ordered candidates (all codes closer than some bound, at least k of them). A stable
+// counting sort drops the relevance of each code of the top k into its ranked place (the codes closer than its
+// distance, plus those at it met before); only the first (k - closer than t) codes at the k-th distance t are in
+// the top k. AP is then one pass over the k ranked flags. inv_position[p] = 1 / p.
 double candidates_ap(const Candidates& c, const ItemLabels& ql, int64_t qi, const ItemLabels& dl, int64_t k,
                      int64_t nbits, const std::vector<double>& inv_position, std::vector<uint8_t>& rel,
-                     std::vector<int64_t>& work) {
-  const int64_t bins = nbits + 2, scratch = nbits + 1;
-  work.assign(static_cast<size_t>(4 * bins), 0);
-  int64_t* before_all = work.data();        // codes closer than d (a histogram until the prefix sum)
-  int64_t* before_rel = before_all + bins;  // relevant codes closer than d
-  int64_t* seen_all = before_rel + bins;    // codes at d met so far in the final pass
-  int64_t* seen_rel = seen_all + bins;
+                     std::vector<uint8_t>& ranked, std::vector<int64_t>& start) {
+  const int64_t bins = nbits + 2;
   rel.resize(static_cast<size_t>(c.size));
+  uint8_t* flag = rel.data();
   if (ql.ids != nullptr) {  // the common case without a call per candidate
     const int64_t id = ql.ids[qi];
-    for (int64_t r = 0; r < c.size; ++r) rel[r] = dl.ids[c.idx[r]] == id;
+    for (int64_t r = 0; r < c.size; ++r) flag[r] = dl.ids[c.idx[r]] == id;
   } else {
-    for (int64_t r = 0; r < c.size; ++r) rel[r] = relevant(ql, qi, dl, c.idx[r]);
+    for (int64_t r = 0; r < c.size; ++r) flag[r] = relevant(ql, qi, dl, c.idx[r]);
   }
-  for (int64_t r = 0; r < c.size; ++r) {
-    ++before_all[c.dist[r] + 1];
-    before_rel[c.dist[r] + 1] += rel[r];
-  }
-  for (int64_t d = 1; d < bins; ++d) {
-    before_all[d] += before_all[d - 1];
-    before_rel[d] += before_rel[d - 1];
+  // The candidates in kParts consecutive parts with their own counters: within a distance every code of a part
+  // ranks before every code of the next, so the parts scatter independently, and their chains of increments
+  // (neighbours often share a distance) run side by side.
+  constexpr int kParts = 4;
+  const int64_t part = (c.size + kParts - 1) / kParts;
+  const int64_t stride = bins + 1;
+  start.assign(static_cast<size_t>((kParts + 1) * stride), 0);
+  int64_t* next = start.data();                // per part: its counts, then its next free place per distance
+  int64_t* closer = next + kParts * stride;    // candidates closer than d
+  for (int p = 0; p < kParts; ++p)
+    for (int64_t r = p * part; r < std::min(c.size, (p + 1) * part); ++r) ++next[p * stride + c.dist[r]];
+  for (int64_t d = 0; d < bins; ++d) {
+    int64_t n = 0;
+    for (int p = 0; p < kParts; ++p) n += next[p * stride + d];
+    closer[d + 1] = closer[d] + n;
   }
   int64_t t = 0;  // the k-th distance
-  while (before_all[t + 1] < k) ++t;
-  int64_t room_at_t = k - before_all[t];
+  while (closer[t + 1] < k) ++t;
+  // Room at distance t: the first (k - closer than t) codes there, in index order, so part by part.
+  int64_t room[kParts];
+  int64_t left = k - closer[t];
+  for (int p = 0; p < kParts; ++p) {
+    room[p] = left;
+    left = std::max<int64_t>(0, left - next[p * stride + t]);
+  }
+  for (int64_t d = 0; d < bins; ++d) {
+    int64_t at = closer[d];
+    for (int p = 0; p < kParts; ++p) {
+      const int64_t n = next[p * stride + d];
+      next[p * stride + d] = at;
+      at += n;
+    }
+  }
+  ranked.assign(static_cast<size_t>(k + 1), 0);  // slot k: the codes beyond the top k
+  // Integer arithmetic for the selections: a code beyond the top k is an unpredictable branch otherwise.
+  for (int64_t i = 0; i < part; ++i) {
+    for (int p = 0; p < kParts; ++p) {
+      const int64_t r = p * part + i;
+      if (r >= c.size) break;
+      const int64_t d = c.dist[r];
+      const int64_t at = d == t;
+      const int64_t keep = static_cast<int64_t>(d < t) | (at & static_cast<int64_t>(room[p] > 0));
+      room[p] -= at & keep;
+      int64_t& slot = next[p * stride + d];
+      ranked[keep ? slot : k] = flag[r];
+      slot += keep;
+    }
+  }
   double sum = 0;
   int64_t hits = 0;
-  // Integer arithmetic for the selections: a code beyond the top k is an unpredictable branch otherwise.
-  for (int64_t r = 0; r < c.size; ++r) {
-    const int64_t d = c.dist[r];
-    const int64_t at = d == t;
-    const int64_t keep = static_cast<int64_t>(d < t) | (at & static_cast<int64_t>(room_at_t > 0));
-    room_at_t -= at & keep;
-    const int64_t bin = scratch + (d - scratch) * keep;
-    const int64_t position = before_all[bin] + ++seen_all[bin];
-    const int64_t counted = rel[r] & keep;
-    seen_rel[bin] += counted;
-    const int64_t rank = before_rel[bin] + seen_rel[bin];
-    sum += static_cast<double>(rank * counted) * inv_position[position * keep];
-    hits += counted;
+  for (int64_t i = 0; i < k; ++i) {
+    hits += ranked[i];
+    sum += static_cast<double>(ranked[i] * hits) * inv_position[i + 1];  // no branch on the relevance
   }
   return hits > 0 ? sum / static_cast<double>(hits) : 0.0;
 }
@@ -511,14 +536,15 @@ void average_precision(const PackedCodes& queries, const PackedCodes& db, const 
 #pragma omp parallel
   {
     std::vector<Candidates> cands;
-    std::vector<uint8_t> rel;
+    std::vector<uint8_t> rel, ranked;
     std::vector<int64_t> work;
 #pragma omp for schedule(dynamic)
     for (int64_t qb = 0; qb < qblocks; ++qb) {
       const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
       collect_candidates(blocked, q, kern, guess, k, q0, q1, cands);
       for (int64_t qi = q0; qi < q1; ++qi)
-        out[qi] = candidates_ap(cands[qi - q0], query_labels, qi, db_labels, k, nbits, inv_position, rel, work);
+        out[qi] = candidates_ap(cands[qi - q0], query_labels, qi, db_labels, k, nbits, inv_position, rel, ranked,
+                                work);
     }
   }
 }
