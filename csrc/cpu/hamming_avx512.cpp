@@ -50,8 +50,10 @@ struct Isa {
   template <int WC>
   static inline int collect2(const uint64_t* block, const uint64_t* q, int64_t words, int64_t threshold,
                              unsigned valid, int32_t first_index, int32_t* out_dist, int32_t* out_idx) {
-    const __m512i d = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(dist<WC>(block, q, words))),
-                                         _mm512_cvtepi64_epi32(dist<WC>(block + words * kLanes, q, words)), 1);
+    // The low dword of every qword of both blocks (distances fit in 32 bits) in one permute.
+    const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i d = _mm512_permutex2var_epi32(dist<WC>(block, q, words), low_dwords,
+                                                dist<WC>(block + words * kLanes, q, words));
     const __mmask16 m = _mm512_cmplt_epi32_mask(d, _mm512_set1_epi32(static_cast<int32_t>(threshold))) &
                         static_cast<__mmask16>(valid);
     const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(first_index),
