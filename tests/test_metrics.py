@@ -132,7 +132,8 @@ def test_candidate_lists_survive_a_misleading_sample():
     query = torch.randn(1, nbits, generator=gen).sign()
     db = torch.randn(n, nbits, generator=gen).sign()
     db[:, :30] = -query[:, :30]  # distance >= 30 from the query ...
-    sampled = torch.arange(n).view(-1, 8)[::8].flatten()  # ... except the blocks of 8 a stride-8 sample reads
+    # ... except every 8th block of 8 codes, which holds every block a strided sample of the database reads.
+    sampled = torch.arange(n).view(-1, 8)[::8].flatten()
     db[sampled] = query
     labels = torch.randint(0, 3, (n,), generator=gen)
     qp, dp = brcd.pack_codes(query), brcd.pack_codes(db)
@@ -154,3 +155,18 @@ def test_map_on_a_database_large_enough_to_sample(topk):
     qmulti = torch.nn.functional.one_hot(ql, 6)
     want = brute_force_map(qc, dc, qmulti.double(), multi.double(), topk)
     assert abs(metrics.mean_average_precision(qc, dc, qmulti, multi, topk=topk) - want) <= 1e-12
+
+
+def test_map_with_class_ids_of_any_size():
+    """Small class ids take the per-class member sets of the CPU AP op, others a direct comparison: same value."""
+    gen = torch.Generator().manual_seed(7)
+    qc, ql = labelled_codes(25, 24, 4, gen)
+    dc, dl = labelled_codes(3000, 24, 4, gen)
+    want = metrics.mean_average_precision(qc, dc, ql, dl, topk=200)
+    assert abs(want - brute_force_map(qc, dc, ql, dl, 200)) <= 1e-12
+    for shift in (10**6, -7):
+        assert abs(metrics.mean_average_precision(qc, dc, ql * 7 + shift, dl * 7 + shift, topk=200) - want) <= 1e-12
+    ql2 = ql.clone()
+    ql2[0] = 99  # a class no database item has: that query scores 0
+    aps = metrics.average_precisions(qc, dc, ql2, dl, topk=200)
+    assert aps[0] == 0

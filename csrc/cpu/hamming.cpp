@@ -219,7 +219,7 @@ class SampledThresholds {
   // scans; a candidate list keeps whatever it admits, so it wants a tight one).
   SampledThresholds(const BlockedCodes& db, const QueryWords& q, const ScanKernels& kern, int64_t k,
                     double margin = 2.0) {
-    const int64_t sample_blocks = std::min(kSampleBlocks, db.blocks / 8);
+    const int64_t sample_blocks = std::min(kSampleBlocks, db.blocks / 16);
     if (sample_blocks < 16) return;  // small databases: not worth it
     BlockedCodes sample;
     sample.words = db.words;
@@ -453,12 +453,21 @@ bool relevant(const ItemLabels& ql, int64_t qi, const ItemLabels& dl, int64_t j)
 // distance, plus those at it met before); only the first (k - closer than t) codes at the k-th distance t are in
 // the top k. AP is then one pass over the k ranked flags. inv_position[p] = 1 / p.
 double candidates_ap(const Candidates& c, const ItemLabels& ql, int64_t qi, const ItemLabels& dl, int64_t k,
-                     int64_t nbits, const std::vector<double>& inv_position, std::vector<uint8_t>& rel,
+                     int64_t nbits, const std::vector<double>& inv_position, const uint64_t* members,
+                     int64_t member_classes, int64_t member_words, std::vector<uint8_t>& rel,
                      std::vector<uint8_t>& ranked, std::vector<int64_t>& start) {
   const int64_t bins = nbits + 2;
   rel.resize(static_cast<size_t>(c.size));
   uint8_t* flag = rel.data();
-  if (ql.ids != nullptr) {  // the common case without a call per candidate
+  if (members != nullptr) {  // class ids with the database's members of each class as bitsets
+    const int64_t id = ql.ids[qi];
+    if (id < 0 || id >= member_classes) {
+      std::fill(flag, flag + c.size, 0);
+    } else {
+      const uint64_t* set = members + id * member_words;
+      for (int64_t r = 0; r < c.size; ++r) flag[r] = (set[c.idx[r] >> 6] >> (c.idx[r] & 63)) & 1;
+    }
+  } else if (ql.ids != nullptr) {
     const int64_t id = ql.ids[qi];
     for (int64_t r = 0; r < c.size; ++r) flag[r] = dl.ids[c.idx[r]] == id;
   } else {
@@ -533,6 +542,21 @@ void average_precision(const PackedCodes& queries, const PackedCodes& db, const 
   const SampledThresholds guess(blocked, q, kern, k, kCandidateMargin);
   std::vector<double> inv_position(static_cast<size_t>(k + 1), 0.0);
   for (int64_t p = 1; p <= k; ++p) inv_position[p] = 1.0 / static_cast<double>(p);
+  // Class ids: the database's members of each class as a bitset (n / 8 bytes each, cache-resident where the ids
+  // are not), when the ids are small and the sets fit in 64 MiB.
+  std::vector<uint64_t> members;
+  int64_t member_classes = 0;
+  const int64_t member_words = (blocked.rows + 63) / 64;
+  if (db_labels.ids != nullptr) {
+    const auto [lo, hi] = std::minmax_element(db_labels.ids, db_labels.ids + blocked.rows);
+    if (*lo >= 0 && *hi < 4096 && (*hi + 1) * member_words <= (int64_t(64) << 20) / 8) {
+      member_classes = *hi + 1;
+      members.assign(static_cast<size_t>(member_classes * member_words), 0);
+      for (int64_t j = 0; j < blocked.rows; ++j)
+        members[db_labels.ids[j] * member_words + (j >> 6)] |= uint64_t(1) << (j & 63);
+    }
+  }
+  const uint64_t* member_sets = members.empty() ? nullptr : members.data();
 #pragma omp parallel
   {
     std::vector<Candidates> cands;
@@ -543,8 +567,8 @@ void average_precision(const PackedCodes& queries, const PackedCodes& db, const 
       const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
       collect_candidates(blocked, q, kern, guess, k, q0, q1, cands);
       for (int64_t qi = q0; qi < q1; ++qi)
-        out[qi] = candidates_ap(cands[qi - q0], query_labels, qi, db_labels, k, nbits, inv_position, rel, ranked,
-                                work);
+        out[qi] = candidates_ap(cands[qi - q0], query_labels, qi, db_labels, k, nbits, inv_position, member_sets,
+                                member_classes, member_words, rel, ranked, work);
     }
   }
 }
