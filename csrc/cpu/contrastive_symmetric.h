@@ -97,32 +97,39 @@ SymPrepared<T> prepare_symmetric(const ContrastiveProblem<T>& p) {
   return q;
 }
 
+// The register-blocked product both directions share: acc[r][v] = sum over t < steps of a[r * a_row + t * a_step] *
+// b[t * b_step + v], R rows of broadcast coefficients against W columns of vectors.
+template <class T, int R, int W>
+inline void micro_product(const T* a, int64_t a_row, int64_t a_step, const T* b, int64_t b_step, int64_t steps,
+                          T (&acc)[R][W]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma omp simd
+    for (int v = 0; v < W; ++v) acc[r][v] = T(0);
+  for (int64_t t = 0; t < steps; ++t) {
+    const T* bt = b + t * b_step;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const T c = a[r * a_row + t * a_step];
+#pragma omp simd
+      for (int v = 0; v < W; ++v) acc[r][v] += c * bt[v];
+    }
+  }
+}
+
 // s[i * block + j] = <Zn_a, Zn_b> / tau for the rows a of block I and the rows b of block J (through J's panel),
 // over the blocks' spans.
 template <class T>
 void similarity_block(const SymPrepared<T>& q, int64_t I, int64_t J, T* s) {
-  constexpr int V = kVec<T>, R = kRows, W = kSimVecs * V;
-  const int64_t K = q.bits, kp = q.kp;
-  const int64_t bs = q.block;
+  constexpr int R = kRows, W = kSimVecs * kVec<T>;
+  const int64_t K = q.bits, kp = q.kp, bs = q.block;
   const T* zi = q.zn.data() + I * bs * kp;
   const T* panel = q.panels.data() + J * K * bs;
   const int rows = block_span(q, I), cols = block_span(q, J);
   for (int r0 = 0; r0 < rows; r0 += R) {
     for (int j0 = 0; j0 < cols; j0 += W) {
       T acc[R][W];
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-#pragma omp simd
-        for (int v = 0; v < W; ++v) acc[r][v] = T(0);
-      for (int64_t d = 0; d < K; ++d) {
-        const T* col = panel + d * bs + j0;
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) {
-          const T z = zi[(r0 + r) * kp + d];
-#pragma omp simd
-          for (int v = 0; v < W; ++v) acc[r][v] += z * col[v];
-        }
-      }
+      micro_product<T, R, W>(zi + r0 * kp, kp, 1, panel + j0, bs, K, acc);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
 #pragma omp simd
@@ -149,28 +156,23 @@ void exclude_non_negatives(const SymPrepared<T>& q, int64_t I, int64_t J, T* s) 
   for (int64_t i = live_i; i < rows; ++i) std::fill(s + i * bs, s + i * bs + cols, ninf);
 }
 
+// The tile of block pair (I, J) as both directions read it: logits s_ab / tau, -inf where (a, b) is no negative.
+template <class T>
+void logit_tile(const SymPrepared<T>& q, int64_t I, int64_t J, T* s) {
+  similarity_block(q, I, J, s);
+  exclude_non_negatives(q, I, J, s);
+}
+
 // out[r][d] += sum_t coef[r * rs + t * ts] * z[t][d] for rows r < rows (a multiple of kAccRows) and terms t < terms,
 // over the bit vectors [d0, d0 + NV * V); z and out have row stride kp. rs = block, ts = 1 reads C; rs = 1,
 // ts = block reads C^T.
 template <class T, int NV>
 void accumulate_chunk(const T* coef, int64_t rs, int64_t ts, int rows, int terms, const T* z, int64_t kp, int64_t d0,
                       T* out) {
-  constexpr int V = kVec<T>, R = kAccRows, W = NV * V;
+  constexpr int R = kAccRows, W = NV * kVec<T>;
   for (int r0 = 0; r0 < rows; r0 += R) {
     T acc[R][W];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma omp simd
-      for (int v = 0; v < W; ++v) acc[r][v] = T(0);
-    for (int t = 0; t < terms; ++t) {
-      const T* zt = z + t * kp + d0;
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const T c = coef[(r0 + r) * rs + t * ts];
-#pragma omp simd
-        for (int v = 0; v < W; ++v) acc[r][v] += c * zt[v];
-      }
-    }
+    micro_product<T, R, W>(coef + r0 * rs, rs, ts, z + d0, kp, terms, acc);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma omp simd
@@ -224,8 +226,7 @@ T forward_symmetric(const ContrastiveProblem<T>& p, T* lse, T* pos) {
     std::vector<T> s(static_cast<size_t>(q.block * q.block)), col_sums(static_cast<size_t>(q.block));
     // shift by value: a captured reference would be reloaded in every iteration, since the stores might alias it.
     for_each_block_pair(q.blocks, [&, shift](int64_t I, int64_t J) {
-      similarity_block(q, I, J, s.data());
-      exclude_non_negatives(q, I, J, s.data());
+      logit_tile(q, I, J, s.data());
       const int64_t bs = q.block, a0 = I * bs, b0 = J * bs;
       const int32_t* key_b = q.row_key.data() + b0;
       const int32_t* group_b = q.col_group.data() + b0;
@@ -286,8 +287,7 @@ void backward_symmetric(const ContrastiveProblem<T>& p, T grad_loss, const T* ls
     std::vector<T> s(static_cast<size_t>(q.block * q.block));
     // shift by value: a captured reference would be reloaded in every iteration, since the stores might alias it.
     for_each_block_pair(q.blocks, [&, shift](int64_t I, int64_t J) {
-      similarity_block(q, I, J, s.data());
-      exclude_non_negatives(q, I, J, s.data());
+      logit_tile(q, I, J, s.data());
       const int64_t bs = q.block, a0 = I * bs, b0 = J * bs;
       const int32_t* key_b = q.row_key.data() + b0;
       const int32_t* group_b = q.col_group.data() + b0;

@@ -299,6 +299,26 @@ void collect_candidates(const BlockedCodes& db, const QueryWords& q, const ScanK
   }
 }
 
+// per_query(candidates, qi, scratch) for every query, in parallel over blocks of queries, with each query's
+// index-ordered candidates; Scratch holds a thread's reusable buffers.
+template <class Scratch, class PerQuery>
+void for_each_query_candidates(const BlockedCodes& db, const QueryWords& q, const ScanKernels& kern, int64_t k,
+                               PerQuery&& per_query) {
+  const SampledThresholds guess(db, q, kern, k, kCandidateMargin);
+  const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
+#pragma omp parallel
+  {
+    std::vector<Candidates> cands;
+    Scratch scratch;
+#pragma omp for schedule(dynamic)
+    for (int64_t qb = 0; qb < qblocks; ++qb) {
+      const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
+      collect_candidates(db, q, kern, guess, k, q0, q1, cands);
+      for (int64_t qi = q0; qi < q1; ++qi) per_query(cands[qi - q0], qi, scratch);
+    }
+  }
+}
+
 // The first k of index-ordered candidates by (distance, index): a stable counting sort.
 void select_candidates(const Candidates& c, int64_t k, int64_t nbits, int32_t* out_dist, int64_t* out_idx) {
   std::vector<int64_t> start(static_cast<size_t>(nbits + 2), 0);
@@ -369,18 +389,10 @@ void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, 
   const int64_t shard_len = (blocked.blocks + shards - 1) / shards;
 
   if (shards == 1 && dense_hits(k, blocked.rows)) {
-    const SampledThresholds guess(blocked, q, kern, k, kCandidateMargin);
-#pragma omp parallel
-    {
-      std::vector<Candidates> cands;
-#pragma omp for schedule(dynamic)
-      for (int64_t qb = 0; qb < qblocks; ++qb) {
-        const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
-        collect_candidates(blocked, q, kern, guess, k, q0, q1, cands);
-        for (int64_t qi = q0; qi < q1; ++qi)
-          select_candidates(cands[qi - q0], k, nbits, out_dist + qi * k, out_idx + qi * k);
-      }
-    }
+    struct NoScratch {};
+    for_each_query_candidates<NoScratch>(blocked, q, kern, k, [&](const Candidates& c, int64_t qi, NoScratch&) {
+      select_candidates(c, k, nbits, out_dist + qi * k, out_idx + qi * k);
+    });
     return;
   }
 
@@ -538,8 +550,6 @@ void average_precision(const PackedCodes& queries, const PackedCodes& db, const 
   const QueryWords q = to_words(queries);
   const ScanKernels& kern = kernels();
   const int64_t nbits = blocked.words * 64;
-  const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
-  const SampledThresholds guess(blocked, q, kern, k, kCandidateMargin);
   std::vector<double> inv_position(static_cast<size_t>(k + 1), 0.0);
   for (int64_t p = 1; p <= k; ++p) inv_position[p] = 1.0 / static_cast<double>(p);
   // Class ids: the database's members of each class as a bitset (n / 8 bytes each, cache-resident where the ids
@@ -557,20 +567,14 @@ void average_precision(const PackedCodes& queries, const PackedCodes& db, const 
     }
   }
   const uint64_t* member_sets = members.empty() ? nullptr : members.data();
-#pragma omp parallel
-  {
-    std::vector<Candidates> cands;
+  struct Scratch {
     std::vector<uint8_t> rel, ranked;
-    std::vector<int64_t> work;
-#pragma omp for schedule(dynamic)
-    for (int64_t qb = 0; qb < qblocks; ++qb) {
-      const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
-      collect_candidates(blocked, q, kern, guess, k, q0, q1, cands);
-      for (int64_t qi = q0; qi < q1; ++qi)
-        out[qi] = candidates_ap(cands[qi - q0], query_labels, qi, db_labels, k, nbits, inv_position, member_sets,
-                                member_classes, member_words, rel, ranked, work);
-    }
-  }
+    std::vector<int64_t> counts;
+  };
+  for_each_query_candidates<Scratch>(blocked, q, kern, k, [&](const Candidates& c, int64_t qi, Scratch& w) {
+    out[qi] = candidates_ap(c, query_labels, qi, db_labels, k, nbits, inv_position, member_sets, member_classes,
+                            member_words, w.rel, w.ranked, w.counts);
+  });
 }
 
 }  // namespace brcd::cpu

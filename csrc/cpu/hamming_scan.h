@@ -8,6 +8,7 @@
 // WC is the word count when known at compile time (1..4), else 0.
 #pragma once
 #include <algorithm>
+#include <type_traits>
 
 #include "cpu/hamming_layout.h"
 
@@ -100,38 +101,33 @@ void collect_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, 
   }
 }
 
+// Calls f(std::integral_constant<int, WC>{}) with WC the word count where it is 1..4 (compiled for it), else 0.
+template <class F>
+void with_word_count(int64_t words, F&& f) {
+  switch (words) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
 template <class Isa>
 ScanKernels make_kernels() {
   ScanKernels k;
   k.topk = [](const BlockedCodes& db, const QueryWords& q, int64_t qb, int64_t qe, int64_t bb, int64_t be,
               TopkState* st) {
-    switch (db.words) {
-      case 1: return topk_scan<Isa, 1>(db, q, qb, qe, bb, be, st);
-      case 2: return topk_scan<Isa, 2>(db, q, qb, qe, bb, be, st);
-      case 3: return topk_scan<Isa, 3>(db, q, qb, qe, bb, be, st);
-      case 4: return topk_scan<Isa, 4>(db, q, qb, qe, bb, be, st);
-      default: return topk_scan<Isa, 0>(db, q, qb, qe, bb, be, st);
-    }
+    with_word_count(db.words, [&](auto wc) { topk_scan<Isa, decltype(wc)::value>(db, q, qb, qe, bb, be, st); });
   };
   k.distance = [](const BlockedCodes& db, const QueryWords& q, int64_t qb, int64_t qe, int64_t bb, int64_t be,
                   int32_t* out) {
-    switch (db.words) {
-      case 1: return distance_scan<Isa, 1>(db, q, qb, qe, bb, be, out);
-      case 2: return distance_scan<Isa, 2>(db, q, qb, qe, bb, be, out);
-      case 3: return distance_scan<Isa, 3>(db, q, qb, qe, bb, be, out);
-      case 4: return distance_scan<Isa, 4>(db, q, qb, qe, bb, be, out);
-      default: return distance_scan<Isa, 0>(db, q, qb, qe, bb, be, out);
-    }
+    with_word_count(db.words,
+                    [&](auto wc) { distance_scan<Isa, decltype(wc)::value>(db, q, qb, qe, bb, be, out); });
   };
   k.collect = [](const BlockedCodes& db, const QueryWords& q, int64_t qb, int64_t qe, int64_t bb, int64_t be,
                  Candidates* c) {
-    switch (db.words) {
-      case 1: return collect_scan<Isa, 1>(db, q, qb, qe, bb, be, c);
-      case 2: return collect_scan<Isa, 2>(db, q, qb, qe, bb, be, c);
-      case 3: return collect_scan<Isa, 3>(db, q, qb, qe, bb, be, c);
-      case 4: return collect_scan<Isa, 4>(db, q, qb, qe, bb, be, c);
-      default: return collect_scan<Isa, 0>(db, q, qb, qe, bb, be, c);
-    }
+    with_word_count(db.words, [&](auto wc) { collect_scan<Isa, decltype(wc)::value>(db, q, qb, qe, bb, be, c); });
   };
   return k;
 }
