@@ -269,62 +269,79 @@ def _train_students(run: _Run, teacher, name: str, epochs: int, kd: bool = True,
     return students
 
 
+def _final_test(run: _Run, teacher, students: dict):
+    """Test mAP@topk of the teacher (symmetric) and of every student in both paradigms, precision-recall curves, and
+    the encoding throughput of the teacher and of the (first) student. Returns (results, curves)."""
+    args = run.args
+    data, split = run.data
+    db_images, db_labels = data.train_images[split.database], data.train_labels[split.database]
+    test_q, test_ql = data.test_images[split.test_queries], data.test_labels[split.test_queries]
+    run.log(f"test: {len(test_q)} queries over {len(db_images)} database codes, mAP@{args.topk}")
+    enc = lambda model, images: encode(model, images, device=args.device, desc="encoding test sets",
+                                       progress=not args.no_progress)
+    mean_ap = lambda q, db: metrics.mean_average_precision(q, db, test_ql, db_labels, args.topk)
+    curve = lambda q, db: metrics.precision_recall_curve(q, db, test_ql, db_labels)
+    teacher_db, teacher_q = enc(teacher, db_images), enc(teacher, test_q)
+    results = {"teacher": {"map_symmetric": mean_ap(teacher_q, teacher_db)}}
+    curves = {"teacher": curve(teacher_q, teacher_db)}
+    for name, model in students.items():
+        q, db = enc(model, test_q), enc(model, db_images)
+        results[name] = {"map_symmetric": mean_ap(q, db)}
+        curves[name] = curve(q, db)
+        # The asymmetric test uses the checkpoint that validated best in that paradigm, where there is one.
+        asym_path = checkpoint_path(run.out, name, "asymmetric", args.checkpoint_format)
+        if asym_path.exists():
+            q = enc(load_model(asym_path, args.device), test_q)
+        results[name]["map_asymmetric"] = mean_ap(q, teacher_db)
+        curves[name + " (asymmetric)"] = curve(q, teacher_db)
+    speed = {"teacher": throughput(teacher, test_q, device=args.device)}
+    if students:
+        speed["student"] = throughput(next(iter(students.values())), test_q, device=args.device)
+    results["throughput_images_per_s"] = speed
+    return results, curves
+
+
+def _finish(run: _Run, results: dict, curves: dict, backbones: dict, bits: int) -> None:
+    """metrics.json and report.md of the run directory."""
+    from .report import render_report
+
+    results["seconds"] = time.time() - run.started
+    atomic_write_bytes(run.out / "metrics.json", [json.dumps(results, indent=2).encode()])
+    report = render_report(run.out, run.args, results, curves, backbones, bits)
+    atomic_write_bytes(run.out / "report.md", [report.encode()])
+    run.log(f"done: {run.out / 'report.md'}")
+
+
 def run_train_teacher(args) -> dict:
     run = _prepare_run(args)
-    _, scores = _train_teacher(run, args.teacher, args.epochs, args.bits)
-    return {"checkpoint": str(checkpoint_path(run.out, "teacher", fmt=args.checkpoint_format)), "best_validation": scores}
+    teacher, scores = _train_teacher(run, args.teacher, args.epochs, args.bits)
+    results, curves = _final_test(run, teacher, {})
+    _finish(run, results, curves, {"teacher": args.teacher}, teacher.bits)
+    return {"checkpoint": str(checkpoint_path(run.out, "teacher", fmt=args.checkpoint_format)),
+            "best_validation": scores, "test": results["teacher"]}
 
 
 def run_distill(args) -> dict:
     run = _prepare_run(args)
     teacher = load_model(args.teacher_checkpoint, args.device)
     students = _train_students(run, teacher, args.student, args.epochs, kd=not args.no_kd, plain=args.no_kd)
-    return {name: {"checkpoint": str(checkpoint_path(run.out, name, fmt=args.checkpoint_format)), "best_validation": scores}
+    results, curves = _final_test(run, teacher, {name: model for name, (model, _) in students.items()})
+    backbones = {"teacher": teacher.name, **{name: args.student for name in students}}
+    _finish(run, results, curves, backbones, teacher.bits)
+    return {name: {"checkpoint": str(checkpoint_path(run.out, name, fmt=args.checkpoint_format)),
+                   "best_validation": scores, "test": results[name]}
             for name, (_, scores) in students.items()}
 
 
 def run_demo(args) -> dict:
     run = _prepare_run(args)
-    data, split = run.data
-    db_images, db_labels = data.train_images[split.database], data.train_labels[split.database]
-    test_q, test_ql = data.test_images[split.test_queries], data.test_labels[split.test_queries]
     teacher, _ = _train_teacher(run, args.teacher, args.teacher_epochs, args.bits)
     students = _train_students(run, teacher, args.student, args.student_epochs)
-    student_plain, student = students["student_no_kd"][0], students["student_brcd"][0]
-    out, log, t_start = run.out, run.log, run.started
-
-    log(f"test: {len(test_q)} queries over {len(db_images)} database codes, mAP@{args.topk}")
-    enc = lambda model, images: encode(model, images, device=args.device, desc="encoding test sets",
-                                       progress=not args.no_progress)
-    teacher_db = enc(teacher, db_images)
-    teacher_q = enc(teacher, test_q)
-    results = {"teacher": {"map_symmetric": metrics.mean_average_precision(teacher_q, teacher_db, test_ql, db_labels,
-                                                                            args.topk)}}
-    curves = {"teacher": metrics.precision_recall_curve(teacher_q, teacher_db, test_ql, db_labels)}
-    for name, model in (("student_no_kd", student_plain), ("student_brcd", student)):
-        q, db = enc(model, test_q), enc(model, db_images)
-        curves[name] = metrics.precision_recall_curve(q, db, test_ql, db_labels)
-        results[name] = {"map_symmetric": metrics.mean_average_precision(q, db, test_ql, db_labels, args.topk)}
-        # The asymmetric test uses the checkpoint that validated best in that paradigm, where there is one.
-        asym_path = checkpoint_path(out, name, "asymmetric", args.checkpoint_format)
-        if asym_path.exists():
-            q = enc(load_model(asym_path, args.device), test_q)
-        results[name]["map_asymmetric"] = metrics.mean_average_precision(q, teacher_db, test_ql, db_labels,
-                                                                         args.topk)
-        curves[name + " (asymmetric)"] = metrics.precision_recall_curve(q, teacher_db, test_ql, db_labels)
-    results["throughput_images_per_s"] = {"teacher": throughput(teacher, test_q, device=args.device),
-                                          "student": throughput(student, test_q, device=args.device)}
-    results["seconds"] = time.time() - t_start
-    atomic_write_bytes(out / "metrics.json", [json.dumps(results, indent=2).encode()])
-    write_report(out, args, results, curves)
-    log(f"done: {out / 'report.md'}")
+    # The BRCD student first: it is the one whose encoding throughput the report gives.
+    order = ("student_brcd", "student_no_kd")
+    results, curves = _final_test(run, teacher, {name: students[name][0] for name in order})
+    _finish(run, results, curves, {"teacher": args.teacher, **{name: args.student for name in order}}, teacher.bits)
     return results
-
-
-def write_report(out: Path, args, results: dict, curves: dict) -> None:
-    from .report import render_report
-
-    atomic_write_bytes(out / "report.md", [render_report(out, args, results, curves).encode()])
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv) -> None:

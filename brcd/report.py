@@ -67,28 +67,34 @@ def _plot_throughput(out: Path, names: list, values: list) -> str:
 _DATASET_NAMES = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "list": "image lists"}
 
 
-def render_report(out: Path, args, results: dict, curves: dict) -> str:
+# Models a report may hold, in the order of its tables.
+_ROLES = {"teacher": "teacher", "student_no_kd": "student without KD", "student_brcd": "student with BRCD"}
+
+
+def render_report(out: Path, args, results: dict, curves: dict, backbones: dict, bits: int) -> str:
+    """report.md of a run directory (demo, train-teacher or distill). results: {model: {"map_symmetric", and for
+    students "map_asymmetric"}, "throughput_images_per_s": {"teacher", optional "student"}, "seconds"}; backbones:
+    {model: timm name}. Writes the plots beside it."""
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
-    rows = [
-        ("teacher", args.teacher, results["teacher"]["map_symmetric"], None),
-        ("student without KD", args.student, results["student_no_kd"]["map_symmetric"],
-         results["student_no_kd"]["map_asymmetric"]),
-        ("student with BRCD", args.student, results["student_brcd"]["map_symmetric"],
-         results["student_brcd"]["map_asymmetric"]),
-    ]
+    models = [m for m in _ROLES if m in results]
     table = "| model | backbone | mAP symmetric | mAP asymmetric (teacher database) |\n|---|---|---|---|\n"
-    table += "".join(f"| {a} | {b} | {fmt(c)} | {fmt(d)} |\n" for a, b, c, d in rows)
+    table += "".join(f"| {_ROLES[m]} | {backbones[m]} | {fmt(results[m].get('map_symmetric'))} | "
+                     f"{fmt(results[m].get('map_asymmetric'))} |\n" for m in models)
     tp = results["throughput_images_per_s"]
+    student_backbone = next((backbones[m] for m in models if m != "teacher"), "")
+    speed = [("teacher", backbones["teacher"], tp["teacher"])]
+    if "student" in tp:
+        speed.insert(0, ("student", student_backbone, tp["student"]))
+    speed_table = "| model | images/s |\n|---|---|\n" + "".join(
+        f"| {role} ({name}) | {v:.0f} |\n" for role, name, v in reversed(speed))
+    chart = _plot_throughput(out, [f"{role}\n{name}" for role, name, _ in speed], [v for _, _, v in speed])
     data = "synthetic" if args.synthetic else _DATASET_NAMES.get(args.dataset, args.dataset)
     if args.dataset == "list" and not args.synthetic:
         data += f" ({args.data_dir})"
-    chart = _plot_throughput(out, [f"student\n{args.student}", f"teacher\n{args.teacher}"],
-                             [tp["student"], tp["teacher"]])
     return (
-        f"# brcd demo\n\n{args.bits}-bit codes, mAP@{args.topk}, data: {data}, seed {args.seed}, "
+        f"# brcd {args.command}\n\n{bits}-bit codes, mAP@{args.topk}, data: {data}, seed {args.seed}, "
         f"device {args.device}, {results['seconds']:.0f} s in all.\n\n## Test results\n\n{table}\n"
-        f"## Encoding throughput\n\n| model | images/s |\n|---|---|\n| teacher ({args.teacher}) | "
-        f"{tp['teacher']:.0f} |\n| student ({args.student}) | {tp['student']:.0f} |\n\n{chart}\n"
+        f"## Encoding throughput\n\n{speed_table}\n{chart}\n"
         f"## Precision-recall (test)\n\n{_plot_pr(out, curves)}\n"
         f"## Validation during training\n\n{_plot_curves(out)}"
     )

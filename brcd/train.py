@@ -122,7 +122,8 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
         torch.set_rng_state(state["rng"])
         gen.set_state(state["loader_rng"])
         if state["stopped_early"]:
-            model.load_state_dict(load_checkpoint(checkpoint_path(out_dir, name, fmt=cfg.checkpoint_format))["state_dict"])
+            best_path = checkpoint_path(out_dir, name, fmt=cfg.checkpoint_format)
+            model.load_state_dict(load_checkpoint(best_path)["state_dict"])
             return best
     model.to(cfg.device).train()
     for epoch in range(first_epoch, cfg.epochs + 1):

@@ -121,12 +121,22 @@ def test_train_teacher_then_distill_in_steps(tmp_path, capsys):
     assert cli.main(["train-teacher", "--out", str(tmp_path / "t"), "--epochs", "1", *common]) == 0
     teacher = tmp_path / "t" / "teacher.pt"
     assert torch.load(teacher, weights_only=True)["model"]["bits"] == 16
-    capsys.readouterr()
+    # Every training run ends with a test and a report of its own.
+    out = json.loads(capsys.readouterr().out)
+    assert 0 <= out["test"]["map_symmetric"] <= 1
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert report.startswith("# brcd train-teacher") and "16-bit codes" in report and "throughput.png" in report
+    assert set(json.loads((tmp_path / "t" / "metrics.json").read_text())["throughput_images_per_s"]) == {"teacher"}
     assert cli.main(["distill", "--out", str(tmp_path / "s"), "--teacher-checkpoint", str(teacher), "--epochs", "1",
                      "--clusters", "3", "--group-mode", "fn", "--no-mask", *common]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"student_brcd"} and set(result["student_brcd"]["best_validation"]) == {
         "val_map_symmetric", "val_map_asymmetric"}
+    assert set(result["student_brcd"]["test"]) == {"map_symmetric", "map_asymmetric"}
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert report.startswith("# brcd distill") and "student with BRCD" in report and "student without KD" not in report
+    tested = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert set(tested) >= {"teacher", "student_brcd", "throughput_images_per_s"}
     assert cli.main(["distill", "--out", str(tmp_path / "p"), "--teacher-checkpoint", str(teacher), "--epochs", "1",
                      "--no-kd", *common]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"student_no_kd"}
