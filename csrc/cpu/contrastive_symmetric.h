@@ -1,11 +1,12 @@
 // The fixed-shift path of the CPU loss (every temperature where exp(-2/tau) is a normal number), which uses the
 // symmetry of the similarity matrix: s_ab = s_ba.
 //
-// The 2B rows are cut into blocks of kBlock. Each pair of blocks (I, J), I < J, is computed once and serves both
-// sides: the rows of I take its row sums, the rows of J its column sums. Under the fixed shift 1/tau an entry's
-// exp(s_ab - 1/tau) is the same in row a and in row b; only the group masks differ. The backward's coefficient
-// c_ab = w_ab + w_ba is symmetric too, so one tile of it feeds dZ_I += C Z_J and dZ_J += C^T Z_I. That halves the
-// exponentials and turns three products per entry (forward, backward, backward) into two.
+// The 2B rows are cut into blocks (of up to kBlock rows). Each pair of blocks (I, J), I < J, is computed once and
+// serves both sides: the rows of I take its row sums, the rows of J its column sums. Under the fixed shift 1/tau an
+// entry's exp(s_ab - 1/tau) is the same in row a and in row b; only the group masks differ. The backward's
+// coefficient c_ab = w_ab + w_ba is symmetric too, so one tile of it feeds dZ_I += C Z_J and dZ_J += C^T Z_I. Per
+// entry of the full matrix, forward and backward together then take two products instead of three, and one
+// exponential instead of three.
 //
 // Pairs run in the rounds of a round-robin tournament (the circle method): no two pairs of a round share a block,
 // so each thread owns the rows it writes and nothing needs a lock or a per-thread copy.
@@ -26,8 +27,8 @@ struct SymPrepared {
   std::vector<T> zn;      // [rows_pad, kp]: normalised rows, zero in padding rows and bits
   std::vector<T> panels;  // [blocks][K][block]: each block's rows transposed, the columns of a similarity tile
   std::vector<T> norm, cos_ind;
-  // The pair (a, b) is dropped when col_group[b] == row_key[a]: row_key is the renumbered row group, or -2 (never
-  // equal to a column group, which is >= -1) where the row has none.
+  // The pair (a, b) is dropped when col_group[b] == row_key[a]: row_key is the row group (renumbered where ids
+  // exceed int32), or -2 (never equal to a column group, which is >= -1) where the row has none.
   std::vector<int32_t> row_key, col_group;  // [rows_pad]
 };
 

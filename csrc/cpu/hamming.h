@@ -42,6 +42,7 @@ struct ItemLabels {
 // AP@k of every query (shared/spec/contrastive-loss.md): the database ranked by ascending distance, ties to the
 // smaller index; AP = mean over the relevant items of the top k of (their rank among the relevant) / (their
 // position); 0 where none is relevant. Computed from the codes closer than the k-th distance, without sorting.
+// 1 <= k <= db.rows < 2^31.
 void average_precision(const PackedCodes& queries, const PackedCodes& db, const ItemLabels& query_labels,
                        const ItemLabels& db_labels, int64_t k, double* out);
 
