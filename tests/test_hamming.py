@@ -152,6 +152,16 @@ for nbits in (5, 64, 130, 256, 333):
         d, i = brcd.hamming_topk(q, db, k)
         rd, ri = ref.hamming_topk(q, db, k)
         assert torch.equal(d, rd) and torch.equal(i, ri)
+# A database large enough to be sampled, k dense: the candidate scan, and mAP through the AP op.
+g = torch.Generator().manual_seed(1)
+codes = torch.randn(5001, 40, generator=g)
+labels = torch.randint(0, 3, (5001,), generator=g)
+q, db = brcd.pack_codes(codes[:9]), brcd.pack_codes(codes[9:])
+d, i = brcd.hamming_topk(q, db, 300)
+rd, ri = ref.hamming_topk(q, db, 300)
+assert torch.equal(d, rd) and torch.equal(i, ri)
+got = brcd.metrics.mean_average_precision(codes[:9], codes[9:], labels[:9], labels[9:], topk=300)
+assert abs(got - ref.mean_average_precision(codes[:9], codes[9:], labels[:9], labels[9:], 300)) <= 1e-12
 print(brcd.build_info()["simd"])
 """
     env = dict(os.environ, BRCD_SIMD=level)
