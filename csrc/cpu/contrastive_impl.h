@@ -189,26 +189,34 @@ inline int tile_cols(const Prepared<T>& q, int64_t b0) {
   return static_cast<int>((live + V - 1) / V * V);
 }
 
+// The register-blocked product behind every similarity and gradient tile of both paths: acc[r][v] = sum over t < steps of a[r * a_row + t * a_step] *
+// b[t * b_step + v], R rows of broadcast coefficients against W columns of vectors.
+template <class T, int R, int W>
+inline void micro_product(const T* a, int64_t a_row, int64_t a_step, const T* b, int64_t b_step, int64_t steps,
+                          T (&acc)[R][W]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma omp simd
+    for (int v = 0; v < W; ++v) acc[r][v] = T(0);
+  for (int64_t t = 0; t < steps; ++t) {
+    const T* bt = b + t * b_step;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const T c = a[r * a_row + t * a_step];
+#pragma omp simd
+      for (int v = 0; v < W; ++v) acc[r][v] += c * bt[v];
+    }
+  }
+}
+
 // s[r * kCols + j] = <Zn[a0 + r], Zn[b0 + j]> / tau for the tile's rows and its first `cols` columns.
 template <class T>
 inline void similarity_tile(const Prepared<T>& q, int64_t a0, int64_t b0, int cols, T* s) {
   constexpr int V = kVec<T>;
   const int64_t K = q.bits;
-  const T* zn = q.zn.data() + a0 * K;
   for (int j0 = 0; j0 < cols; j0 += V) {
     T acc[kRows][V];
-    for (int r = 0; r < kRows; ++r)
-      for (int v = 0; v < V; ++v) acc[r][v] = T(0);
-    const T* zt = q.zt.data() + b0 + j0;
-    for (int64_t d = 0; d < K; ++d) {
-      const T* col = zt + d * q.cols_pad;
-#pragma GCC unroll 8
-      for (int r = 0; r < kRows; ++r) {
-        const T z = zn[r * K + d];
-#pragma omp simd
-        for (int v = 0; v < V; ++v) acc[r][v] += z * col[v];
-      }
-    }
+    micro_product<T, kRows, V>(q.zn.data() + a0 * K, K, 1, q.zt.data() + b0 + j0, q.cols_pad, K, acc);
     for (int r = 0; r < kRows; ++r)
 #pragma omp simd
       for (int v = 0; v < V; ++v) s[r * kCols + j0 + v] = acc[r][v] * q.inv_tau;
@@ -224,17 +232,7 @@ inline void accumulate_rows(const Prepared<T>& q, int64_t b0, int64_t jn, const 
   int64_t d0 = 0;
   for (; d0 + V <= K; d0 += V) {
     T acc[kRows][V];
-    for (int r = 0; r < kRows; ++r)
-      for (int v = 0; v < V; ++v) acc[r][v] = T(0);
-    for (int64_t j = 0; j < jn; ++j) {
-      const T* zb = q.zn.data() + (b0 + j) * K + d0;
-#pragma GCC unroll 8
-      for (int r = 0; r < kRows; ++r) {
-        const T c = coef[r * kCols + j];
-#pragma omp simd
-        for (int v = 0; v < V; ++v) acc[r][v] += c * zb[v];
-      }
-    }
+    micro_product<T, kRows, V>(coef, kCols, 1, q.zn.data() + b0 * K + d0, K, jn, acc);
     for (int r = 0; r < kRows; ++r)
 #pragma omp simd
       for (int v = 0; v < V; ++v) g[r * K + d0 + v] += acc[r][v];

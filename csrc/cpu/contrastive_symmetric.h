@@ -98,26 +98,6 @@ SymPrepared<T> prepare_symmetric(const ContrastiveProblem<T>& p) {
   return q;
 }
 
-// The register-blocked product both directions share: acc[r][v] = sum over t < steps of a[r * a_row + t * a_step] *
-// b[t * b_step + v], R rows of broadcast coefficients against W columns of vectors.
-template <class T, int R, int W>
-inline void micro_product(const T* a, int64_t a_row, int64_t a_step, const T* b, int64_t b_step, int64_t steps,
-                          T (&acc)[R][W]) {
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma omp simd
-    for (int v = 0; v < W; ++v) acc[r][v] = T(0);
-  for (int64_t t = 0; t < steps; ++t) {
-    const T* bt = b + t * b_step;
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const T c = a[r * a_row + t * a_step];
-#pragma omp simd
-      for (int v = 0; v < W; ++v) acc[r][v] += c * bt[v];
-    }
-  }
-}
-
 // s[i * block + j] = <Zn_a, Zn_b> / tau for the rows a of block I and the rows b of block J (through J's panel),
 // over the blocks' spans.
 template <class T>
