@@ -81,6 +81,14 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mask", action="store_true", help="ablation: no bit mask")
 
 
+def _model_args(p: argparse.ArgumentParser, role: str) -> None:
+    """--teacher / --student (a timm name) and --teacher-weights / --student-weights (local backbone weights)."""
+    p.add_argument(f"--{role}", default=TEACHER_DEFAULT if role == "teacher" else STUDENT_DEFAULT,
+                   help="any timm model name")
+    p.add_argument(f"--{role}-weights", type=Path, default=None,
+                   help=f"local pretrained backbone weights for the {role} (.pt, .safetensors or a brcd checkpoint)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brcd", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,12 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, required=True, help="run directory (created)")
     _data_args(demo)
     _training_args(demo)
-    demo.add_argument("--teacher", default=TEACHER_DEFAULT, help="any timm model name")
-    demo.add_argument("--student", default=STUDENT_DEFAULT, help="any timm model name")
-    demo.add_argument("--teacher-weights", type=Path, default=None,
-                        help="local pretrained backbone weights for the teacher (.pt, .safetensors or a checkpoint)")
-    demo.add_argument("--student-weights", type=Path, default=None,
-                        help="local pretrained backbone weights for the students (.pt, .safetensors or a checkpoint)")
+    _model_args(demo, "teacher")
+    _model_args(demo, "student")
     demo.add_argument("--teacher-epochs", type=_positive_int, default=8)
     demo.add_argument("--student-epochs", type=_positive_int, default=10)
     _distill_args(demo)
@@ -103,9 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--out", type=Path, required=True, help="run directory (created)")
     _data_args(teach)
     _training_args(teach)
-    teach.add_argument("--teacher", default=TEACHER_DEFAULT, help="any timm model name")
-    teach.add_argument("--teacher-weights", type=Path, default=None,
-                        help="local pretrained backbone weights for the teacher (.pt, .safetensors or a checkpoint)")
+    _model_args(teach, "teacher")
     teach.add_argument("--epochs", type=_positive_int, default=8)
 
     distill = sub.add_parser("distill", help="train a student from a teacher checkpoint with BRCD (or without KD)")
@@ -113,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--teacher-checkpoint", type=Path, required=True)
     _data_args(distill)
     _training_args(distill)
-    distill.add_argument("--student", default=STUDENT_DEFAULT, help="any timm model name")
-    distill.add_argument("--student-weights", type=Path, default=None,
-                        help="local pretrained backbone weights for the students (.pt, .safetensors or a checkpoint)")
+    _model_args(distill, "student")
     distill.add_argument("--epochs", type=_positive_int, default=10)
     distill.add_argument("--no-kd", action="store_true", help="the baseline: the student alone, with CIBHash")
     _distill_args(distill)
@@ -244,7 +244,7 @@ def _prepare_run(args) -> _Run:
 
 def _train_teacher(run: _Run, name: str, epochs: int, bits: int):
     run.log(f"teacher {name}: CIBHash on {len(run.train_images)} images")
-    teacher = run.make(name, bits, getattr(run.args, "teacher_weights", None))
+    teacher = run.make(name, bits, run.args.teacher_weights)
     scores = train_teacher(teacher, run.train_images, *run.val, replace(run.cfg, bits=bits, epochs=epochs), run.out,
                            "teacher")
     return teacher, scores
