@@ -172,22 +172,32 @@ void TopkState::compact() {
   at_or_below_ = below + kept_at;
 }
 
-int64_t TopkState::finish(int32_t* out_dist, int64_t* out_idx) {
-  compact();
-  // Counting sort by distance; the buffer is in ascending index order, so equal distances stay index-ordered.
-  const int64_t nd = static_cast<int64_t>(count_.size());
-  std::vector<int64_t> start(static_cast<size_t>(nd + 1), 0);
-  for (int32_t d : cand_dist_) ++start[d + 1];
-  for (int64_t d = 0; d < nd; ++d) start[d + 1] += start[d];
-  const int64_t n = std::min<int64_t>(static_cast<int64_t>(cand_dist_.size()), k_);
-  for (size_t r = 0; r < cand_dist_.size(); ++r) {
-    const int64_t pos = start[cand_dist_[r]]++;
+namespace {
+// The first min(size, k) of index-ordered (distance, index) pairs by distance, ties kept in index order: a stable
+// counting sort over the distances 0 .. bins - 1. Returns how many it wrote.
+template <class Index>
+int64_t counting_select(const int32_t* dist, const Index* idx, int64_t size, int64_t k, int64_t bins,
+                        int32_t* out_dist, int64_t* out_idx) {
+  std::vector<int64_t> start(static_cast<size_t>(bins + 1), 0);
+  for (int64_t r = 0; r < size; ++r) ++start[dist[r] + 1];
+  for (int64_t d = 0; d < bins; ++d) start[d + 1] += start[d];
+  const int64_t n = std::min(size, k);
+  for (int64_t r = 0; r < size; ++r) {
+    const int64_t pos = start[dist[r]]++;
     if (pos < n) {
-      out_dist[pos] = cand_dist_[r];
-      out_idx[pos] = cand_idx_[r];
+      out_dist[pos] = dist[r];
+      out_idx[pos] = idx[r];
     }
   }
   return n;
+}
+}  // namespace
+
+int64_t TopkState::finish(int32_t* out_dist, int64_t* out_idx) {
+  compact();
+  // The buffer is in ascending index order, so equal distances stay index-ordered.
+  return counting_select(cand_dist_.data(), cand_idx_.data(), static_cast<int64_t>(cand_dist_.size()), k_,
+                         static_cast<int64_t>(count_.size()), out_dist, out_idx);
 }
 
 // ---------------------------------------------------------------- entry points
@@ -319,20 +329,6 @@ void for_each_query_candidates(const BlockedCodes& db, const QueryWords& q, cons
   }
 }
 
-// The first k of index-ordered candidates by (distance, index): a stable counting sort.
-void select_candidates(const Candidates& c, int64_t k, int64_t nbits, int32_t* out_dist, int64_t* out_idx) {
-  std::vector<int64_t> start(static_cast<size_t>(nbits + 2), 0);
-  for (int64_t r = 0; r < c.size; ++r) ++start[c.dist[r] + 1];
-  for (int64_t d = 0; d <= nbits; ++d) start[d + 1] += start[d];
-  for (int64_t r = 0; r < c.size; ++r) {
-    const int64_t pos = start[c.dist[r]]++;
-    if (pos < k) {
-      out_dist[pos] = c.dist[r];
-      out_idx[pos] = c.idx[r];
-    }
-  }
-}
-
 // Counting select over whole distance rows, for k a sizeable share of n (where the threshold scan would accept a
 // large fraction of the database): distances of a block of queries, a histogram, then one pass in index order that
 // drops each winner straight into its sorted place (offset of its distance + arrivals so far).
@@ -391,7 +387,7 @@ void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, 
   if (shards == 1 && dense_hits(k, blocked.rows)) {
     struct NoScratch {};
     for_each_query_candidates<NoScratch>(blocked, q, kern, k, [&](const Candidates& c, int64_t qi, NoScratch&) {
-      select_candidates(c, k, nbits, out_dist + qi * k, out_idx + qi * k);
+      counting_select(c.dist.data(), c.idx.data(), c.size, k, nbits + 2, out_dist + qi * k, out_idx + qi * k);
     });
     return;
   }
