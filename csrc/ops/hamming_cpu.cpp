@@ -52,8 +52,8 @@ struct LabelStorage {
 };
 
 LabelStorage item_labels(const at::Tensor& labels, int64_t rows, const char* name) {
-  TORCH_CHECK_VALUE(labels.dim() == 1 || labels.dim() == 2, name, " must be class ids [n] or multi-hot labels [n, C], got ",
-                    labels.dim(), " dimensions");
+  TORCH_CHECK_VALUE(labels.dim() == 1 || labels.dim() == 2, name,
+                    " must be class ids [n] or multi-hot labels [n, C], got ", labels.dim(), " dimensions");
   TORCH_CHECK_VALUE(labels.size(0) == rows, name, " has ", labels.size(0), " rows but there are ", rows, " codes");
   TORCH_CHECK_VALUE(labels.device().is_cpu(), name, " must be on the CPU, got ", labels.device());
   LabelStorage s;
@@ -64,13 +64,12 @@ LabelStorage item_labels(const at::Tensor& labels, int64_t rows, const char* nam
     s.view.ids = s.ids.data_ptr<int64_t>();
     return s;
   }
-  const at::Tensor has = labels.scalar_type() == at::kBool ? labels.contiguous() : labels.gt(0).contiguous();
-  const int64_t classes = has.size(1), words = std::max<int64_t>(1, (classes + 63) / 64);
+  // Packed as codes are (a label is a bit > 0), each row padded to whole 64-bit words.
+  const int64_t classes = labels.size(1), words = std::max<int64_t>(1, (classes + 63) / 64);
+  const at::Tensor has = at::constant_pad_nd(positive_bits(labels), {0, words * 64 - classes}).contiguous();
   s.bits.assign(static_cast<size_t>(rows * words), 0);
-  const bool* h = has.data_ptr<bool>();
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t c = 0; c < classes; ++c)
-      if (h[i * classes + c]) s.bits[i * words + c / 64] |= uint64_t(1) << (c % 64);
+  if (rows > 0)
+    cpu::pack_bits(has.data_ptr<uint8_t>(), rows, words * 64, has.stride(0), reinterpret_cast<uint8_t*>(s.bits.data()));
   s.view.bits = s.bits.data();
   s.view.words = words;
   return s;
