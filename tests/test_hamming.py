@@ -152,6 +152,18 @@ for nbits in (5, 64, 130, 256, 333):
         d, i = brcd.hamming_topk(q, db, k)
         rd, ri = ref.hamming_topk(q, db, k)
         assert torch.equal(d, rd) and torch.equal(i, ri)
+# Several chunks of the database (the scans hold groups of queries over chunks of up to 16384 codes), a query
+# count that is no multiple of a group, and codes near the queries, so that hit logs fill up and spill mid-chunk.
+for nbits in (64, 200, 256):
+    g = torch.Generator().manual_seed(nbits + 1)
+    qc = torch.randn(13, nbits, generator=g)
+    near = qc[torch.randint(0, 13, (40_000,), generator=g)]
+    near = torch.where(torch.rand(40_000, nbits, generator=g) < 0.2, -near, near)
+    q, db = brcd.pack_codes(qc), brcd.pack_codes(near)
+    for k in (10, 600, 3000):
+        d, i = brcd.hamming_topk(q, db, k)
+        rd, ri = ref.hamming_topk(q, db, k)
+        assert torch.equal(d, rd) and torch.equal(i, ri), (nbits, k)
 # A database large enough to be sampled, k dense: the candidate scan, and mAP through the AP op.
 g = torch.Generator().manual_seed(1)
 codes = torch.randn(5001, 40, generator=g)

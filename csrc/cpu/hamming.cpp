@@ -119,6 +119,8 @@ QueryWords to_words(const PackedCodes& q) {
 constexpr int64_t kQueryBlock = 8;
 // Codes sampled per query to guess a starting threshold (at most 1/8 of the database).
 constexpr int64_t kSampleBlocks = 512;
+// The fewest sampled codes a guessed bound stands on.
+constexpr double kMinSampled = 4;
 // Smallest database shard worth a thread of its own (in blocks of 8 codes).
 constexpr int64_t kMinShardBlocks = 4096;
 
@@ -242,8 +244,10 @@ class SampledThresholds {
                 sample.data.begin() + s * db.words * kLanes);
     const int64_t bins = db.words * 64 + 1;
     // margin * k codes expected at or below the threshold; a sampled count of `need` stands for need * n / sample.
-    const double need =
-        margin * static_cast<double>(k) * static_cast<double>(sample.rows) / static_cast<double>(db.rows);
+    // At least kMinSampled sampled codes: a bound from the one or two nearest sampled codes is too often too
+    // tight for small k, and a query left short is rescanned alone.
+    const double need = std::max<double>(
+        kMinSampled, margin * static_cast<double>(k) * static_cast<double>(sample.rows) / static_cast<double>(db.rows));
     max_dist_.assign(static_cast<size_t>(q.rows), -1);
     const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
 #pragma omp parallel
@@ -294,9 +298,8 @@ void collect_candidates(const BlockedCodes& db, const QueryWords& q, const ScanK
                         const SampledThresholds& guess, int64_t k, int64_t q0, int64_t q1,
                         std::vector<Candidates>& cands) {
   const int64_t nbits = db.words * 64;
-  cands.clear();
-  for (int64_t qi = q0; qi < q1; ++qi)
-    cands.emplace_back(static_cast<int32_t>(guess.max_dist(qi, nbits) + 1), 2 * k);
+  cands.resize(static_cast<size_t>(q1 - q0));
+  for (int64_t qi = q0; qi < q1; ++qi) cands[qi - q0].reset(static_cast<int32_t>(guess.max_dist(qi, nbits) + 1));
   kern.collect(db, q, q0, q1, 0, db.blocks, cands.data());
   const int32_t step = static_cast<int32_t>(std::max<int64_t>(1, nbits / 32));
   for (int64_t qi = q0; qi < q1; ++qi) {
@@ -387,7 +390,7 @@ void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, 
   if (shards == 1 && dense_hits(k, blocked.rows)) {
     struct NoScratch {};
     for_each_query_candidates<NoScratch>(blocked, q, kern, k, [&](const Candidates& c, int64_t qi, NoScratch&) {
-      counting_select(c.dist.data(), c.idx.data(), c.size, k, nbits + 2, out_dist + qi * k, out_idx + qi * k);
+      counting_select(c.dist.get(), c.idx.get(), c.size, k, nbits + 2, out_dist + qi * k, out_idx + qi * k);
     });
     return;
   }

@@ -21,41 +21,46 @@ inline __m256i popcount_words(__m256i v) {
 }
 
 struct Isa {
+  // With a known word count, the query's words broadcast once into registers; otherwise read from its row.
   template <int WC>
-  static inline void dist(const uint64_t* block, const uint64_t* q, int64_t words, __m256i& lo, __m256i& hi) {
-    const int64_t n = WC > 0 ? WC : words;
-    lo = _mm256_setzero_si256();
-    hi = _mm256_setzero_si256();
-    for (int64_t w = 0; w < n; ++w) {
-      const __m256i qv = _mm256_set1_epi64x(static_cast<long long>(q[w]));
-      const __m256i* p = reinterpret_cast<const __m256i*>(block + w * kLanes);
-      lo = _mm256_add_epi64(lo, popcount_words(_mm256_xor_si256(_mm256_loadu_si256(p), qv)));
-      hi = _mm256_add_epi64(hi, popcount_words(_mm256_xor_si256(_mm256_loadu_si256(p + 1), qv)));
+  struct Query {
+    __m256i word[WC > 0 ? WC : 1];
+    const uint64_t* row = nullptr;
+    Query() = default;
+    Query(const uint64_t* r, int64_t) : row(r) {
+      if constexpr (WC > 0)
+        for (int w = 0; w < WC; ++w) word[w] = _mm256_set1_epi64x(static_cast<long long>(r[w]));
     }
-  }
-  static inline void store(__m256i lo, __m256i hi, int32_t* dist8) {
-    alignas(32) int64_t tmp[kLanes];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), lo);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 4), hi);
-    for (int l = 0; l < kLanes; ++l) dist8[l] = static_cast<int32_t>(tmp[l]);
-  }
+    __m256i at(int64_t w) const {
+      if constexpr (WC > 0) return word[w];
+      else return _mm256_set1_epi64x(static_cast<long long>(row[w]));
+    }
+  };
+  struct Dist {
+    __m256i lo, hi;  // lanes 0-3 and 4-7
+  };
   template <int WC>
-  static inline unsigned below(const uint64_t* block, const uint64_t* q, int64_t words, int64_t threshold,
-                               int32_t* dist8) {
-    __m256i lo, hi;
-    dist<WC>(block, q, words, lo, hi);
+  static inline Dist dist(const uint64_t* block, const Query<WC>& q, int64_t words) {
+    const int64_t n = WC > 0 ? WC : words;
+    Dist d{_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int64_t w = 0; w < n; ++w) {
+      const __m256i qv = q.at(w);
+      const __m256i* p = reinterpret_cast<const __m256i*>(block + w * kLanes);
+      d.lo = _mm256_add_epi64(d.lo, popcount_words(_mm256_xor_si256(_mm256_loadu_si256(p), qv)));
+      d.hi = _mm256_add_epi64(d.hi, popcount_words(_mm256_xor_si256(_mm256_loadu_si256(p + 1), qv)));
+    }
+    return d;
+  }
+  static inline unsigned lanes_below(const Dist& d, int64_t threshold) {
     const __m256i t = _mm256_set1_epi64x(threshold);
-    const unsigned m = static_cast<unsigned>(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(t, lo)))) |
-                       static_cast<unsigned>(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(t, hi))))
-                           << 4;
-    if (m) store(lo, hi, dist8);
-    return m;
+    return static_cast<unsigned>(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(t, d.lo)))) |
+           static_cast<unsigned>(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(t, d.hi)))) << 4;
   }
-  template <int WC>
-  static inline void all(const uint64_t* block, const uint64_t* q, int64_t words, int32_t* dist8) {
-    __m256i lo, hi;
-    dist<WC>(block, q, words, lo, hi);
-    store(lo, hi, dist8);
+  static inline void store(const Dist& d, int32_t* dist8) {
+    alignas(32) int64_t tmp[kLanes];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), d.lo);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 4), d.hi);
+    for (int l = 0; l < kLanes; ++l) dist8[l] = static_cast<int32_t>(tmp[l]);
   }
 };
 

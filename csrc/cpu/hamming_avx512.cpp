@@ -11,32 +11,42 @@ namespace brcd::cpu::avx512 {
 namespace {
 
 struct Isa {
+  // With a known word count, the query's words broadcast once into registers; otherwise read from its row.
   template <int WC>
-  static inline __m512i dist(const uint64_t* block, const uint64_t* q, int64_t words) {
+  struct Query {
+    __m512i word[WC > 0 ? WC : 1];
+    const uint64_t* row = nullptr;
+    Query() = default;
+    Query(const uint64_t* r, int64_t) : row(r) {
+      if constexpr (WC > 0)
+        for (int w = 0; w < WC; ++w) word[w] = _mm512_set1_epi64(static_cast<long long>(r[w]));
+    }
+    __m512i at(int64_t w) const {
+      if constexpr (WC > 0) return word[w];
+      else return _mm512_set1_epi64(static_cast<long long>(row[w]));
+    }
+  };
+  template <int WC>
+  static inline __m512i dist(const uint64_t* block, const Query<WC>& q, int64_t words) {
     const int64_t n = WC > 0 ? WC : words;
-    __m512i acc = _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(block), _mm512_set1_epi64(q[0])));
+    __m512i acc = _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(block), q.at(0)));
     for (int64_t w = 1; w < n; ++w) {
-      const __m512i x = _mm512_xor_si512(_mm512_loadu_si512(block + w * kLanes), _mm512_set1_epi64(q[w]));
+      const __m512i x = _mm512_xor_si512(_mm512_loadu_si512(block + w * kLanes), q.at(w));
       acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(x));
     }
     return acc;
   }
-  template <int WC>
-  static inline unsigned below(const uint64_t* block, const uint64_t* q, int64_t words, int64_t threshold,
-                               int32_t* dist8) {
-    const __m512i d = dist<WC>(block, q, words);
-    const __mmask8 m = _mm512_cmplt_epi64_mask(d, _mm512_set1_epi64(threshold));
-    if (m) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dist8), _mm512_cvtepi64_epi32(d));
-    return m;
+  using Dist = __m512i;  // 8 distances, one per 64-bit lane
+  static inline unsigned lanes_below(Dist d, int64_t threshold) {
+    return _mm512_cmplt_epi64_mask(d, _mm512_set1_epi64(threshold));
   }
-  template <int WC>
-  static inline void all(const uint64_t* block, const uint64_t* q, int64_t words, int32_t* dist8) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dist8), _mm512_cvtepi64_epi32(dist<WC>(block, q, words)));
+  static inline void store(Dist d, int32_t* dist8) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dist8), _mm512_cvtepi64_epi32(d));
   }
   // Compress in registers, then plain stores of all 8 lanes (the memory form of vpcompressd is microcoded and slow
   // on some processors); the caller's buffer has room for them.
   template <int WC>
-  static inline int collect(const uint64_t* block, const uint64_t* q, int64_t words, int64_t threshold,
+  static inline int collect(const uint64_t* block, const Query<WC>& q, int64_t words, int64_t threshold,
                             unsigned valid, int32_t first_index, int32_t* out_dist, int32_t* out_idx) {
     const __m512i d = dist<WC>(block, q, words);
     const __mmask8 m = _mm512_cmplt_epi64_mask(d, _mm512_set1_epi64(threshold)) & static_cast<__mmask8>(valid);
@@ -48,7 +58,7 @@ struct Isa {
   }
   // Two consecutive blocks (16 codes) per compress: half the per-code overhead of collect. Writes 16 lanes.
   template <int WC>
-  static inline int collect2(const uint64_t* block, const uint64_t* q, int64_t words, int64_t threshold,
+  static inline int collect2(const uint64_t* block, const Query<WC>& q, int64_t words, int64_t threshold,
                              unsigned valid, int32_t first_index, int32_t* out_dist, int32_t* out_idx) {
     // The low dword of every qword of both blocks (distances fit in 32 bits) in one permute.
     const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);

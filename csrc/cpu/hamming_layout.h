@@ -4,7 +4,9 @@
 // data[(b * words + w) * 8 + l]), so one 512-bit load holds the same word of 8 codes whatever the code length.
 #pragma once
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace brcd::cpu {
@@ -53,23 +55,29 @@ class TopkState {
 
 // Every code closer than a fixed bound, in ascending index order: the scan appends without a branch per hit, which
 // pays where hits are dense (k a few percent of the database) and TopkState's branchy threshold updates stall.
+// The buffers are not initialised (a scan reserves room for a whole chunk of the database up front), and a list is
+// reset, not reallocated, for the next query.
 struct Candidates {
   int32_t limit = 0;  // accept distances < limit
   int64_t size = 0;
-  std::vector<int32_t> dist, idx;  // capacity >= size + 2 kLanes: an append may write two blocks' lanes
-  explicit Candidates(int32_t accept_below = 0, int64_t expected = 64) : limit(accept_below) {
-    reserve(expected + 2 * kLanes);
+  std::unique_ptr<int32_t[]> dist, idx;
+  int64_t capacity = 0;
+
+  void reset(int32_t accept_below) {
+    limit = accept_below;
+    size = 0;
   }
+  // Room for n entries, keeping the first `size`.
   void reserve(int64_t n) {
-    if (static_cast<int64_t>(dist.size()) >= n) return;
-    dist.resize(static_cast<size_t>(n));
-    idx.resize(static_cast<size_t>(n));
+    if (n <= capacity) return;
+    n = std::max(n, 2 * capacity);
+    std::unique_ptr<int32_t[]> d(new int32_t[static_cast<size_t>(n)]), i(new int32_t[static_cast<size_t>(n)]);
+    std::copy(dist.get(), dist.get() + size, d.get());
+    std::copy(idx.get(), idx.get() + size, i.get());
+    dist = std::move(d);
+    idx = std::move(i);
+    capacity = n;
   }
-  // Room for two more blocks of lanes: an inlined test in the scan loop, the growth out of line.
-  inline void make_room() {
-    if (__builtin_expect(size + 2 * kLanes > static_cast<int64_t>(dist.size()), 0)) grow();
-  }
-  [[gnu::noinline]] void grow() { reserve(2 * static_cast<int64_t>(dist.size()) + 2 * kLanes); }
 };
 
 // Per-ISA scans, defined in hamming_<isa>.cpp. `states` has one entry per query in [q_begin, q_end); `distance`

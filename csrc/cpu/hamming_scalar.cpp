@@ -6,21 +6,31 @@ namespace {
 
 struct Isa {
   template <int WC>
-  static inline void all(const uint64_t* block, const uint64_t* q, int64_t words, int32_t* dist8) {
-    const int64_t n = WC > 0 ? WC : words;
-    for (int l = 0; l < kLanes; ++l) {
-      int32_t d = 0;
-      for (int64_t w = 0; w < n; ++w) d += __builtin_popcountll(block[w * kLanes + l] ^ q[w]);
-      dist8[l] = d;
-    }
-  }
+  struct Query {
+    const uint64_t* row = nullptr;
+    Query() = default;
+    Query(const uint64_t* r, int64_t) : row(r) {}
+  };
+  struct Dist {
+    int32_t lane[kLanes];
+  };
   template <int WC>
-  static inline unsigned below(const uint64_t* block, const uint64_t* q, int64_t words, int64_t threshold,
-                               int32_t* dist8) {
-    all<WC>(block, q, words, dist8);
+  static inline Dist dist(const uint64_t* block, const Query<WC>& query, int64_t words) {
+    const int64_t n = WC > 0 ? WC : words;
+    Dist d;
+    for (int l = 0; l < kLanes; ++l) {
+      d.lane[l] = 0;
+      for (int64_t w = 0; w < n; ++w) d.lane[l] += __builtin_popcountll(block[w * kLanes + l] ^ query.row[w]);
+    }
+    return d;
+  }
+  static inline unsigned lanes_below(const Dist& d, int64_t threshold) {
     unsigned m = 0;
-    for (int l = 0; l < kLanes; ++l) m |= static_cast<unsigned>(dist8[l] < threshold) << l;
+    for (int l = 0; l < kLanes; ++l) m |= static_cast<unsigned>(d.lane[l] < threshold) << l;
     return m;
+  }
+  static inline void store(const Dist& d, int32_t* dist8) {
+    for (int l = 0; l < kLanes; ++l) dist8[l] = d.lane[l];
   }
 };
 

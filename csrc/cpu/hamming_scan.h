@@ -1,9 +1,13 @@
 // ISA-generic scan loops. Included by each hamming_<isa>.cpp after it defines `struct Isa` with
-//   template <int WC> static unsigned below(const uint64_t* block, const uint64_t* q, int64_t words,
-//                                           int64_t threshold, int32_t* dist8);   // lanes with distance < threshold
-//   template <int WC> static void all(const uint64_t* block, const uint64_t* q, int64_t words, int32_t* dist8);
-// and optionally a branch-free append of the lanes below a threshold (valid: the lanes that are codes):
-//   template <int WC> static int collect(const uint64_t* block, const uint64_t* q, int64_t words, int64_t threshold,
+//   template <int WC> struct Query;  // a query prepared for the scan (its words in registers where WC > 0):
+//                                    // default-constructible, and constructed from (const uint64_t* row, int64_t words)
+//   struct Dist;                     // the distances of one block's 8 codes to a query, in registers
+//   template <int WC> static Dist dist(const uint64_t* block, const Query<WC>& q, int64_t words);
+//   static unsigned lanes_below(const Dist& d, int64_t threshold);  // bit l: lane l's distance < threshold
+//   static void store(const Dist& d, int32_t* dist8);
+// and optionally a branch-free append of the lanes below a threshold (valid: the lanes that are codes), for one
+// block (collect) or two consecutive blocks (collect2):
+//   template <int WC> static int collect(const uint64_t* block, const Query<WC>& q, int64_t words, int64_t threshold,
 //                                        unsigned valid, int32_t first_index, int32_t* dist, int32_t* idx);
 // WC is the word count when known at compile time (1..4), else 0.
 #pragma once
@@ -14,81 +18,168 @@
 
 namespace brcd::cpu::detail {
 
-// Block-major: each block of 8 database codes is compared with every query of the block of queries while it is
-// still in L1, so the database streams from L2 once per block of queries, not once per query.
+// The lanes of a block closer than threshold; their distances (all 8 lanes) in dist8 where there is any.
+template <class Isa, int WC>
+inline unsigned below(const uint64_t* block, const typename Isa::template Query<WC>& q, int64_t words,
+                      int64_t threshold, int32_t* dist8) {
+  const auto d = Isa::template dist<WC>(block, q, words);
+  const unsigned m = Isa::lanes_below(d, threshold);
+  if (m) Isa::store(d, dist8);
+  return m;
+}
+
+// Queries compared with each database block while their words stay in registers: as many as leave registers for
+// the block and the arithmetic (the word loads and broadcasts then cost nothing per block).
+template <int WC>
+constexpr int held_queries() {
+  return WC == 1 ? 8 : WC == 2 ? 6 : WC == 3 ? 5 : WC == 4 ? 4 : 1;
+}
+
+// Database blocks per chunk (an even count, about 128 KiB): a chunk stays in L2 while every group of held queries
+// passes over it, so the database streams from memory once per block of queries, not once per group.
+inline int64_t chunk_blocks(int64_t words) {
+  return std::max<int64_t>(16, ((128 << 10) / (words * kLanes * 8)) & ~int64_t{1});
+}
+
+// The blocks with a hit for one held query, logged in the scan loop and pushed into its threshold state after it.
+struct HitLog {
+  static constexpr int kCapacity = 32;
+  int count = 0;
+  int64_t block[kCapacity];
+  alignas(64) int32_t dist[kCapacity][kLanes];
+};
+
+// Scans blocks [b, b1) for the group of QB queries from qi0, each against its fixed limit, logging blocks with hits,
+// until the chunk ends or a log is full; returns the block after the last one scanned. A leaf loop: the queries'
+// words stay in registers (a call in the loop would make the compiler spill them).
+template <class Isa, int WC, int QB>
+int64_t scan_logging_hits(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int64_t b, int64_t b1,
+                          const int64_t* limit, HitLog* log) {
+  using Query = typename Isa::template Query<WC>;
+  const int64_t words = WC > 0 ? WC : db.words;
+  Query held[QB];
+  for (int j = 0; j < QB; ++j) held[j] = Query(q.row(qi0 + j), words);
+  const uint64_t* block = db.block(b);
+  while (b < b1) {
+    typename Isa::Dist d[QB];
+    unsigned m[QB], any = 0;
+#pragma GCC unroll 8
+    for (int j = 0; j < QB; ++j) {
+      d[j] = Isa::template dist<WC>(block, held[j], words);
+      m[j] = Isa::lanes_below(d[j], limit[j]);
+      any |= m[j];
+    }
+    bool full = false;
+    if (__builtin_expect(any != 0, 0)) {  // one branch per block for the whole group
+      for (int j = 0; j < QB; ++j) {
+        if (!m[j]) continue;
+        HitLog& l = log[j];
+        Isa::store(d[j], l.dist[l.count]);
+        l.block[l.count] = b;
+        full |= ++l.count == HitLog::kCapacity;
+      }
+    }
+    ++b;
+    block += words * kLanes;
+    if (__builtin_expect(full, 0)) break;
+  }
+  return b;
+}
+
+template <class Isa, int WC, int QB>
+void topk_group(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int64_t b0, int64_t b1, TopkState* st) {
+  HitLog log[QB];
+  int64_t limit[QB];
+  for (int j = 0; j < QB; ++j) limit[j] = st[j].threshold();
+  for (int64_t b = b0; b < b1;) {
+    b = scan_logging_hits<Isa, WC, QB>(db, q, qi0, b, b1, limit, log);
+    for (int j = 0; j < QB; ++j) {
+      for (int h = 0; h < log[j].count; ++h) {
+        const int32_t* dist8 = log[j].dist[h];
+        for (int lane = 0; lane < kLanes; ++lane) {
+          const int64_t idx = log[j].block[h] * kLanes + lane;
+          if (idx < db.rows && dist8[lane] < st[j].threshold()) st[j].push(dist8[lane], idx);
+        }
+      }
+      log[j].count = 0;
+      limit[j] = st[j].threshold();
+    }
+  }
+}
+
+// Block-major in chunks: each chunk of the database is compared with every query of [q_begin, q_end), a group of
+// held queries at a time, while it is in L2. Each query still sees the database in ascending index order, which
+// the threshold state needs for its ties.
 template <class Isa, int WC>
 void topk_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t b_begin,
                int64_t b_end, TopkState* states) {
-  alignas(64) int32_t dist8[kLanes];
-  const int64_t words = db.words;
-  for (int64_t b = b_begin; b < b_end; ++b) {
-    const uint64_t* block = db.block(b);
-    for (int64_t qi = q_begin; qi < q_end; ++qi) {
-      TopkState& st = states[qi - q_begin];
-      unsigned m = Isa::template below<WC>(block, q.row(qi), words, st.threshold(), dist8);
-      while (m) {
-        const int lane = __builtin_ctz(m);
-        m &= m - 1;
-        const int64_t idx = b * kLanes + lane;
-        if (idx >= db.rows) break;
-        if (dist8[lane] < st.threshold()) st.push(dist8[lane], idx);
-      }
-    }
+  constexpr int QB = held_queries<WC>();
+  const int64_t chunk = chunk_blocks(db.words);
+  for (int64_t c0 = b_begin; c0 < b_end; c0 += chunk) {
+    const int64_t c1 = std::min(b_end, c0 + chunk);
+    int64_t qi = q_begin;
+    for (; qi + QB <= q_end; qi += QB) topk_group<Isa, WC, QB>(db, q, qi, c0, c1, states + (qi - q_begin));
+    for (; qi < q_end; ++qi) topk_group<Isa, WC, 1>(db, q, qi, c0, c1, states + (qi - q_begin));
   }
 }
 
 template <class Isa, int WC>
 void distance_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t b_begin,
                    int64_t b_end, int32_t* out) {
+  using Query = typename Isa::template Query<WC>;
   alignas(64) int32_t dist8[kLanes];
   const int64_t words = db.words;
   for (int64_t b = b_begin; b < b_end; ++b) {
     const uint64_t* block = db.block(b);
     const int64_t base = b * kLanes;
     for (int64_t qi = q_begin; qi < q_end; ++qi) {
+      const Query query(q.row(qi), words);
       int32_t* row = out + (qi - q_begin) * db.rows;
       if (base + kLanes <= db.rows) {
-        Isa::template all<WC>(block, q.row(qi), words, row + base);
+        Isa::store(Isa::template dist<WC>(block, query, words), row + base);
       } else {
-        Isa::template all<WC>(block, q.row(qi), words, dist8);
+        Isa::store(Isa::template dist<WC>(block, query, words), dist8);
         for (int64_t l = 0; base + l < db.rows; ++l) row[base + l] = dist8[l];
       }
     }
   }
 }
 
-template <class Isa, int WC>
-void collect_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t b_begin,
-                  int64_t b_end, Candidates* cands) {
+template <class Isa, int WC, int QB>
+void collect_group(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int64_t b0, int64_t b1,
+                   Candidates* cands) {
+  using Query = typename Isa::template Query<WC>;
+  const int64_t words = WC > 0 ? WC : db.words;
+  Query held[QB];
+  for (int j = 0; j < QB; ++j) held[j] = Query(q.row(qi0 + j), words);
   alignas(64) int32_t dist8[kLanes];
-  const int64_t words = db.words;
-  if constexpr (requires { Isa::template collect2<WC>(nullptr, nullptr, words, 0, 0u, 0, dist8, dist8); }) {
-    for (; b_begin + 2 <= b_end; b_begin += 2) {  // pairs of blocks; a last odd one below
-      const uint64_t* block = db.block(b_begin);
-      const int64_t base = b_begin * kLanes;
-      const int64_t lanes = std::min<int64_t>(2 * kLanes, db.rows - base);
-      const unsigned valid = (1u << lanes) - 1;
-      for (int64_t qi = q_begin; qi < q_end; ++qi) {
-        Candidates& c = cands[qi - q_begin];
-        c.make_room();
-        c.size += Isa::template collect2<WC>(block, q.row(qi), words, c.limit, valid, static_cast<int32_t>(base),
-                                             c.dist.data() + c.size, c.idx.data() + c.size);
+  // Room for every code of the chunk plus the lanes an append may write past it: no growth (a call) in the loop.
+  for (int j = 0; j < QB; ++j) cands[j].reserve(cands[j].size + (b1 - b0 + 2) * kLanes);
+  int64_t b = b0;
+  if constexpr (requires { Isa::template collect2<WC>(nullptr, held[0], words, 0, 0u, 0, dist8, dist8); }) {
+    for (; b + 2 <= b1; b += 2) {  // pairs of blocks; a last odd one below
+      const uint64_t* block = db.block(b);
+      const int64_t base = b * kLanes;
+      const unsigned valid = (1u << std::min<int64_t>(2 * kLanes, db.rows - base)) - 1;
+#pragma GCC unroll 8
+      for (int j = 0; j < QB; ++j) {
+        Candidates& c = cands[j];
+        c.size += Isa::template collect2<WC>(block, held[j], words, c.limit, valid, static_cast<int32_t>(base),
+                                             c.dist.get() + c.size, c.idx.get() + c.size);
       }
     }
   }
-  for (int64_t b = b_begin; b < b_end; ++b) {
+  for (; b < b1; ++b) {
     const uint64_t* block = db.block(b);
     const int64_t base = b * kLanes;
-    const int64_t lanes = std::min<int64_t>(kLanes, db.rows - base);
-    const unsigned valid = (1u << lanes) - 1;
-    for (int64_t qi = q_begin; qi < q_end; ++qi) {
-      Candidates& c = cands[qi - q_begin];
-      c.make_room();
-      if constexpr (requires { Isa::template collect<WC>(block, q.row(qi), words, 0, 0u, 0, dist8, dist8); }) {
-        c.size += Isa::template collect<WC>(block, q.row(qi), words, c.limit, valid, static_cast<int32_t>(base),
-                                            c.dist.data() + c.size, c.idx.data() + c.size);
+    const unsigned valid = (1u << std::min<int64_t>(kLanes, db.rows - base)) - 1;
+    for (int j = 0; j < QB; ++j) {
+      Candidates& c = cands[j];
+      if constexpr (requires { Isa::template collect<WC>(block, held[0], words, 0, 0u, 0, dist8, dist8); }) {
+        c.size += Isa::template collect<WC>(block, held[j], words, c.limit, valid, static_cast<int32_t>(base),
+                                            c.dist.get() + c.size, c.idx.get() + c.size);
       } else {
-        unsigned m = Isa::template below<WC>(block, q.row(qi), words, c.limit, dist8) & valid;
+        unsigned m = below<Isa, WC>(block, held[j], words, c.limit, dist8) & valid;
         while (m) {
           const int lane = __builtin_ctz(m);
           m &= m - 1;
@@ -98,6 +189,20 @@ void collect_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, 
         }
       }
     }
+  }
+}
+
+// As topk_scan, for the branch-free candidate lists.
+template <class Isa, int WC>
+void collect_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t b_begin,
+                  int64_t b_end, Candidates* cands) {
+  constexpr int QB = held_queries<WC>();
+  const int64_t chunk = chunk_blocks(db.words);
+  for (int64_t c0 = b_begin; c0 < b_end; c0 += chunk) {
+    const int64_t c1 = std::min(b_end, c0 + chunk);
+    int64_t qi = q_begin;
+    for (; qi + QB <= q_end; qi += QB) collect_group<Isa, WC, QB>(db, q, qi, c0, c1, cands + (qi - q_begin));
+    for (; qi < q_end; ++qi) collect_group<Isa, WC, 1>(db, q, qi, c0, c1, cands + (qi - q_begin));
   }
 }
 
