@@ -206,6 +206,20 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, b, c: brcd.brcd_loss(a, b, c, **kw), inputs)
 
 
+@pytest.mark.parametrize("device", device_params())
+def test_second_derivative_is_refused(device):
+    # create_graph=True gives the right first derivative; differentiating it again raises instead of silently
+    # treating the second derivative as zero.
+    s, ta, tv, kw = make_case(6, 8, 12, device=device)
+    a = s.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(brcd.brcd_loss(a, ta, tv, **kw), a, create_graph=True)
+    b = s.clone().requires_grad_()
+    (want,) = torch.autograd.grad(ref.brcd_loss(b, ta, tv, **kw), b)
+    assert rel_err(grad.detach(), want) <= 1e-10
+    with pytest.raises(NotImplementedError, match="no second derivative"):
+        grad.sum().backward()
+
+
 def test_torch_compile_fullgraph():
     s, ta, tv, kw = make_case(16, 32, 11, dtype=torch.float32)
 

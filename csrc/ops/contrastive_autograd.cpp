@@ -59,12 +59,50 @@ class ContrastiveLoss : public torch::autograd::Function<ContrastiveLoss> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const double temperature = ctx->saved_data["temperature"].toDouble();
+    // Without create_graph (grad mode off here) the gradients need no history: the call goes straight to the
+    // kernel. With it, the backward op's own autograd kernel (below) records a node that refuses a second
+    // derivative.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
     auto [gs, ga, gv] = call_backward(grads[0], saved[0], saved[1], saved[2], temperature, saved[3], maybe(saved[4]),
                                       maybe(saved[5]), maybe(saved[6]), saved[7]);
     // One gradient per forward input: the three code tensors, then none for temperature, alpha, mask and groups.
     return {gs, ga, gv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+// contrastive_backward under autograd (create_graph=True): the gradients it returns carry a node whose own
+// backward raises. The second derivative of the loss is not implemented, and the default fallback would warn and
+// then treat it as zero.
+class ContrastiveLossBackward : public torch::autograd::Function<ContrastiveLossBackward> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_loss, const at::Tensor& student,
+                               const at::Tensor& teacher_anchor, const at::Tensor& teacher_view, double temperature,
+                               const at::Tensor& alpha, const std::optional<at::Tensor>& bit_mask,
+                               const std::optional<at::Tensor>& row_groups,
+                               const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gs, ga, gv] = call_backward(grad_loss, student, teacher_anchor, teacher_view, temperature, alpha, bit_mask,
+                                      row_groups, col_groups, row_stats);
+    return {gs, ga, gv};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false,
+                                "brcd_loss / ntxent_loss have no second derivative: differentiating their gradients "
+                                "(create_graph=True, then backward through the gradients) is not supported");
+    return {};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_autograd(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher_anchor,
+    const at::Tensor& teacher_view, double temperature, const at::Tensor& alpha,
+    const std::optional<at::Tensor>& bit_mask, const std::optional<at::Tensor>& row_groups,
+    const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats) {
+  auto out = ContrastiveLossBackward::apply(grad_loss, student, teacher_anchor, teacher_view, temperature, alpha,
+                                            bit_mask, row_groups, col_groups, row_stats);
+  return {out[0], out[1], out[2]};
+}
 
 std::tuple<at::Tensor, at::Tensor> contrastive_forward_autograd(
     const at::Tensor& student, const at::Tensor& teacher_anchor, const at::Tensor& teacher_view, double temperature,
@@ -79,6 +117,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward_autograd(
 
 TORCH_LIBRARY_IMPL(brcd, Autograd, m) {
   m.impl("contrastive_forward", &contrastive_forward_autograd);
+  m.impl("contrastive_backward", &contrastive_backward_autograd);
 }
 
 }  // namespace brcd::ops

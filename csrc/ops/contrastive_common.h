@@ -63,7 +63,11 @@ inline ContrastiveOperands prepare_operands(const at::Tensor& student, const at:
   o.bits = K;
   o.input_dtype = student.scalar_type();
   o.compute_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto cast = [&](const at::Tensor& t) { return t.to(o.compute_dtype).contiguous(); };
+  // Tensors already in the compute dtype and contiguous are used as they are: at small batches each avoided
+  // dispatcher call is a measurable share of the step.
+  const auto cast = [&](const at::Tensor& t) {
+    return t.scalar_type() == o.compute_dtype && t.is_contiguous() ? t : t.to(o.compute_dtype).contiguous();
+  };
   o.student = cast(student);
   o.teacher_anchor = cast(teacher_anchor);
   o.teacher_view = cast(teacher_view);
@@ -94,8 +98,8 @@ inline ContrastiveOperands prepare_operands(const at::Tensor& student, const at:
   TORCH_CHECK_VALUE(row_groups.has_value() == col_groups.has_value(),
                     "row_groups and col_groups must be given together (or both None)");
   if (row_groups.has_value()) {
-    o.row_groups = row_groups->contiguous();
-    o.col_groups = col_groups->contiguous();
+    o.row_groups = row_groups->is_contiguous() ? *row_groups : row_groups->contiguous();
+    o.col_groups = col_groups->is_contiguous() ? *col_groups : col_groups->contiguous();
   }
   return o;
 }

@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward_cpu(const at::Tensor& stu
     scalar_t* s = stats.data_ptr<scalar_t>();
     loss.fill_(cpu::contrastive_forward<scalar_t>(p, s, s + 2 * o.batch));
   });
-  return {loss.to(o.input_dtype), stats};
+  return {o.input_dtype == o.compute_dtype ? loss : loss.to(o.input_dtype), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu(
@@ -33,15 +33,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu(
   const ContrastiveOperands o =
       prepare_operands(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups);
   check_backward_inputs(grad_loss, row_stats, o);
-  const at::Tensor stats = row_stats.contiguous();
+  const at::Tensor stats = row_stats.is_contiguous() ? row_stats : row_stats.contiguous();
   at::Tensor gs = at::empty_like(o.student), ga = at::empty_like(o.student), gv = at::empty_like(o.student);
   AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_backward_cpu", [&] {
     const auto p = make_problem<scalar_t>(o, temperature);
-    const scalar_t g = grad_loss.to(at::kDouble).item<double>();
+    const scalar_t g = static_cast<scalar_t>(grad_loss.item<double>());
     const scalar_t* s = stats.data_ptr<scalar_t>();
     cpu::contrastive_backward<scalar_t>(p, g, s, s + 2 * o.batch, gs.data_ptr<scalar_t>(), ga.data_ptr<scalar_t>(),
                                         gv.data_ptr<scalar_t>());
   });
+  if (o.input_dtype == o.compute_dtype) return {gs, ga, gv};
   return {gs.to(o.input_dtype), ga.to(o.input_dtype), gv.to(o.input_dtype)};
 }
 
