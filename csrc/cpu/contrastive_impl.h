@@ -83,6 +83,19 @@ struct Prepared {
 // Rows times bits from which the O(B*K) loops (row preparation, the gradient chain) are worth a thread team.
 constexpr int64_t kRowWorkForThreads = 16384;
 
+// Runs body() in an OpenMP team where `parallel`, else on this thread outside any parallel region (its worksharing
+// loops then run whole, their barriers free). A parallel region with a false if-clause still makes libgomp set up a
+// team of one and wake the pool (a futex call), which at B = 64 is a measurable share of the step.
+template <class F>
+inline void in_team(bool parallel, F&& body) {
+  if (parallel) {
+#pragma omp parallel
+    body();
+  } else {
+    body();
+  }
+}
+
 inline void renumber_groups(const int64_t* row_groups, const int64_t* col_groups, int64_t n2, std::vector<int32_t>& gr,
                             std::vector<int32_t>& gc) {
   std::vector<int64_t> ids;
@@ -136,7 +149,8 @@ T dot(const T* x, const T* y, int64_t n) {
 template <class T>
 void normalise_rows(const ContrastiveProblem<T>& p, T* zn, int64_t ld, T* norm, T* cos_ind) {
   const int64_t B = p.batch, K = p.bits;
-#pragma omp parallel for schedule(static) if (B * K >= kRowWorkForThreads)
+  in_team(B * K >= kRowWorkForThreads, [&] {
+#pragma omp for schedule(static)
   for (int64_t a = 0; a < 2 * B; ++a) {
     const int64_t k = a % B;
     const T* src = (a < B ? p.student : p.teacher_view) + k * K;
@@ -175,6 +189,7 @@ void normalise_rows(const ContrastiveProblem<T>& p, T* zn, int64_t ld, T* norm, 
                                          clamp_norm(std::sqrt(horizontal_sum(tt))));
     }
   }
+  });
 }
 
 // The fixed log-sum-exp shift 1/tau: cosines are at most 1, so no logit exceeds it, and it is usable while
@@ -322,14 +337,13 @@ T forward_general(const ContrastiveProblem<T>& p, T* lse, T* pos) {
   const int64_t row_tiles = q.rows_pad / kRows;
   const int64_t groups = (row_tiles + kGroupTiles - 1) / kGroupTiles;
   double total = 0;
-#pragma omp parallel reduction(+ : total) if (worth_threads(q))
-  {
+  in_team(worth_threads(q), [&] {
     std::vector<T> s(static_cast<size_t>(kRows * kCols));
     // Per row of the group: the sum of exp(logit - shift) over the negatives, and the shift (1/tau, or the
     // running maximum).
     std::vector<T> shift(static_cast<size_t>(kGroupTiles * kRows)), pa(shift.size());
     std::vector<double> neg_sum(shift.size());
-#pragma omp for schedule(dynamic)
+#pragma omp for schedule(dynamic) reduction(+ : total)
     for (int64_t grp = 0; grp < groups; ++grp) {
       const int64_t t0 = grp * kGroupTiles, t1 = std::min(row_tiles, t0 + kGroupTiles);
       const int64_t g0 = t0 * kRows;  // first row of the group
@@ -370,7 +384,7 @@ T forward_general(const ContrastiveProblem<T>& p, T* lse, T* pos) {
         total += static_cast<double>(la);
       }
     }
-  }
+  });
   return static_cast<T>(total / static_cast<double>(q.n2));
 }
 
@@ -382,7 +396,8 @@ void finish_backward(const ContrastiveProblem<T>& p, const T* zn, int64_t ld, co
                      T inv_tau, T grad_loss, const T* pos_coef, T* gz, T* g_student, T* g_anchor, T* g_view) {
   const int64_t B = p.batch, K = p.bits, n2 = 2 * B;
   const T scale = grad_loss / static_cast<T>(n2);
-#pragma omp parallel for schedule(static) if (B * K >= kRowWorkForThreads)
+  in_team(B * K >= kRowWorkForThreads, [&] {
+#pragma omp for schedule(static)
   for (int64_t k = 0; k < B; ++k) {
     const T al = p.alpha[k];
     const T* m = p.bit_mask ? p.bit_mask + k * K : nullptr;
@@ -430,6 +445,7 @@ void finish_backward(const ContrastiveProblem<T>& p, const T* zn, int64_t ld, co
       for (int64_t d = 0; d < K; ++d) out[d] = cross_coef * s[d] - ft * ta[d];
     }
   }
+  });
 }
 
 // w_a - 1 for every row, with w_a = exp(P_a - lse_a) the positive's softmax weight: the loss of row a moves with it
@@ -452,8 +468,7 @@ void backward_general(const ContrastiveProblem<T>& p, T grad_loss, const T* lse,
   std::vector<T> gz(static_cast<size_t>(q.rows_pad * K), T(0));  // dL/dZn
   const int64_t row_tiles = q.rows_pad / kRows;
   const int64_t groups = (row_tiles + kGroupTiles - 1) / kGroupTiles;
-#pragma omp parallel if (worth_threads(q))
-  {
+  in_team(worth_threads(q), [&] {
     std::vector<T> s(static_cast<size_t>(kRows * kCols));
 #pragma omp for schedule(dynamic)
     for (int64_t grp = 0; grp < groups; ++grp) {
@@ -499,7 +514,7 @@ void backward_general(const ContrastiveProblem<T>& p, T grad_loss, const T* lse,
         }
       }
     }
-  }
+  });
   finish_backward(p, q.zn.data(), K, q.norm.data(), q.cos_ind.data(), q.inv_tau, grad_loss, pos_coef.data(), gz.data(),
                   g_student, g_anchor, g_view);
 }

@@ -66,7 +66,8 @@ SymPrepared<T> prepare_symmetric(const ContrastiveProblem<T>& p) {
   normalise_rows(p, q.zn.data(), q.kp, q.norm.data(), q.cos_ind.data());
   const int64_t bs = q.block;
   q.panels.assign(static_cast<size_t>(q.blocks * K * bs), T(0));
-#pragma omp parallel for schedule(static) if (B * K >= kRowWorkForThreads)
+  in_team(B * K >= kRowWorkForThreads, [&] {
+#pragma omp for schedule(static)
   for (int64_t blk = 0; blk < q.blocks; ++blk) {
     T* panel = q.panels.data() + blk * K * bs;
     for (int64_t j = 0; j < bs; ++j) {
@@ -74,6 +75,7 @@ SymPrepared<T> prepare_symmetric(const ContrastiveProblem<T>& p) {
       for (int64_t d = 0; d < K; ++d) panel[d * bs + j] = z[d];
     }
   }
+  });
   q.row_key.assign(static_cast<size_t>(q.rows_pad), -2);
   q.col_group.assign(static_cast<size_t>(q.rows_pad), -1);
   if (p.row_groups != nullptr && p.col_groups != nullptr) {
@@ -202,8 +204,7 @@ T forward_symmetric(const ContrastiveProblem<T>& p, T* lse, T* pos) {
   const SymPrepared<T> q = prepare_symmetric(p);
   const T shift = q.inv_tau;
   std::vector<double> neg_sum(static_cast<size_t>(q.rows_pad), 0.0);  // sum over negatives of exp(s - shift)
-#pragma omp parallel if (worth_threads(q))
-  {
+  in_team(worth_threads(q), [&] {
     std::vector<T> s(static_cast<size_t>(q.block * q.block)), col_sums(static_cast<size_t>(q.block));
     // shift by value: a captured reference would be reloaded in every iteration, since the stores might alias it.
     for_each_block_pair(q.blocks, [&, shift](int64_t I, int64_t J) {
@@ -239,16 +240,18 @@ T forward_symmetric(const ContrastiveProblem<T>& p, T* lse, T* pos) {
       if (I != J)
         for (int64_t j = 0; j < live_j; ++j) neg_sum[b0 + j] += static_cast<double>(col_sum[j]);
     });
-  }
+  });
   double total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total) if (q.batch * q.bits >= kRowWorkForThreads)
-  for (int64_t a = 0; a < q.n2; ++a) {
-    const T pa = positive_logit(p, q.zn.data(), q.kp, q.cos_ind.data(), q.inv_tau, a);
-    const T la = row_loss(pa, shift, neg_sum[a]);
-    lse[a] = pa + la;
-    pos[a] = pa;
-    total += static_cast<double>(la);
-  }
+  in_team(q.batch * q.bits >= kRowWorkForThreads, [&] {
+#pragma omp for schedule(static) reduction(+ : total)
+    for (int64_t a = 0; a < q.n2; ++a) {
+      const T pa = positive_logit(p, q.zn.data(), q.kp, q.cos_ind.data(), q.inv_tau, a);
+      const T la = row_loss(pa, shift, neg_sum[a]);
+      lse[a] = pa + la;
+      pos[a] = pa;
+      total += static_cast<double>(la);
+    }
+  });
   return static_cast<T>(total / static_cast<double>(q.n2));
 }
 
@@ -263,8 +266,7 @@ void backward_symmetric(const ContrastiveProblem<T>& p, T grad_loss, const T* ls
   std::vector<T> rescale(static_cast<size_t>(q.rows_pad), T(0));
   for (int64_t a = 0; a < q.n2; ++a) rescale[a] = static_cast<T>(std::exp(shift - lse[a]));
   std::vector<T> gz(static_cast<size_t>(q.rows_pad * q.kp), T(0));  // sum_b c_ab Zn_b
-#pragma omp parallel if (worth_threads(q))
-  {
+  in_team(worth_threads(q), [&] {
     std::vector<T> s(static_cast<size_t>(q.block * q.block));
     // shift by value: a captured reference would be reloaded in every iteration, since the stores might alias it.
     for_each_block_pair(q.blocks, [&, shift](int64_t I, int64_t J) {
@@ -290,7 +292,7 @@ void backward_symmetric(const ContrastiveProblem<T>& p, T grad_loss, const T* ls
       accumulate_block(s.data(), bs, 1, rows, cols, q.zn.data() + b0 * q.kp, q.kp, gz.data() + a0 * q.kp);
       if (I != J) accumulate_block(s.data(), 1, bs, cols, rows, q.zn.data() + a0 * q.kp, q.kp, gz.data() + b0 * q.kp);
     });
-  }
+  });
   finish_backward(p, q.zn.data(), q.kp, q.norm.data(), q.cos_ind.data(), q.inv_tau, grad_loss, pos_coef.data(),
                   gz.data(), g_student, g_anchor, g_view);
 }
