@@ -78,27 +78,55 @@ struct LineAligned {
 template <class T>
 using AlignedVector = std::vector<T, LineAligned<T>>;
 
+// A cache-line aligned buffer whose storage comes from, and goes back to, a slot of this thread: the loss's O(B*K)
+// buffers are reused from call to call, and are not zeroed unless asked (zeroing half a MiB that is about to be
+// overwritten cost more than the rows' normalisation at B = 1024). Storage over kKeepBytes is freed on return
+// instead, where a fresh allocation's cost is small against the O(B^2) work.
 template <class T, int Slot>
-class PooledVector {
+class PooledBuffer {
  public:
   static constexpr size_t kKeepBytes = size_t(16) << 20;
-  PooledVector() : v_(std::move(slot())) {}
-  PooledVector(PooledVector&&) noexcept = default;
-  PooledVector& operator=(PooledVector&&) noexcept = default;
-  ~PooledVector() {
-    if (v_.capacity() > slot().capacity() && v_.capacity() * sizeof(T) <= kKeepBytes) slot() = std::move(v_);
+  PooledBuffer() : storage_(std::exchange(slot(), Storage{})) {}
+  PooledBuffer(PooledBuffer&& other) noexcept : storage_(std::exchange(other.storage_, Storage{})) {}
+  PooledBuffer& operator=(PooledBuffer&&) = delete;
+  ~PooledBuffer() {
+    Storage& s = slot();
+    if (storage_.capacity > s.capacity && storage_.capacity * sizeof(T) <= kKeepBytes) std::swap(s, storage_);
+    storage_.release();
   }
-  void assign(size_t n, T value) { v_.assign(n, value); }  // reuses the capacity it has
-  T* data() { return v_.data(); }
-  const T* data() const { return v_.data(); }
+  // Room for n elements; their values are undefined.
+  void reserve(size_t n) {
+    if (n <= storage_.capacity) return;
+    storage_.release();
+    storage_.ptr = static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64}));
+    storage_.capacity = n;
+  }
+  void assign(size_t n, T value) {
+    reserve(n);
+    std::fill(storage_.ptr, storage_.ptr + n, value);
+  }
+  T* data() { return storage_.ptr; }
+  const T* data() const { return storage_.ptr; }
 
  private:
-  using Storage = AlignedVector<T>;
+  struct Storage {
+    T* ptr = nullptr;
+    size_t capacity = 0;
+    void release() {
+      if (ptr != nullptr) ::operator delete(ptr, std::align_val_t{64});
+      ptr = nullptr;
+      capacity = 0;
+    }
+  };
+  // Frees what it holds when the thread ends.
+  struct Slot_ : Storage {
+    ~Slot_() { this->release(); }
+  };
   static Storage& slot() {
-    thread_local Storage storage;
+    thread_local Slot_ storage;
     return storage;
   }
-  Storage v_;
+  Storage storage_;
 };
 
 // The prepared operands: Zn = rows of [M*S ; M*Tv] scaled to unit norm (max(|z|, eps)), padded with zero rows to

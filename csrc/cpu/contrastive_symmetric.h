@@ -28,8 +28,8 @@ template <class T>
 struct SymPrepared {
   int64_t batch = 0, bits = 0, kp = 0, n2 = 0, block = 0, blocks = 0, rows_pad = 0;
   T inv_tau = 0;
-  PooledVector<T, 0> zn;      // [rows_pad, kp]: normalised rows, zero in padding rows and bits
-  PooledVector<T, 1> panels;  // [blocks][K][block]: each block's rows transposed, the columns of a similarity tile
+  PooledBuffer<T, 0> zn;      // [rows_pad, kp]: normalised rows, zero in padding rows and bits
+  PooledBuffer<T, 1> panels;  // [blocks][K][block]: each block's rows transposed, the columns of a similarity tile
   std::vector<T> norm, cos_ind;
   // The pair (a, b) is dropped when col_group[b] == row_key[a]: row_key is the row group (renumbered where ids
   // exceed int32), or -2 (never equal to a column group, which is >= -1) where the row has none.
@@ -64,12 +64,16 @@ SymPrepared<T> prepare_symmetric(const ContrastiveProblem<T>& p) {
   q.blocks = (q.n2 + q.block - 1) / q.block;
   q.rows_pad = q.blocks * q.block;
   q.inv_tau = T(1) / p.temperature;
-  q.zn.assign(static_cast<size_t>(q.rows_pad * q.kp), T(0));
+  q.zn.reserve(static_cast<size_t>(q.rows_pad * q.kp));
   q.norm.assign(static_cast<size_t>(q.n2), T(0));
   q.cos_ind.assign(static_cast<size_t>(B), T(0));
   normalise_rows(p, q.zn.data(), q.kp, q.norm.data(), q.cos_ind.data());
+  // Zeros where normalise_rows writes nothing: the bits past K and the padding rows.
+  if (q.kp > K)
+    for (int64_t a = 0; a < q.n2; ++a) std::fill(q.zn.data() + a * q.kp + K, q.zn.data() + (a + 1) * q.kp, T(0));
+  std::fill(q.zn.data() + q.n2 * q.kp, q.zn.data() + q.rows_pad * q.kp, T(0));
   const int64_t bs = q.block;
-  q.panels.assign(static_cast<size_t>(q.blocks * K * bs), T(0));
+  q.panels.reserve(static_cast<size_t>(q.blocks * K * bs));  // every entry written below
   in_team(B * K >= kRowWorkForThreads, [&] {
 #pragma omp for schedule(static)
   for (int64_t blk = 0; blk < q.blocks; ++blk) {
@@ -269,7 +273,7 @@ void backward_symmetric(const ContrastiveProblem<T>& p, T grad_loss, const T* ls
   // second factor is at most exp(2 / tau) (lse_a >= P_a >= -1/tau), which the fixed shift's range keeps finite.
   std::vector<T> rescale(static_cast<size_t>(q.rows_pad), T(0));
   for (int64_t a = 0; a < q.n2; ++a) rescale[a] = static_cast<T>(std::exp(shift - lse[a]));
-  PooledVector<T, 2> gz;  // sum_b c_ab Zn_b
+  PooledBuffer<T, 2> gz;  // sum_b c_ab Zn_b
   gz.assign(static_cast<size_t>(q.rows_pad * q.kp), T(0));
   in_team(worth_threads(q), [&] {
     AlignedVector<T> s(static_cast<size_t>(q.block * q.block));
