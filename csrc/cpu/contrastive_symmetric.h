@@ -78,9 +78,12 @@ SymPrepared<T> prepare_symmetric(const ContrastiveProblem<T>& p) {
 #pragma omp for schedule(static)
   for (int64_t blk = 0; blk < q.blocks; ++blk) {
     T* panel = q.panels.data() + blk * K * bs;
-    for (int64_t j = 0; j < bs; ++j) {
-      const T* z = q.zn.data() + (blk * bs + j) * q.kp;
-      for (int64_t d = 0; d < K; ++d) panel[d * bs + j] = z[d];
+    const T* z = q.zn.data() + blk * bs * q.kp;
+    for (int64_t j0 = 0; j0 < bs; j0 += V) {  // the block size is a multiple of V
+      int64_t d0 = 0;
+      for (; d0 + V <= K; d0 += V) transpose_tile(z + j0 * q.kp + d0, q.kp, panel + d0 * bs + j0, bs);
+      for (int64_t j = j0; j < j0 + V; ++j)  // the bits past the last whole vector
+        for (int64_t d = d0; d < K; ++d) panel[d * bs + j] = z[j * q.kp + d];
     }
   }
   });
