@@ -46,6 +46,7 @@ struct HitLog {
   static constexpr int kCapacity = 32;
   int count = 0;
   int64_t block[kCapacity];
+  unsigned lanes[kCapacity];  // the hit lanes of each block
   alignas(64) int32_t dist[kCapacity][kLanes];
 };
 
@@ -76,6 +77,7 @@ int64_t scan_logging_hits(const BlockedCodes& db, const QueryWords& q, int64_t q
         HitLog& l = log[j];
         Isa::store(d[j], l.dist[l.count]);
         l.block[l.count] = b;
+        l.lanes[l.count] = m[j];
         full |= ++l.count == HitLog::kCapacity;
       }
     }
@@ -96,7 +98,8 @@ void topk_group(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int64_
     for (int j = 0; j < QB; ++j) {
       for (int h = 0; h < log[j].count; ++h) {
         const int32_t* dist8 = log[j].dist[h];
-        for (int lane = 0; lane < kLanes; ++lane) {
+        for (unsigned m = log[j].lanes[h]; m; m &= m - 1) {  // usually one lane: no branch per lane
+          const int lane = __builtin_ctz(m);
           const int64_t idx = log[j].block[h] * kLanes + lane;
           if (idx < db.rows && dist8[lane] < st[j].threshold()) st[j].push(dist8[lane], idx);
         }
