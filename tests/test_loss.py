@@ -207,6 +207,23 @@ def test_gradcheck_float64():
 
 
 @pytest.mark.parametrize("device", device_params())
+def test_calls_of_changing_shapes(device):
+    # The CPU kernels keep their buffers from call to call: a smaller problem after a larger one (padding rows and
+    # bits past K where the larger one left data) must not see the old contents, NaN included.
+    poisoned = torch.full((300, 70), float("nan"), device=device)
+    assert math.isnan(brcd.brcd_loss(poisoned, poisoned, poisoned).item())
+    for B, K in ((37, 63), (300, 70), (5, 17), (130, 64)):
+        s, ta, tv, kw = make_case(B, K, B * K, dtype=torch.float32, device=device)
+        want, want_g = loss_and_grads(ref.brcd_loss, s.double(), ta.double(), tv.double(),
+                                      {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                                       for k, v in kw.items()})
+        got, got_g = loss_and_grads(brcd.brcd_loss, s, ta, tv, kw)
+        assert abs(got.item() - want.item()) <= 2e-5 * abs(want.item()), (B, K)
+        for g, w in zip(got_g, want_g):
+            assert rel_err(g, w) <= 2e-5, (B, K)
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_second_derivative_is_refused(device):
     # create_graph=True gives the right first derivative; differentiating it again raises instead of silently
     # treating the second derivative as zero.
