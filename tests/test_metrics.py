@@ -157,6 +157,24 @@ def test_map_on_a_database_large_enough_to_sample(topk):
     assert abs(metrics.mean_average_precision(qc, dc, qmulti, multi, topk=topk) - want) <= 1e-12
 
 
+@pytest.mark.parametrize("nbits", [300, 16])
+def test_candidate_scans_without_packed_keys(nbits):
+    """The AVX-512 candidate scan appends (index, distance) as one packed key where both fit: codes of at most 256
+    bits and databases of at most 2^22 codes. Longer codes (300 bits) and a database past 2^22 codes (16 bits) take
+    the unpacked path: same rankings and AP."""
+    gen = torch.Generator().manual_seed(nbits)
+    n = 5000 if nbits > 64 else (1 << 22) + 37
+    qc, ql = labelled_codes(3, nbits, 4, gen)
+    dc, dl = labelled_codes(n, nbits, 4, gen)
+    k = 300 if nbits > 64 else 70_000  # dense enough for the candidate scan (k >= n / 64)
+    qp, dp = brcd.pack_codes(qc), brcd.pack_codes(dc)
+    d, i = brcd.hamming_topk(qp, dp, k)
+    rd, ri = ref.hamming_topk(qp, dp, k)
+    assert torch.equal(d, rd) and torch.equal(i, ri)
+    want = brute_force_map(qc, dc, ql, dl, 200)
+    assert abs(metrics.mean_average_precision(qp, dp, ql, dl, topk=200) - want) <= 1e-12
+
+
 def test_map_with_class_ids_of_any_size():
     """Small class ids take the per-class member sets of the CPU AP op, others a direct comparison: same value."""
     gen = torch.Generator().manual_seed(7)

@@ -309,6 +309,7 @@ void collect_candidates(const BlockedCodes& db, const QueryWords& q, const ScanK
       c.size = 0;
       kern.collect(db, q, qi, qi + 1, 0, db.blocks, &c);
     }
+    c.unpack_keys();
   }
 }
 

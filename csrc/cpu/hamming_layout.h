@@ -58,14 +58,32 @@ class TopkState {
 // The buffers are not initialised (a scan reserves room for a whole chunk of the database up front), and a list is
 // reset, not reallocated, for the next query.
 struct Candidates {
+  // A scan may append one key per code instead, index << kKeyDistBits | distance, in idx (one AVX-512 compress
+  // where dist and idx take two); unpack_keys() then restores dist and idx.
+  static constexpr int kKeyDistBits = 9;  // distances of codes of up to 4 words
+  static bool keys_fit(int64_t words, int64_t rows) {
+    return words <= 4 && rows <= (int64_t(1) << (31 - kKeyDistBits));
+  }
+
   int32_t limit = 0;  // accept distances < limit
   int64_t size = 0;
   std::unique_ptr<int32_t[]> dist, idx;
   int64_t capacity = 0;
+  bool keyed = false;  // idx holds keys
+
+  void unpack_keys() {
+    if (!keyed) return;
+    for (int64_t r = 0; r < size; ++r) {
+      dist[r] = idx[r] & ((1 << kKeyDistBits) - 1);
+      idx[r] >>= kKeyDistBits;
+    }
+    keyed = false;
+  }
 
   void reset(int32_t accept_below) {
     limit = accept_below;
     size = 0;
+    keyed = false;
   }
   // Room for n entries, keeping the first `size`.
   void reserve(int64_t n) {

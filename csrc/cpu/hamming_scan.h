@@ -6,9 +6,11 @@
 //   static unsigned lanes_below(const Dist& d, int64_t threshold);  // bit l: lane l's distance < threshold
 //   static void store(const Dist& d, int32_t* dist8);
 // and optionally a branch-free append of the lanes below a threshold (valid: the lanes that are codes), for one
-// block (collect) or two consecutive blocks (collect2):
+// block (collect) or two consecutive blocks (collect2), and as keys of Candidates (collect2_keys, WC > 0):
 //   template <int WC> static int collect(const uint64_t* block, const Query<WC>& q, int64_t words, int64_t threshold,
 //                                        unsigned valid, int32_t first_index, int32_t* dist, int32_t* idx);
+//   template <int WC> static int collect2_keys(const uint64_t* block, const Query<WC>& q, int64_t threshold,
+//                                              unsigned valid, int32_t first_index, int32_t* keys);
 // WC is the word count when known at compile time (1..4), else 0.
 #pragma once
 #include <algorithm>
@@ -159,6 +161,35 @@ void collect_group(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int
   // Room for every code of the chunk plus the lanes an append may write past it: no growth (a call) in the loop.
   for (int j = 0; j < QB; ++j) cands[j].reserve(cands[j].size + (b1 - b0 + 2) * kLanes);
   int64_t b = b0;
+  if constexpr (requires { Isa::template collect2_keys<WC>(nullptr, held[0], 0, 0u, 0, dist8); }) {
+    if (Candidates::keys_fit(words, db.rows)) {
+      for (int j = 0; j < QB; ++j) cands[j].keyed = true;
+      for (; b + 2 <= b1; b += 2) {  // pairs of blocks; a last odd one below
+        const uint64_t* block = db.block(b);
+        const int64_t base = b * kLanes;
+        const unsigned valid = (1u << std::min<int64_t>(2 * kLanes, db.rows - base)) - 1;
+#pragma GCC unroll 8
+        for (int j = 0; j < QB; ++j) {
+          Candidates& c = cands[j];
+          c.size += Isa::template collect2_keys<WC>(block, held[j], c.limit, valid, static_cast<int32_t>(base),
+                                                    c.idx.get() + c.size);
+        }
+      }
+      for (; b < b1; ++b) {
+        const uint64_t* block = db.block(b);
+        const int64_t base = b * kLanes;
+        const unsigned valid = (1u << std::min<int64_t>(kLanes, db.rows - base)) - 1;
+        for (int j = 0; j < QB; ++j) {
+          Candidates& c = cands[j];
+          for (unsigned m = below<Isa, WC>(block, held[j], words, c.limit, dist8) & valid; m; m &= m - 1) {
+            const int lane = __builtin_ctz(m);
+            c.idx[c.size++] = static_cast<int32_t>((base + lane) << Candidates::kKeyDistBits | dist8[lane]);
+          }
+        }
+      }
+      return;
+    }
+  }
   if constexpr (requires { Isa::template collect2<WC>(nullptr, held[0], words, 0, 0u, 0, dist8, dist8); }) {
     for (; b + 2 <= b1; b += 2) {  // pairs of blocks; a last odd one below
       const uint64_t* block = db.block(b);
