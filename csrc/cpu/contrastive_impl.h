@@ -243,6 +243,15 @@ inline T horizontal_sum(T (&part)[V]) {
   return part[0];
 }
 
+template <class T, int V>
+inline T horizontal_max(T (&part)[V]) {
+#pragma GCC unroll 8
+  for (int w = V / 2; w > 0; w /= 2)
+#pragma omp simd
+    for (int v = 0; v < w; ++v) part[v] = part[v + w] > part[v] ? part[v + w] : part[v];
+  return part[0];
+}
+
 // sum_d x[d] * y[d] with a vector of partial sums. GCC leaves a plain reduction loop scalar and latency bound (and
 // does so with `omp simd reduction` inside the parallel regions here): 64 dependent FMAs at K = 64.
 template <class T>
@@ -476,14 +485,22 @@ T forward_general(const ContrastiveProblem<T>& p, T* lse, T* pos) {
             const int64_t i = a0 + r - g0;
             T* srow = s.data() + r * kCols;
             mask_invalid_row(q, a0 + r, b0, cols, srow);
+            // Vector partials and trees, not `omp simd reduction` (serial partial sums); cols is whole vectors.
+            constexpr int V = kVec<T>;
             T m = shift[i];
             if (!q.fixed_shift) {
-#pragma omp simd reduction(max : m)
-              for (int j = 0; j < cols; ++j) m = srow[j] > m ? srow[j] : m;
+              T top[V];
+              std::fill(top, top + V, m);
+              for (int j0 = 0; j0 < cols; j0 += V)
+#pragma omp simd
+                for (int v = 0; v < V; ++v) top[v] = srow[j0 + v] > top[v] ? srow[j0 + v] : top[v];
+              m = horizontal_max(top);
             }
-            T acc = 0;
-#pragma omp simd reduction(+ : acc)
-            for (int j = 0; j < cols; ++j) acc += fast_exp(srow[j] - m);
+            T part[V] = {};
+            for (int j0 = 0; j0 < cols; j0 += V)
+#pragma omp simd
+              for (int v = 0; v < V; ++v) part[v] += fast_exp(srow[j0 + v] - m);
+            const T acc = horizontal_sum(part);
             if (m != shift[i]) neg_sum[i] *= static_cast<double>(fast_exp(shift[i] - m));
             neg_sum[i] += static_cast<double>(acc);
             shift[i] = m;
