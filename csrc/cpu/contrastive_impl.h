@@ -491,15 +491,15 @@ T forward_general(const ContrastiveProblem<T>& p, T* lse, T* pos) {
             if (!q.fixed_shift) {
               T top[V];
               std::fill(top, top + V, m);
-              for (int j0 = 0; j0 < cols; j0 += V)
+              for (const T* sv = srow; sv < srow + cols; sv += V)
 #pragma omp simd
-                for (int v = 0; v < V; ++v) top[v] = srow[j0 + v] > top[v] ? srow[j0 + v] : top[v];
+                for (int v = 0; v < V; ++v) top[v] = sv[v] > top[v] ? sv[v] : top[v];
               m = horizontal_max(top);
             }
             T part[V] = {};
-            for (int j0 = 0; j0 < cols; j0 += V)
+            for (const T* sv = srow; sv < srow + cols; sv += V)
 #pragma omp simd
-              for (int v = 0; v < V; ++v) part[v] += fast_exp(srow[j0 + v] - m);
+              for (int v = 0; v < V; ++v) part[v] += fast_exp(sv[v] - m);
             const T acc = horizontal_sum(part);
             if (m != shift[i]) neg_sum[i] *= static_cast<double>(fast_exp(shift[i] - m));
             neg_sum[i] += static_cast<double>(acc);

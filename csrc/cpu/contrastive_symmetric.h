@@ -235,22 +235,28 @@ T forward_symmetric(const ContrastiveProblem<T>& p, T* lse, T* pos) {
         // adds per row, most of this loop's time at B = 64).
         constexpr int V = kVec<T>;
         T row[V] = {};
+        // (Pointers advanced per vector: with the extension's -fwrapv, an int index j0 + v would not vectorise.)
         if (I == J) {
-          for (int j0 = 0; j0 < cols; j0 += V) {  // spans are whole vectors
+          for (int64_t j0 = 0; j0 < cols; j0 += V) {  // spans are whole vectors
+            const T* sv = srow + j0;
+            const int32_t* gv = group_b + j0;
 #pragma omp simd
             for (int v = 0; v < V; ++v) {
-              const T e = fast_exp(srow[j0 + v] - shift);
-              row[v] += group_b[j0 + v] == key_a ? T(0) : e;
+              const T e = fast_exp(sv[v] - shift);  // unconditionally: a conditional call would not vectorise
+              row[v] += gv[v] == key_a ? T(0) : e;
             }
           }
         } else {
-          for (int j0 = 0; j0 < cols; j0 += V) {
+          for (int64_t j0 = 0; j0 < cols; j0 += V) {
+            const T* sv = srow + j0;
+            const int32_t* gv = group_b + j0;
+            const int32_t* kv = key_b + j0;
+            T* cv = col_sum + j0;
 #pragma omp simd
             for (int v = 0; v < V; ++v) {
-              const int j = j0 + v;
-              const T e = fast_exp(srow[j] - shift);
-              row[v] += group_b[j] == key_a ? T(0) : e;
-              col_sum[j] += key_b[j] == group_a ? T(0) : e;  // entry (b, a) of row b
+              const T e = fast_exp(sv[v] - shift);
+              row[v] += gv[v] == key_a ? T(0) : e;
+              cv[v] += kv[v] == group_a ? T(0) : e;  // entry (b, a) of row b
             }
           }
         }
