@@ -175,6 +175,12 @@ inline void transpose_tile(const T* src, int64_t ss, T* dst, int64_t ds) {
   for (int i = 0; i < V; ++i) std::memcpy(dst + i * ds, &r[i], sizeof(L));
 }
 
+// The individual term's facts of sample k: cos(S_k, Ta_k) and the raw norms |S_k|, |Ta_k| (for its gradient).
+template <class T>
+struct Individual {
+  T cos = 0, student_norm = 0, anchor_norm = 0;
+};
+
 // The prepared operands: Zn = rows of [M*S ; M*Tv] scaled to unit norm (max(|z|, eps)), padded with zero rows to
 // whole tiles, and its transpose for the column-vectorised products.
 template <class T>
@@ -184,7 +190,7 @@ struct Prepared {
   AlignedVector<T> zn;    // [rows_pad, K]
   AlignedVector<T> zt;    // [K, cols_pad]
   std::vector<T> norm;    // [2B] |z| (unclamped)
-  std::vector<T> cos_ind; // [B] cos(S_k, Ta_k)
+  std::vector<Individual<T>> ind;  // [B]
   // Groups renumbered 0..G-1 (int32 compares vectorise twice as wide), -1 where none; padded columns have -1.
   std::vector<int32_t> gr, gc;  // [cols_pad]
   bool has_groups = false;
@@ -229,6 +235,11 @@ inline void renumber_groups(const int64_t* row_groups, const int64_t* col_groups
   }
 }
 
+// Row a of Z = [M*S ; M*Tv] is sample a mod B; its positive partner is the same sample's other row. (A branch,
+// not %: an integer division per row was a measurable share of the small tiles.)
+inline int64_t sample_of(int64_t a, int64_t B) { return a < B ? a : a - B; }
+inline int64_t partner_of(int64_t a, int64_t B) { return a < B ? a + B : a - B; }
+
 template <class T>
 T clamp_norm(T n) { return n > T(kEps) ? n : T(kEps); }
 
@@ -268,14 +279,14 @@ T dot(const T* x, const T* y, int64_t n) {
 }
 
 // Rows of Z = [M*S ; M*Tv] scaled to unit norm (max(|z|, eps)) into zn (row stride ld; entries past K untouched),
-// their norms |z| (unclamped), and the individual cosines cos(S_k, Ta_k).
+// their norms |z| (unclamped), and the individual term's cosines and norms.
 template <class T>
-void normalise_rows(const ContrastiveProblem<T>& p, T* zn, int64_t ld, T* norm, T* cos_ind) {
+void normalise_rows(const ContrastiveProblem<T>& p, T* zn, int64_t ld, T* norm, Individual<T>* ind) {
   const int64_t B = p.batch, K = p.bits;
   in_team(B * K >= kRowWorkForThreads, [&] {
 #pragma omp for schedule(static)
   for (int64_t a = 0; a < 2 * B; ++a) {
-    const int64_t k = a % B;
+    const int64_t k = sample_of(a, B);
     const T* src = (a < B ? p.student : p.teacher_view) + k * K;
     T* z = zn + a * ld;
     if (p.bit_mask != nullptr) {
@@ -308,8 +319,10 @@ void normalise_rows(const ContrastiveProblem<T>& p, T* zn, int64_t ld, T* norm, 
         ss[0] += src[d] * src[d];
         tt[0] += t[d] * t[d];
       }
-      cos_ind[k] = horizontal_sum(st) / (clamp_norm(std::sqrt(horizontal_sum(ss))) *
-                                         clamp_norm(std::sqrt(horizontal_sum(tt))));
+      Individual<T>& in = ind[k];
+      in.student_norm = std::sqrt(horizontal_sum(ss));
+      in.anchor_norm = std::sqrt(horizontal_sum(tt));
+      in.cos = horizontal_sum(st) / (clamp_norm(in.student_norm) * clamp_norm(in.anchor_norm));
     }
   }
   });
@@ -335,13 +348,13 @@ Prepared<T> prepare(const ContrastiveProblem<T>& p) {
   q.zn.assign(static_cast<size_t>(q.rows_pad * K), T(0));
   q.zt.assign(static_cast<size_t>(K * q.cols_pad), T(0));
   q.norm.assign(static_cast<size_t>(q.n2), T(0));
-  q.cos_ind.assign(static_cast<size_t>(B), T(0));
+  q.ind.assign(static_cast<size_t>(B), Individual<T>{});
   q.gr.assign(static_cast<size_t>(q.cols_pad), -1);
   q.gc.assign(static_cast<size_t>(q.cols_pad), -1);
   q.has_groups = p.row_groups != nullptr && p.col_groups != nullptr;
   if (q.has_groups) renumber_groups(p.row_groups, p.col_groups, q.n2, q.gr, q.gc);
   q.fixed_shift = fixed_shift_fits(q.inv_tau);
-  normalise_rows(p, q.zn.data(), K, q.norm.data(), q.cos_ind.data());
+  normalise_rows(p, q.zn.data(), K, q.norm.data(), q.ind.data());
   for (int64_t a = 0; a < q.n2; ++a)
     for (int64_t d = 0; d < K; ++d) q.zt[d * q.cols_pad + a] = q.zn[a * K + d];
   return q;
@@ -422,7 +435,7 @@ inline void mask_invalid_row(const Prepared<T>& q, int64_t a, int64_t b0, int co
 #pragma omp simd
     for (int j = 0; j < cols; ++j) srow[j] = gc[j] == ga ? ninf : srow[j];
   }
-  const int64_t partner = (a + q.batch) % q.n2;
+  const int64_t partner = partner_of(a, q.batch);
   if (a >= b0 && a < b0 + kCols) srow[a - b0] = ninf;
   if (partner >= b0 && partner < b0 + kCols) srow[partner - b0] = ninf;
   for (int64_t j = q.n2 - b0; j < cols; ++j) srow[j] = ninf;  // padding columns
@@ -436,10 +449,11 @@ bool worth_threads(const Prepared<T>& q) {
 
 // P_a from the normalised rows zn (row stride ld).
 template <class T>
-T positive_logit(const ContrastiveProblem<T>& p, const T* zn, int64_t ld, const T* cos_ind, T inv_tau, int64_t a) {
-  const int64_t B = p.batch, k = a % B, partner = (a + B) % (2 * B);
+T positive_logit(const ContrastiveProblem<T>& p, const T* zn, int64_t ld, const Individual<T>* ind, T inv_tau,
+                 int64_t a) {
+  const int64_t B = p.batch, k = sample_of(a, B), partner = partner_of(a, B);
   const T al = p.alpha[k];
-  return al * cos_ind[k] * inv_tau + (T(1) - al) * dot(zn + a * ld, zn + partner * ld, p.bits) * inv_tau;
+  return al * ind[k].cos * inv_tau + (T(1) - al) * dot(zn + a * ld, zn + partner * ld, p.bits) * inv_tau;
 }
 
 // l_a = log(1 + sum_b exp(s_ab - P_a)) from neg_sum = sum_b exp(s_ab - shift): exactly 0 when every negative is
@@ -471,7 +485,7 @@ T forward_general(const ContrastiveProblem<T>& p, T* lse, T* pos) {
       const int64_t t0 = grp * kGroupTiles, t1 = std::min(row_tiles, t0 + kGroupTiles);
       const int64_t g0 = t0 * kRows;  // first row of the group
       for (int64_t a = g0; a < t1 * kRows; ++a) {
-        pa[a - g0] = a < q.n2 ? positive_logit(p, q.zn.data(), q.bits, q.cos_ind.data(), q.inv_tau, a) : T(0);
+        pa[a - g0] = a < q.n2 ? positive_logit(p, q.zn.data(), q.bits, q.ind.data(), q.inv_tau, a) : T(0);
         shift[a - g0] = q.fixed_shift ? q.inv_tau : pa[a - g0];
         neg_sum[a - g0] = 0.0;
       }
@@ -523,8 +537,9 @@ T forward_general(const ContrastiveProblem<T>& p, T* lse, T* pos) {
 // positive terms and the scale, then the chain through the normalisation, the mask and the individual cosine.
 // pos_coef[a] = w_a - 1, with w_a the positive's softmax weight in row a.
 template <class T>
-void finish_backward(const ContrastiveProblem<T>& p, const T* zn, int64_t ld, const T* norm, const T* cos_ind,
-                     T inv_tau, T grad_loss, const T* pos_coef, T* gz, T* g_student, T* g_anchor, T* g_view) {
+void finish_backward(const ContrastiveProblem<T>& p, const T* zn, int64_t ld, const T* norm,
+                     const Individual<T>* ind, T inv_tau, T grad_loss, const T* pos_coef, T* gz, T* g_student,
+                     T* g_anchor, T* g_view) {
   const int64_t B = p.batch, K = p.bits, n2 = 2 * B;
   const T scale = grad_loss / static_cast<T>(n2);
   in_team(B * K >= kRowWorkForThreads, [&] {
@@ -535,7 +550,7 @@ void finish_backward(const ContrastiveProblem<T>& p, const T* zn, int64_t ld, co
     const T cross = (T(1) - al) * (pos_coef[k] + pos_coef[k + B]);
     const T f = scale * inv_tau;
     for (int side = 0; side < 2; ++side) {
-      const int64_t a = k + side * B, partner = (a + B) % n2;
+      const int64_t a = k + side * B, partner = partner_of(a, B);
       T* g = gz + a * ld;
       const T* za = zn + a * ld;
       const T* zp = zn + partner * ld;
@@ -559,9 +574,9 @@ void finish_backward(const ContrastiveProblem<T>& p, const T* zn, int64_t ld, co
     const T dc = scale * al * inv_tau * (pos_coef[k] + pos_coef[k + B]);
     const T* s = p.student + k * K;
     const T* ta = p.teacher_anchor + k * K;
-    const T ns_raw = std::sqrt(dot(s, s, K)), nt_raw = std::sqrt(dot(ta, ta, K));
+    const T ns_raw = ind[k].student_norm, nt_raw = ind[k].anchor_norm;
     const T ns = clamp_norm(ns_raw), nt = clamp_norm(nt_raw);
-    const T c = cos_ind[k];
+    const T c = ind[k].cos;
     const T cross_coef = dc / (ns * nt);
     const T fs = ns_raw > T(kEps) ? dc * c / (ns * ns) : T(0);
     const T ft = nt_raw > T(kEps) ? dc * c / (nt * nt) : T(0);
@@ -617,7 +632,7 @@ void backward_general(const ContrastiveProblem<T>& p, T grad_loss, const T* lse,
               std::fill(srow, srow + cols, T(0));
               continue;
             }
-            const int64_t partner = (a + B) % n2;
+            const int64_t partner = partner_of(a, B);
             const int32_t ga = q.gr[a], gca = q.gc[a];
             const T la = lse[a];
             const int32_t* gr_b = q.gr.data() + b0;
@@ -646,7 +661,7 @@ void backward_general(const ContrastiveProblem<T>& p, T grad_loss, const T* lse,
       }
     }
   });
-  finish_backward(p, q.zn.data(), K, q.norm.data(), q.cos_ind.data(), q.inv_tau, grad_loss, pos_coef.data(), gz.data(),
+  finish_backward(p, q.zn.data(), K, q.norm.data(), q.ind.data(), q.inv_tau, grad_loss, pos_coef.data(), gz.data(),
                   g_student, g_anchor, g_view);
 }
 

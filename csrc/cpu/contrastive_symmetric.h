@@ -30,7 +30,8 @@ struct SymPrepared {
   T inv_tau = 0;
   PooledBuffer<T, 0> zn;      // [rows_pad, kp]: normalised rows, zero in padding rows and bits
   PooledBuffer<T, 1> panels;  // [blocks][K][block]: each block's rows transposed, the columns of a similarity tile
-  std::vector<T> norm, cos_ind;
+  std::vector<T> norm;
+  std::vector<Individual<T>> ind;  // [B]
   // The pair (a, b) is dropped when col_group[b] == row_key[a]: row_key is the row group (renumbered where ids
   // exceed int32), or -2 (never equal to a column group, which is >= -1) where the row has none.
   std::vector<int32_t> row_key, col_group;  // [rows_pad]
@@ -66,8 +67,8 @@ SymPrepared<T> prepare_symmetric(const ContrastiveProblem<T>& p) {
   q.inv_tau = T(1) / p.temperature;
   q.zn.reserve(static_cast<size_t>(q.rows_pad * q.kp));
   q.norm.assign(static_cast<size_t>(q.n2), T(0));
-  q.cos_ind.assign(static_cast<size_t>(B), T(0));
-  normalise_rows(p, q.zn.data(), q.kp, q.norm.data(), q.cos_ind.data());
+  q.ind.assign(static_cast<size_t>(B), Individual<T>{});
+  normalise_rows(p, q.zn.data(), q.kp, q.norm.data(), q.ind.data());
   // Zeros where normalise_rows writes nothing: the bits past K and the padding rows.
   if (q.kp > K)
     for (int64_t a = 0; a < q.n2; ++a) std::fill(q.zn.data() + a * q.kp + K, q.zn.data() + (a + 1) * q.kp, T(0));
@@ -142,7 +143,7 @@ void exclude_non_negatives(const SymPrepared<T>& q, int64_t I, int64_t J, T* s) 
   const int64_t live_i = block_live(q, I), live_j = block_live(q, J);
   const int rows = block_span(q, I), cols = block_span(q, J);
   for (int64_t i = 0; i < live_i; ++i) {
-    const int64_t a = a0 + i, partner = (a + q.batch) % q.n2;
+    const int64_t a = a0 + i, partner = partner_of(a, q.batch);
     if (I == J) s[i * bs + i] = ninf;
     if (partner >= b0 && partner < b0 + live_j) s[i * bs + (partner - b0)] = ninf;
     std::fill(s + i * bs + live_j, s + i * bs + cols, ninf);
@@ -270,7 +271,7 @@ T forward_symmetric(const ContrastiveProblem<T>& p, T* lse, T* pos) {
   in_team(q.batch * q.bits >= kRowWorkForThreads, [&] {
 #pragma omp for schedule(static) reduction(+ : total)
     for (int64_t a = 0; a < q.n2; ++a) {
-      const T pa = positive_logit(p, q.zn.data(), q.kp, q.cos_ind.data(), q.inv_tau, a);
+      const T pa = positive_logit(p, q.zn.data(), q.kp, q.ind.data(), q.inv_tau, a);
       const T la = row_loss(pa, shift, neg_sum[a]);
       lse[a] = pa + la;
       pos[a] = pa;
@@ -319,7 +320,7 @@ void backward_symmetric(const ContrastiveProblem<T>& p, T grad_loss, const T* ls
       if (I != J) accumulate_block(s.data(), 1, bs, cols, rows, q.zn.data() + a0 * q.kp, q.kp, gz.data() + b0 * q.kp);
     });
   });
-  finish_backward(p, q.zn.data(), q.kp, q.norm.data(), q.cos_ind.data(), q.inv_tau, grad_loss, pos_coef.data(),
+  finish_backward(p, q.zn.data(), q.kp, q.norm.data(), q.ind.data(), q.inv_tau, grad_loss, pos_coef.data(),
                   gz.data(), g_student, g_anchor, g_view);
 }
 
