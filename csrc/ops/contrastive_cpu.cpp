@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward_cpu(const at::Tensor& stu
   AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_forward_cpu", [&] {
     const auto p = make_problem<scalar_t>(o, temperature);
     scalar_t* s = stats.data_ptr<scalar_t>();
-    loss.fill_(cpu::contrastive_forward<scalar_t>(p, s, s + 2 * o.batch));
+    *loss.data_ptr<scalar_t>() = cpu::contrastive_forward<scalar_t>(p, s, s + 2 * o.batch);  // no fill_ dispatch
   });
   return {o.input_dtype == o.compute_dtype ? loss : loss.to(o.input_dtype), stats};
 }
@@ -37,7 +37,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu(
   at::Tensor gs = at::empty_like(o.student), ga = at::empty_like(o.student), gv = at::empty_like(o.student);
   AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_backward_cpu", [&] {
     const auto p = make_problem<scalar_t>(o, temperature);
-    const scalar_t g = static_cast<scalar_t>(grad_loss.item<double>());
+    // Read in place where it is already the compute dtype (item() is a dispatcher call, at B = 64 a share of the step).
+    const scalar_t g = grad_loss.scalar_type() == o.compute_dtype ? *grad_loss.const_data_ptr<scalar_t>()
+                                                                  : static_cast<scalar_t>(grad_loss.item<double>());
     const scalar_t* s = stats.data_ptr<scalar_t>();
     cpu::contrastive_backward<scalar_t>(p, g, s, s + 2 * o.batch, gs.data_ptr<scalar_t>(), ga.data_ptr<scalar_t>(),
                                         gv.data_ptr<scalar_t>());
