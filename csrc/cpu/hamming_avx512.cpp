@@ -56,18 +56,24 @@ struct Isa {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_idx), _mm256_maskz_compress_epi32(m, lanes));
     return __builtin_popcount(m);
   }
-  // Two consecutive blocks (16 codes) per compress: half the per-code overhead of collect. Writes 16 lanes.
+  // The distances of two consecutive blocks (16 codes) as dwords, their indices, and the lanes below threshold.
+  template <int WC>
+  static inline __mmask16 pair_below(const uint64_t* block, const Query<WC>& q, int64_t words, int64_t threshold,
+                                     unsigned valid, int32_t first_index, __m512i& d, __m512i& lanes) {
+    // The low dword of every qword of both blocks (distances fit in 32 bits) in one permute.
+    const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    d = _mm512_permutex2var_epi32(dist<WC>(block, q, words), low_dwords, dist<WC>(block + words * kLanes, q, words));
+    lanes = _mm512_add_epi32(_mm512_set1_epi32(first_index),
+                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    return _mm512_cmplt_epi32_mask(d, _mm512_set1_epi32(static_cast<int32_t>(threshold))) &
+           static_cast<__mmask16>(valid);
+  }
+  // Two consecutive blocks per compress: half the per-code overhead of collect. Writes 16 lanes.
   template <int WC>
   static inline int collect2(const uint64_t* block, const Query<WC>& q, int64_t words, int64_t threshold,
                              unsigned valid, int32_t first_index, int32_t* out_dist, int32_t* out_idx) {
-    // The low dword of every qword of both blocks (distances fit in 32 bits) in one permute.
-    const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i d = _mm512_permutex2var_epi32(dist<WC>(block, q, words), low_dwords,
-                                                dist<WC>(block + words * kLanes, q, words));
-    const __mmask16 m = _mm512_cmplt_epi32_mask(d, _mm512_set1_epi32(static_cast<int32_t>(threshold))) &
-                        static_cast<__mmask16>(valid);
-    const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(first_index),
-                                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i d, lanes;
+    const __mmask16 m = pair_below<WC>(block, q, words, threshold, valid, first_index, d, lanes);
     _mm512_storeu_si512(out_dist, _mm512_maskz_compress_epi32(m, d));
     _mm512_storeu_si512(out_idx, _mm512_maskz_compress_epi32(m, lanes));
     return __builtin_popcount(m);
@@ -77,13 +83,8 @@ struct Isa {
     requires(WC > 0)
   static inline int collect2_keys(const uint64_t* block, const Query<WC>& q, int64_t threshold, unsigned valid,
                                   int32_t first_index, int32_t* out_keys) {
-    const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i d = _mm512_permutex2var_epi32(dist<WC>(block, q, WC), low_dwords,
-                                                dist<WC>(block + WC * kLanes, q, WC));
-    const __mmask16 m = _mm512_cmplt_epi32_mask(d, _mm512_set1_epi32(static_cast<int32_t>(threshold))) &
-                        static_cast<__mmask16>(valid);
-    const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(first_index),
-                                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i d, lanes;
+    const __mmask16 m = pair_below<WC>(block, q, WC, threshold, valid, first_index, d, lanes);
     const __m512i keys = _mm512_or_si512(_mm512_slli_epi32(lanes, Candidates::kKeyDistBits), d);
     _mm512_storeu_si512(out_keys, _mm512_maskz_compress_epi32(m, keys));
     return __builtin_popcount(m);

@@ -43,6 +43,21 @@ inline int64_t chunk_blocks(int64_t words) {
   return std::max<int64_t>(16, ((128 << 10) / (words * kLanes * 8)) & ~int64_t{1});
 }
 
+// group(std::integral_constant<int, QB>{}, qi, c0, c1) for every chunk [c0, c1) of blocks [b_begin, b_end) and, within
+// it, every group of held queries from qi (QB of them, the last ones one by one), chunk by chunk.
+template <int WC, class Group>
+void for_each_chunk_and_group(const BlockedCodes& db, int64_t q_begin, int64_t q_end, int64_t b_begin, int64_t b_end,
+                              Group&& group) {
+  constexpr int QB = held_queries<WC>();
+  const int64_t chunk = chunk_blocks(db.words);
+  for (int64_t c0 = b_begin; c0 < b_end; c0 += chunk) {
+    const int64_t c1 = std::min(b_end, c0 + chunk);
+    int64_t qi = q_begin;
+    for (; qi + QB <= q_end; qi += QB) group(std::integral_constant<int, QB>{}, qi, c0, c1);
+    for (; qi < q_end; ++qi) group(std::integral_constant<int, 1>{}, qi, c0, c1);
+  }
+}
+
 // The blocks with a hit for one held query, logged in the scan loop and pushed into its threshold state after it.
 struct HitLog {
   static constexpr int kCapacity = 32;
@@ -118,14 +133,9 @@ void topk_group(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int64_
 template <class Isa, int WC>
 void topk_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t b_begin,
                int64_t b_end, TopkState* states) {
-  constexpr int QB = held_queries<WC>();
-  const int64_t chunk = chunk_blocks(db.words);
-  for (int64_t c0 = b_begin; c0 < b_end; c0 += chunk) {
-    const int64_t c1 = std::min(b_end, c0 + chunk);
-    int64_t qi = q_begin;
-    for (; qi + QB <= q_end; qi += QB) topk_group<Isa, WC, QB>(db, q, qi, c0, c1, states + (qi - q_begin));
-    for (; qi < q_end; ++qi) topk_group<Isa, WC, 1>(db, q, qi, c0, c1, states + (qi - q_begin));
-  }
+  for_each_chunk_and_group<WC>(db, q_begin, q_end, b_begin, b_end, [&](auto held, int64_t qi, int64_t c0, int64_t c1) {
+    topk_group<Isa, WC, decltype(held)::value>(db, q, qi, c0, c1, states + (qi - q_begin));
+  });
 }
 
 template <class Isa, int WC>
@@ -230,14 +240,9 @@ void collect_group(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int
 template <class Isa, int WC>
 void collect_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t b_begin,
                   int64_t b_end, Candidates* cands) {
-  constexpr int QB = held_queries<WC>();
-  const int64_t chunk = chunk_blocks(db.words);
-  for (int64_t c0 = b_begin; c0 < b_end; c0 += chunk) {
-    const int64_t c1 = std::min(b_end, c0 + chunk);
-    int64_t qi = q_begin;
-    for (; qi + QB <= q_end; qi += QB) collect_group<Isa, WC, QB>(db, q, qi, c0, c1, cands + (qi - q_begin));
-    for (; qi < q_end; ++qi) collect_group<Isa, WC, 1>(db, q, qi, c0, c1, cands + (qi - q_begin));
-  }
+  for_each_chunk_and_group<WC>(db, q_begin, q_end, b_begin, b_end, [&](auto held, int64_t qi, int64_t c0, int64_t c1) {
+    collect_group<Isa, WC, decltype(held)::value>(db, q, qi, c0, c1, cands + (qi - q_begin));
+  });
 }
 
 // Calls f(std::integral_constant<int, WC>{}) with WC the word count where it is 1..4 (compiled for it), else 0.
