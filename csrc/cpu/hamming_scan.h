@@ -170,70 +170,55 @@ void collect_group(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int
   alignas(64) int32_t dist8[kLanes];
   // Room for every code of the chunk plus the lanes an append may write past it: no growth (a call) in the loop.
   for (int j = 0; j < QB; ++j) cands[j].reserve(cands[j].size + (b1 - b0 + 2) * kLanes);
-  int64_t b = b0;
-  if constexpr (requires { Isa::template collect2_keys<WC>(nullptr, held[0], 0, 0u, 0, dist8); }) {
-    if (Candidates::keys_fit(words, db.rows)) {
-      for (int j = 0; j < QB; ++j) cands[j].keyed = true;
+  // Every block's append, as (distance, index) pairs or as keys (Keyed), pairs of blocks first where the ISA has it.
+  const auto scan = [&](auto keyed) {
+    constexpr bool Keyed = decltype(keyed)::value;
+    for (int j = 0; j < QB; ++j) cands[j].keyed = Keyed;
+    int64_t b = b0;
+    if constexpr (requires { Isa::template collect2<WC>(nullptr, held[0], words, 0, 0u, 0, dist8, dist8); }) {
       for (; b + 2 <= b1; b += 2) {  // pairs of blocks; a last odd one below
         const uint64_t* block = db.block(b);
-        const int64_t base = b * kLanes;
+        const int32_t base = static_cast<int32_t>(b * kLanes);
         const unsigned valid = (1u << std::min<int64_t>(2 * kLanes, db.rows - base)) - 1;
 #pragma GCC unroll 8
         for (int j = 0; j < QB; ++j) {
           Candidates& c = cands[j];
-          c.size += Isa::template collect2_keys<WC>(block, held[j], c.limit, valid, static_cast<int32_t>(base),
-                                                    c.idx.get() + c.size);
+          if constexpr (Keyed)
+            c.size += Isa::template collect2_keys<WC>(block, held[j], c.limit, valid, base, c.idx.get() + c.size);
+          else
+            c.size += Isa::template collect2<WC>(block, held[j], words, c.limit, valid, base, c.dist.get() + c.size,
+                                                 c.idx.get() + c.size);
         }
       }
-      for (; b < b1; ++b) {
-        const uint64_t* block = db.block(b);
-        const int64_t base = b * kLanes;
-        const unsigned valid = (1u << std::min<int64_t>(kLanes, db.rows - base)) - 1;
-        for (int j = 0; j < QB; ++j) {
-          Candidates& c = cands[j];
+    }
+    for (; b < b1; ++b) {
+      const uint64_t* block = db.block(b);
+      const int64_t base = b * kLanes;
+      const unsigned valid = (1u << std::min<int64_t>(kLanes, db.rows - base)) - 1;
+      for (int j = 0; j < QB; ++j) {
+        Candidates& c = cands[j];
+        if constexpr (!Keyed && requires { Isa::template collect<WC>(block, held[0], words, 0, 0u, 0, dist8, dist8); }) {
+          c.size += Isa::template collect<WC>(block, held[j], words, c.limit, valid, static_cast<int32_t>(base),
+                                              c.dist.get() + c.size, c.idx.get() + c.size);
+        } else {
           for (unsigned m = below<Isa, WC>(block, held[j], words, c.limit, dist8) & valid; m; m &= m - 1) {
             const int lane = __builtin_ctz(m);
-            c.idx[c.size++] = static_cast<int32_t>((base + lane) << Candidates::kKeyDistBits | dist8[lane]);
+            if constexpr (Keyed) {
+              c.idx[c.size] = static_cast<int32_t>((base + lane) << Candidates::kKeyDistBits | dist8[lane]);
+            } else {
+              c.dist[c.size] = dist8[lane];
+              c.idx[c.size] = static_cast<int32_t>(base + lane);
+            }
+            ++c.size;
           }
         }
       }
-      return;
     }
+  };
+  if constexpr (requires { Isa::template collect2_keys<WC>(nullptr, held[0], 0, 0u, 0, dist8); }) {
+    if (Candidates::keys_fit(words, db.rows)) return scan(std::true_type{});
   }
-  if constexpr (requires { Isa::template collect2<WC>(nullptr, held[0], words, 0, 0u, 0, dist8, dist8); }) {
-    for (; b + 2 <= b1; b += 2) {  // pairs of blocks; a last odd one below
-      const uint64_t* block = db.block(b);
-      const int64_t base = b * kLanes;
-      const unsigned valid = (1u << std::min<int64_t>(2 * kLanes, db.rows - base)) - 1;
-#pragma GCC unroll 8
-      for (int j = 0; j < QB; ++j) {
-        Candidates& c = cands[j];
-        c.size += Isa::template collect2<WC>(block, held[j], words, c.limit, valid, static_cast<int32_t>(base),
-                                             c.dist.get() + c.size, c.idx.get() + c.size);
-      }
-    }
-  }
-  for (; b < b1; ++b) {
-    const uint64_t* block = db.block(b);
-    const int64_t base = b * kLanes;
-    const unsigned valid = (1u << std::min<int64_t>(kLanes, db.rows - base)) - 1;
-    for (int j = 0; j < QB; ++j) {
-      Candidates& c = cands[j];
-      if constexpr (requires { Isa::template collect<WC>(block, held[0], words, 0, 0u, 0, dist8, dist8); }) {
-        c.size += Isa::template collect<WC>(block, held[j], words, c.limit, valid, static_cast<int32_t>(base),
-                                            c.dist.get() + c.size, c.idx.get() + c.size);
-      } else {
-        unsigned m = below<Isa, WC>(block, held[j], words, c.limit, dist8) & valid;
-        while (m) {
-          const int lane = __builtin_ctz(m);
-          m &= m - 1;
-          c.dist[c.size] = dist8[lane];
-          c.idx[c.size] = static_cast<int32_t>(base + lane);
-          ++c.size;
-        }
-      }
-    }
-  }
+  scan(std::false_type{});
 }
 
 // As topk_scan, for the branch-free candidate lists.
