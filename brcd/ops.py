@@ -119,7 +119,8 @@ def brcd_loss(
         row_groups, col_groups: [2B] int64 group ids; a negative (r, c) is dropped when
             ``row_groups[r] == col_groups[c] >= 0``. Give both or neither.
 
-    Returns a 0-d tensor in the codes' dtype, differentiable with respect to the three code tensors.
+    Returns a 0-d tensor in the codes' dtype, differentiable with respect to the three code tensors (once: a second
+    derivative, through gradients taken with ``create_graph=True``, raises NotImplementedError).
     """
     student = _require_tensor(student, "student")
     _require_tensor(teacher_anchor, "teacher_anchor")
