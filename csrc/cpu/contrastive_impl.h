@@ -98,7 +98,7 @@ class PooledBuffer {
   void reserve(size_t n) {
     if (n <= storage_.capacity) return;
     storage_.release();
-    storage_.ptr = static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64}));
+    storage_.ptr = LineAligned<T>().allocate(n);
     storage_.capacity = n;
   }
   void assign(size_t n, T value) {
@@ -113,7 +113,7 @@ class PooledBuffer {
     T* ptr = nullptr;
     size_t capacity = 0;
     void release() {
-      if (ptr != nullptr) ::operator delete(ptr, std::align_val_t{64});
+      if (ptr != nullptr) LineAligned<T>().deallocate(ptr, capacity);
       ptr = nullptr;
       capacity = 0;
     }
@@ -199,7 +199,6 @@ struct Prepared {
   bool fixed_shift = true;
 };
 
-// Renumbers the group ids that occur (>= 0) densely from 0, keeping -1 for "none".
 // Rows times bits from which the O(B*K) loops (row preparation, the gradient chain) are worth a thread team.
 constexpr int64_t kRowWorkForThreads = 16384;
 
@@ -216,6 +215,7 @@ inline void in_team(bool parallel, F&& body) {
   }
 }
 
+// Renumbers the group ids that occur (>= 0) densely from 0, keeping -1 for "none".
 inline void renumber_groups(const int64_t* row_groups, const int64_t* col_groups, int64_t n2, std::vector<int32_t>& gr,
                             std::vector<int32_t>& gc) {
   std::vector<int64_t> ids;
@@ -368,8 +368,9 @@ inline int tile_cols(const Prepared<T>& q, int64_t b0) {
   return static_cast<int>((live + V - 1) / V * V);
 }
 
-// The register-blocked product behind every similarity and gradient tile of both paths: acc[r][v] = sum over t < steps of a[r * a_row + t * a_step] *
-// b[t * b_step + v], R rows of broadcast coefficients against W columns of vectors.
+// The register-blocked product behind every similarity and gradient tile of both paths:
+// acc[r][v] = sum over t < steps of a[r * a_row + t * a_step] * b[t * b_step + v], R rows of broadcast coefficients
+// against W columns of vectors.
 template <class T, int R, int W>
 inline void micro_product(const T* a, int64_t a_row, int64_t a_step, const T* b, int64_t b_step, int64_t steps,
                           T (&acc)[R][W]) {

@@ -20,10 +20,6 @@ constexpr int kSimVecs = 2;                   // column vectors of the similarit
 constexpr int kAccVecs = 4;                   // bit vectors of the accumulation micro-kernel
 constexpr int kAccRows = kRows >= 8 ? 4 : 2;  // its rows (accumulators: kAccRows x kAccVecs vectors)
 
-// A zero-initialised vector whose storage comes from, and goes back to, a slot of this thread: the loss's O(B*K)
-// buffers are reused from call to call. Fresh allocations of this size are pages straight from the kernel, and
-// their first-touch faults took 0.5 ms of a 7.5 ms step at B = 1024 (measured), more than the products they serve
-// miss. Storage over kKeepBytes is freed on return instead, where the faults are small against the O(B^2) work.
 template <class T>
 struct SymPrepared {
   int64_t batch = 0, bits = 0, kp = 0, n2 = 0, block = 0, blocks = 0, rows_pad = 0;

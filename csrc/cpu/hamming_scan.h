@@ -1,6 +1,7 @@
 // ISA-generic scan loops. Included by each hamming_<isa>.cpp after it defines `struct Isa` with
 //   template <int WC> struct Query;  // a query prepared for the scan (its words in registers where WC > 0):
-//                                    // default-constructible, and constructed from (const uint64_t* row, int64_t words)
+//                                    // default-constructible, and constructed from (const uint64_t* row,
+//                                    // int64_t words)
 //   struct Dist;                     // the distances of one block's 8 codes to a query, in registers
 //   template <int WC> static Dist dist(const uint64_t* block, const Query<WC>& q, int64_t words);
 //   static unsigned lanes_below(const Dist& d, int64_t threshold);  // bit l: lane l's distance < threshold
@@ -197,7 +198,9 @@ void collect_group(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int
       const unsigned valid = (1u << std::min<int64_t>(kLanes, db.rows - base)) - 1;
       for (int j = 0; j < QB; ++j) {
         Candidates& c = cands[j];
-        if constexpr (!Keyed && requires { Isa::template collect<WC>(block, held[0], words, 0, 0u, 0, dist8, dist8); }) {
+        constexpr bool has_collect =
+            requires { Isa::template collect<WC>(block, held[0], words, 0, 0u, 0, dist8, dist8); };
+        if constexpr (!Keyed && has_collect) {
           c.size += Isa::template collect<WC>(block, held[j], words, c.limit, valid, static_cast<int32_t>(base),
                                               c.dist.get() + c.size, c.idx.get() + c.size);
         } else {
