@@ -42,10 +42,11 @@ def _extension():
     from torch.utils import cpp_extension
 
     with_cuda = _want_cuda()
-    cxx_flags = ["-O3", "-fopenmp"]
+    # C++20 (the CPU kernels use concepts); older torch releases would otherwise pass -std=c++17.
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
     # Debug builds for sanitizers and gdb: BRCD_DEBUG=1.
     if os.environ.get("BRCD_DEBUG") == "1":
-        cxx_flags = ["-O0", "-g", "-fopenmp"]
+        cxx_flags = ["-O0", "-g", "-fopenmp", "-std=c++20"]
     sources = ["csrc/brcd.cpp"] + _sources("csrc/ops/*_cpu.cpp") + _sources("csrc/ops/*_autograd.cpp")
     sources += _sources("csrc/cpu/*.cpp")
     define_macros = [("BRCD_VERSION", '"0.1.0"')]

@@ -25,6 +25,12 @@ def popc_pairs_limit(nbits: int) -> float:
     return p.multi_processor_count * 16 * clock_hz / words32
 
 
+def tensor_core_pairs_limit(nbits: int) -> float:
+    """Pairs/s at the int8 dense tensor-core rate of the H100/H200 datasheet (1979 TOPS): 2 ops per bit of a pair,
+    bits rounded up to whole 64-bit words as the kernel computes them."""
+    return 1979e12 / (2 * 64 * ((nbits + 63) // 64))
+
+
 def torch_topk(q_pm1: torch.Tensor, db_pm1_t: torch.Tensor, k: int, chunk: int = 1000):
     """The PyTorch baseline: ±1 codes in fp16, dot products on tensor cores, then topk of the largest dots."""
     out_d, out_i = [], []
@@ -37,7 +43,7 @@ def torch_topk(q_pm1: torch.Tensor, db_pm1_t: torch.Tensor, k: int, chunk: int =
     return torch.cat(out_d), torch.cat(out_i)
 
 
-def bench_topk(q_count: int, n: int, nbits: int, ks) -> str:
+def bench_topk(q_count: int, n: int, nbits: int, ks) -> list:
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(q_count, nbits, device="cuda", generator=gen)
     db = torch.randn(n, nbits, device="cuda", generator=gen)
@@ -47,15 +53,27 @@ def bench_topk(q_count: int, n: int, nbits: int, ks) -> str:
     for k in ks:
         t_brcd = time_cuda(lambda: brcd.hamming_topk(qp, dp, k), repeat=5, warmup=2)
         t_torch = time_cuda(lambda: torch_topk(q16, db16t, k), repeat=3, warmup=1)
-        # Same distances as the baseline (indices may differ among ties: torch.topk does not order them).
+        # Exact against the distance-matrix kernel (popcount, another code path) sorted by (distance, index) for 20
+        # queries, and the same distances as the baseline for 200 (torch.topk does not order ties by index).
+        d, i = brcd.hamming_topk(qp[:20], dp, k)
+        full = brcd.hamming_distance(qp[:20], dp).long()
+        order = torch.argsort(full * n + torch.arange(n, device="cuda"), dim=1)[:, :k]
+        exact = bool(torch.equal(i, order) and torch.equal(d.long(), torch.gather(full, 1, order)))
         d, _ = brcd.hamming_topk(qp[:200], dp, k)
         d_ref, _ = torch_topk(q16[:200], db16t, k)
         same = bool(torch.equal(d, d_ref.sort(dim=1).values))
         pairs = q_count * n
         rows.append([f"{nbits}", f"{q_count}x{n:,}", k, t_brcd * 1e3, t_torch * 1e3, t_torch / t_brcd,
-                     pairs / t_brcd / 1e9, popc_pairs_limit(nbits) / 1e9, "yes" if same else "NO"])
+                     pairs / t_brcd / 1e9, popc_pairs_limit(nbits) / 1e9, tensor_core_pairs_limit(nbits) / 1e9,
+                     "yes" if exact else "NO", "yes" if same else "NO"])
+    return rows
+
+
+def topk_table(rows: list) -> str:
     return table(["bits", "queries x db", "k", "brcd ms", "torch fp16 matmul+topk ms", "speed-up",
-                  "brcd G pairs/s", "popc limit G pairs/s (one pass)", "same distances"], rows)
+                  "brcd G pairs/s", "popc limit G pairs/s", "int8 tensor-core limit G pairs/s", "exact (20 queries)",
+                  "same distances as torch (200)"],
+                 rows)
 
 
 def loss_inputs(B: int, K: int, dtype=torch.float32):
@@ -113,23 +131,56 @@ def bench_loss(sizes, K: int, eager_max: int) -> str:
                   "eager peak MiB", "fused TFLOP/s", "rel. err vs fp64"], rows) + note
 
 
+def loss_breakdown(B: int, K: int) -> str:
+    """Where one forward + backward of the fused loss spends its time: the profiler's table of device kernels and
+    host-side operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    s, ta, tv, kw = loss_inputs(B, K)
+    run = fwd_bwd(brcd.brcd_loss, s, ta, tv, kw)
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            run()
+        torch.cuda.synchronize()
+    return (f"B = {B}, K = {K}, 5 calls:\n```\n"
+            + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=48)
+            + "\n```\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14,
+                                                     max_name_column_width=48) + "\n```")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("out/gpu"))
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
+    ap.add_argument("--only", choices=["topk", "loss"], help="run one of the two benchmarks")
+    ap.add_argument("--breakdown", action="store_true", help="also profile one loss step at B = 64 and 8192")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     head = f"GPU benchmarks, brcd {git_revision()}, {machine('cuda')}\n"
     print(head, flush=True)
-    if args.quick:
-        topk = bench_topk(1000, 100_000, 64, [10, 1000])
-        loss = bench_loss([64, 1024], 64, eager_max=1024)
-    else:
-        topk = bench_topk(10_000, 1_000_000, 64, [10, 1000])
+    text = head
+    if args.only != "loss":
+        if args.quick:
+            topk = topk_table(bench_topk(1000, 100_000, 64, [10, 1000]))
+        else:
+            topk = topk_table(bench_topk(10_000, 1_000_000, 64, [10, 1000])
+                              + bench_topk(10_000, 1_000_000, 256, [10, 1000]))
         print(topk, flush=True)
-        loss = bench_loss([64, 1024, 8192, 65536, 262144], 64, eager_max=8192)
-    text = f"{head}\n## Hamming top-k\n\n{topk}\n\n## Contrastive loss, forward + backward\n\n{loss}\n"
-    print(text, flush=True)
+        text += f"\n## Hamming top-k\n\n{topk}\n"
+    if args.only != "topk":
+        if args.quick:
+            loss = bench_loss([64, 1024], 64, eager_max=1024)
+        else:
+            loss = bench_loss([64, 1024, 8192, 65536, 262144], 64, eager_max=8192)
+        print(loss, flush=True)
+        text += f"\n## Contrastive loss, forward + backward\n\n{loss}\n"
+    if args.breakdown:
+        parts = [loss_breakdown(B, 64) for B in (64, 8192)]
+        (args.out / "loss_breakdown.md").write_text("\n\n".join(parts) + "\n")
+        print("\n\n".join(parts), flush=True)
     (args.out / "gpu_bench.md").write_text(text)
 
 

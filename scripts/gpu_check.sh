@@ -4,7 +4,9 @@
 #
 # Before the call, on the developer machine:  scripts/prepare_gpu_payload.sh   (copies the reference vectors and the
 # wheels the GPU machine lacks into .gpu/ and .whl/). Then run with carry [".gpu", ".whl"]:
-#     bash scripts/gpu_check.sh [--quick]
+#     bash scripts/gpu_check.sh [gpu_bench.py arguments: --quick, --only topk|loss, --breakdown]
+# Environment: TESTS (pytest paths, default tests/), TEST_FILTER (pytest -k), BENCH=0 (no benchmarks),
+# PROFILE=1 (Nsight Compute sections of the top-k scan and the loss kernels into $OUT/ncu.txt).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu}
@@ -39,9 +41,22 @@ nm -D --defined-only brcd/_C*.so | grep -c -E "__cxa_throw|_Unwind_RaiseExceptio
 start=$(date +%s)
 # pytest-xdist (on the GPU image) isolates a crashing test in its worker, so one crash cannot hide the rest.
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-timeout 300 python3 -m pytest -q $xdist --maxfail=30 -p no:cacheprovider tests/ -k "${TEST_FILTER:-}" >"$OUT/tests.log" 2>&1
+timeout 300 python3 -m pytest -q $xdist --maxfail=30 -p no:cacheprovider ${TESTS:-tests/} -k "${TEST_FILTER:-}" \
+  >"$OUT/tests.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -25
 echo "tests: $(( $(date +%s) - start )) s"
+
+if [[ "${PROFILE:-0}" == 1 ]] && command -v ncu >/dev/null; then
+  start=$(date +%s)
+  # One top-k (3 chunks: scan and select each) and one loss step; clocks left as the card runs them.
+  timeout 240 ncu --clock-control none --launch-count 8 \
+    --kernel-name "regex:scan_kernel|forward_kernel|backward_kernel|select_kernel" \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+    python3 benchmarks/gpu_profile_target.py >"$OUT/ncu.txt" 2>&1
+  grep -E "scan_kernel|forward_kernel|backward_kernel|select_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy" \
+    "$OUT/ncu.txt" | head -60
+  echo "profile: $(( $(date +%s) - start )) s"
+fi
 
 [[ "${BENCH:-1}" == 0 ]] && exit 0
 start=$(date +%s)

@@ -116,6 +116,51 @@ def test_topk_when_the_sampled_threshold_is_too_tight(device):
         assert torch.equal(d.cpu(), rd) and torch.equal(i.cpu(), ri)
 
 
+@pytest.mark.parametrize("device", device_params())
+def test_topk_when_a_strided_sample_misleads_the_bound(device):
+    # The CUDA path bounds each query's k-th distance from every (n // 16384)-th code (every 12th here) and hands a
+    # query whose bound was too tight (fewer than k codes within it) or too loose (more candidates than its buffer
+    # holds, 1024 for k = 100) to the exact two-pass kernels. Both must give the reference answer.
+    n, nbits, stride = 200_000, 64, 12
+    gen = torch.Generator().manual_seed(11)
+    codes = torch.randn(n, nbits, generator=gen)
+    codes[torch.arange(100) * stride] = 1.0  # 100 sampled codes equal to the query, every other code far from it
+    q = brcd.pack_codes(torch.ones(3, nbits))
+    for k, extra_near in ((500, None), (100, slice(100_001, 106_001))):
+        db_codes = codes.clone()
+        if extra_near is not None:
+            db_codes[extra_near] = 1.0  # 6000 more codes at distance 0: the candidates overflow
+        db = brcd.pack_codes(db_codes)
+        d, i = brcd.hamming_topk(q.to(device), db.to(device), k)
+        rd, ri = ref.hamming_topk(q, db, k)
+        assert torch.equal(d.cpu(), rd) and torch.equal(i.cpu(), ri)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("nbits", [64, 200, 256])
+def test_topk_sampled_path_on_a_large_database(device, nbits):
+    # Large enough for the CUDA path to sample its bound (every 12th code), with hundreds of candidates per query.
+    gen = torch.Generator().manual_seed(nbits)
+    q = ref.pack_codes(random_codes(40, nbits, gen))
+    db = ref.pack_codes(random_codes(200_000, nbits, gen, dup_fraction=0.1))
+    for k in (10, 1000):
+        d, i = brcd.hamming_topk(q.to(device), db.to(device), k)
+        rd, ri = ref.hamming_topk(q, db, k)
+        assert torch.equal(d.cpu(), rd), f"k = {k}: {(d.cpu() != rd).any(1).sum()} queries differ in distances"
+        assert torch.equal(i.cpu(), ri), f"k = {k}: {(i.cpu() != ri).any(1).sum()} queries differ in indices"
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_topk_many_queries_large_k(device):
+    # On CUDA, k = 2048 takes 16384-key candidate buffers: the queries are served in chunks of 2048.
+    gen = torch.Generator().manual_seed(12)
+    q = ref.pack_codes(random_codes(2100, 64, gen))
+    db = ref.pack_codes(random_codes(3000, 64, gen, dup_fraction=0.3))
+    d, i = brcd.hamming_topk(q.to(device), db.to(device), 2048)
+    rd, ri = ref.hamming_topk(q, db, 2048)
+    assert torch.equal(d.cpu(), rd) and torch.equal(i.cpu(), ri)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     nq=st.integers(1, 20),

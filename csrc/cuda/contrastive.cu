@@ -120,13 +120,30 @@ __global__ void positive_kernel(ContrastiveProblem<T> p, Workspace<T> w, T* pos)
   }
 }
 
+constexpr int kPad = 4;  // rows of shared tiles stay 16-byte aligned (four-wide loads) and off one bank
+
+// Four consecutive elements, loaded or stored as one vector (one 16-byte access for float, two for double).
 template <class T>
-struct TileSmem {
-  T a[BK][BM + 1];
-  T b[BK][BN + 1];
+struct alignas(4 * sizeof(T)) Quad {
+  T v[4];
+};
+template <class T>
+__device__ inline Quad<T> load_quad(const T* p) {
+  return *reinterpret_cast<const Quad<T>*>(p);
+}
+template <class T>
+__device__ inline void store_quad(T* p, const Quad<T>& q) {
+  *reinterpret_cast<Quad<T>*>(p) = q;
+}
+
+template <class T>
+struct alignas(4 * sizeof(T)) TileSmem {
+  T a[BK][BM + kPad];
+  T b[BK][BN + kPad];
 };
 
-// acc[i][j] = <Zn[a0 + 4ty + i], Zn[b0 + 4tx + j]>
+// acc[i][j] = <Zn[a0 + 4ty + i], Zn[b0 + 4tx + j]>. Each step of the inner loop reads two four-wide vectors for 16
+// products (with scalar reads, shared-memory issue and not the FMA units set the pace).
 template <class T>
 __device__ inline void similarity_tile(const T* zn, int64_t k_pad, int64_t a0, int64_t b0, TileSmem<T>& sm,
                                        T acc[4][4]) {
@@ -146,15 +163,12 @@ __device__ inline void similarity_tile(const T* zn, int64_t k_pad, int64_t a0, i
     __syncthreads();
 #pragma unroll 8
     for (int kk = 0; kk < BK; ++kk) {
-      T av[4], bv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = sm.a[kk][ty * 4 + i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) bv[j] = sm.b[kk][tx * 4 + j];
+      const Quad<T> av = load_quad(&sm.a[kk][ty * 4]);
+      const Quad<T> bv = load_quad(&sm.b[kk][tx * 4]);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+        for (int j = 0; j < 4; ++j) acc[i][j] += av.v[i] * bv.v[j];
     }
     __syncthreads();
   }
@@ -162,16 +176,17 @@ __device__ inline void similarity_tile(const T* zn, int64_t k_pad, int64_t a0, i
 
 // What the per-pair test needs of a row, loaded once per row instead of once per pair (no 64-bit modulo there).
 struct RowFacts {
-  int64_t index, partner, group_as_row, group_as_col;
+  int64_t group_as_row, group_as_col;
+  int index, partner;  // rows of Z: 2B < 2^31 (contrastive_forward refuses larger batches)
   bool live;
 };
 
 template <class T>
 __device__ inline RowFacts row_facts(const ContrastiveProblem<T>& p, int64_t n2, int64_t a) {
   RowFacts f;
-  f.index = a;
+  f.index = static_cast<int>(a);
   f.live = a < n2;
-  f.partner = a < p.batch ? a + p.batch : a - p.batch;
+  f.partner = static_cast<int>(a < p.batch ? a + p.batch : a - p.batch);
   f.group_as_row = (f.live && p.row_groups) ? p.row_groups[a] : -1;
   f.group_as_col = (f.live && p.col_groups) ? p.col_groups[a] : -1;
   return f;
@@ -263,13 +278,14 @@ __global__ void mean_kernel(const double* row_loss, int64_t n, T* loss) {
 }
 
 template <class T>
-struct BackwardSmem {
+struct alignas(4 * sizeof(T)) BackwardSmem {
   TileSmem<T> tile;
-  T coef[BM][BN + 1];
-  T zb[BN][KC + 1];
+  T coef_t[BN][BM + kPad];  // the weights, column-major: coef_t[b][a]
+  T zb[BN][KC + kPad];
 };
 
-// dL/dZn (unscaled) for 64 rows and a 64-wide chunk of K (blockIdx.y).
+// dL/dZn (unscaled) for 64 rows and a 64-wide chunk of K (blockIdx.y). Each thread owns 4 rows x 4 columns of the
+// chunk, so the weighted sum reads two four-wide vectors per 16 products, as the similarity tile does.
 template <class T>
 __global__ void __launch_bounds__(kThreads) backward_kernel(ContrastiveProblem<T> p, Workspace<T> w, const T* lse) {
   extern __shared__ unsigned char raw[];
@@ -278,10 +294,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(ContrastiveProblem<T
   const int64_t a0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t kc0 = static_cast<int64_t>(blockIdx.y) * KC;
   const T inv_tau = T(1) / p.temperature;
-  const int gr_row = threadIdx.x / 4, gc0 = (threadIdx.x % 4) * 16;  // this thread's 16 outputs of the chunk
-  T g[16];
+  T g[4][4];
 #pragma unroll
-  for (int c = 0; c < 16; ++c) g[c] = T(0);
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) g[i][c] = T(0);
   RowFacts rows[4];
   T row_lse[4];
 #pragma unroll
@@ -300,15 +317,17 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(ContrastiveProblem<T
       col_lse[j] = cols[j].live ? lse[cols[j].index] : T(0);
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      Quad<T> cq;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int i = 0; i < 4; ++i) {
         const T x = acc[i][j] * inv_tau;
         T c = T(0);
         if (negative_ok(rows[i], cols[j])) c += dev_exp(x - row_lse[i]);
         if (negative_ok(cols[j], rows[i])) c += dev_exp(x - col_lse[j]);
-        sm.coef[ty * 4 + i][tx * 4 + j] = c;
+        cq.v[i] = c;
       }
+      store_quad(&sm.coef_t[tx * 4 + j][ty * 4], cq);
     }
 #pragma unroll
     for (int e = 0; e < (BN * KC) / kThreads; ++e) {
@@ -317,15 +336,24 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(ContrastiveProblem<T
       sm.zb[r][c] = w.zn[(b0 + r) * w.k_pad + kc0 + c];
     }
     __syncthreads();
+#pragma unroll 8
     for (int j = 0; j < BN; ++j) {
-      const T cj = sm.coef[gr_row][j];
+      const Quad<T> cj = load_quad(&sm.coef_t[j][ty * 4]);
+      const Quad<T> zj = load_quad(&sm.zb[j][tx * 4]);
 #pragma unroll
-      for (int c = 0; c < 16; ++c) g[c] += cj * sm.zb[j][gc0 + c];
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) g[i][c] += cj.v[i] * zj.v[c];
     }
     __syncthreads();
   }
 #pragma unroll
-  for (int c = 0; c < 16; ++c) w.gz[(a0 + gr_row) * w.k_pad + kc0 + gc0 + c] = g[c];
+  for (int i = 0; i < 4; ++i) {
+    Quad<T> out;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) out.v[c] = g[i][c];
+    store_quad(&w.gz[(a0 + ty * 4 + i) * w.k_pad + kc0 + tx * 4], out);
+  }
 }
 
 // One warp per sample k: positive terms, the scale, the chain through the normalisation, the mask and the

@@ -18,9 +18,19 @@ int pack_bits(const uint8_t* bits, int64_t rows, int64_t nbits, int64_t bits_str
 int hamming_distance(const uint64_t* q, int64_t nq, const uint64_t* db, int64_t n, int64_t words, int32_t* out,
                      void* stream);
 
-// Exact top-k without the nq x n distance matrix: a histogram pass finds each query's k-th distance, a second pass
-// collects the k winners (ties at that distance by ascending index). keys[q * k + j] = distance * n + index, in no
-// particular order: sort each row to rank them.
+// Exact top-k without the nq x n distance matrix, ties by ascending index.
+//
+// Tensor-core path (hamming_topk.cu), where hamming_topk_fast_supported(): codes of 1 to 4 words, k up to a few
+// thousand, compute capability 8.0 or later. Writes dist [nq, k] and index [nq, k], sorted. Synchronises `stream`
+// once per chunk of queries (to size the exact fallback for the queries its sampled bound could not serve).
+bool hamming_topk_fast_supported(int64_t words, int64_t k);
+size_t hamming_topk_fast_workspace(int64_t nq, int64_t words, int64_t k);
+int hamming_topk_fast(const uint64_t* q, int64_t nq, const uint64_t* db, int64_t n, int64_t words, int64_t k,
+                      int32_t* dist, int64_t* index, void* workspace, void* stream);
+
+// Two-pass path (hamming_topk_two_pass.cu), for any width and any k: a histogram pass finds each query's k-th
+// distance, a second pass collects the k winners. keys[q * k + j] = distance * n + index, in no particular order:
+// sort each row to rank them.
 size_t hamming_topk_workspace(int64_t nq, int64_t n, int64_t words);
 int hamming_topk_keys(const uint64_t* q, int64_t nq, const uint64_t* db, int64_t n, int64_t words, int64_t k,
                       int64_t* keys, void* workspace, void* stream);

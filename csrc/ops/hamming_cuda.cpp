@@ -58,6 +58,16 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& query_pac
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qw = as_words(q), dw = as_words(db);
   const int64_t nq = q.size(0), n = db.size(0), words = qw.size(1) / 8;
+  if (cuda::hamming_topk_fast_supported(words, k)) {
+    at::Tensor dist = at::empty({nq, k}, q.options().dtype(at::kInt));
+    at::Tensor index = at::empty({nq, k}, q.options().dtype(at::kLong));
+    const size_t ws_bytes = cuda::hamming_topk_fast_workspace(nq, words, k);
+    at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+    check_cuda(cuda::hamming_topk_fast(words_ptr(qw), nq, words_ptr(dw), n, words, k, dist.data_ptr<int32_t>(),
+                                       index.data_ptr<int64_t>(), workspace.data_ptr(), stream()),
+               "hamming_topk");
+    return {dist, index};
+  }
   at::Tensor keys = at::empty({nq, k}, q.options().dtype(at::kLong));
   const size_t ws_bytes = cuda::hamming_topk_workspace(nq, n, words);
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
