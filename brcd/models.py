@@ -95,11 +95,26 @@ def _read_weights(path: Path) -> dict:
     return state
 
 
-def _load_backbone_weights(backbone: nn.Module, path: Path, name: str, in_chans: int) -> None:
-    """Loads what fits by name. A first convolution made for another number of input channels is adapted as timm
-    adapts its own pretrained weights (summed or repeated over channels); any other shape mismatch is an error."""
-    from timm.models import adapt_input_conv
+def adapt_first_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A first convolution's weight [out, c, kh, kw] for `in_chans` input channels, as timm adapts pretrained
+    weights: summed over the channels for one channel, else the channels repeated in turn and scaled by
+    c / in_chans (so a constant image gives the same response). Written here because timm's own helper changed its
+    signature between releases."""
+    base = weight.shape[1]
+    if in_chans == base:
+        return weight
+    w = weight.float()
+    if in_chans == 1:
+        adapted = w.sum(dim=1, keepdim=True)
+    else:
+        reps = -(-in_chans // base)
+        adapted = w.repeat(1, reps, 1, 1)[:, :in_chans] * (base / in_chans)
+    return adapted.to(weight.dtype)
 
+
+def _load_backbone_weights(backbone: nn.Module, path: Path, name: str, in_chans: int) -> None:
+    """Loads what fits by name. A first convolution made for another number of input channels is adapted
+    (adapt_first_conv); any other shape mismatch is an error."""
     state = _read_weights(path)
     own = backbone.state_dict()
     fitting = {k: v for k, v in state.items() if k in own}
@@ -110,7 +125,7 @@ def _load_backbone_weights(backbone: nn.Module, path: Path, name: str, in_chans:
         if value.shape == want:
             continue
         if value.dim() == 4 and value.shape[0] == want[0] and value.shape[2:] == want[2:] and want[1] == in_chans:
-            fitting[key] = adapt_input_conv(in_chans, value.float(), base_chans=value.shape[1]).to(value.dtype)
+            fitting[key] = adapt_first_conv(value, in_chans)
         else:
             raise ModelError(f"{path}: does not fit {name} ({key} has shape {tuple(value.shape)}, the model needs "
                              f"{tuple(want)})")

@@ -60,6 +60,10 @@ def test_pretrained_weights_from_safetensors_a_checkpoint_and_another_channel_co
     gray = build_model("resnet10t", 8, in_chans=1, img_size=28, pretrained_path=st)
     first = next(k for k, v in rgb.backbone.state_dict().items() if v.dim() == 4)
     assert torch.allclose(gray.backbone.state_dict()[first], rgb.backbone.state_dict()[first].sum(1, keepdim=True))
+    # Five channels from RGB weights: R, G, B, R, G, scaled by 3/5.
+    five = build_model("resnet10t", 8, in_chans=5, img_size=28, pretrained_path=st)
+    w = rgb.backbone.state_dict()[first]
+    assert torch.allclose(five.backbone.state_dict()[first], torch.cat([w, w[:, :2]], dim=1) * 0.6)
     # The backbone of a brcd checkpoint.
     ckpt = tmp_path / "teacher.pt"
     save_checkpoint(ckpt, rgb, {"bits": 8})
