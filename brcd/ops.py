@@ -70,7 +70,8 @@ def hamming_topk(query_packed: Tensor, db_packed: Tensor, k: int) -> Tuple[Tenso
 
     On CUDA, codes of up to 256 bits with k up to 2048 (compute capability 8.0 or later) take a one-pass tensor-core
     kernel that waits for the GPU once per call (once per 4096 queries at k = 1000): it reads how many queries its
-    sampled bound could not serve and hands those to the exact two-pass kernels. Other sizes never synchronise.
+    sampled bound could not serve and hands those to the exact two-pass kernels. Other sizes, and every call made
+    while the stream is being captured into a CUDA graph, take the two-pass kernels, which never synchronise.
 
     Example::
 

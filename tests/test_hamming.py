@@ -150,6 +150,28 @@ def test_topk_sampled_path_on_a_large_database(device, nbits):
         assert torch.equal(i.cpu(), ri), f"k = {k}: {(i.cpu() != ri).any(1).sum()} queries differ in indices"
 
 
+@pytest.mark.parametrize("device", [p for p in device_params() if p.id == "cuda"])
+def test_topk_captured_in_a_cuda_graph(device):
+    # Inside a capture the op must not wait for the GPU (the tensor-core path does, once): it takes the two-pass
+    # kernels, and replays give the exact answer.
+    gen = torch.Generator().manual_seed(13)
+    q = ref.pack_codes(random_codes(30, 64, gen))
+    db = ref.pack_codes(random_codes(50_000, 64, gen, dup_fraction=0.1))
+    qd, dbd = q.to(device), db.to(device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs ask
+        brcd.hamming_topk(qd, dbd, 100)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        d, i = brcd.hamming_topk(qd, dbd, 100)
+    graph.replay()
+    torch.cuda.synchronize()
+    rd, ri = ref.hamming_topk(q, db, 100)
+    assert torch.equal(d.cpu(), rd) and torch.equal(i.cpu(), ri)
+
+
 @pytest.mark.parametrize("device", device_params())
 def test_topk_many_queries_large_k(device):
     # On CUDA, k = 2048 takes 16384-key candidate buffers: the queries are served in chunks of 2048.

@@ -1,4 +1,5 @@
 // CUDA implementations of the Hamming ops: torch glue around csrc/cuda/launchers.h.
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -58,7 +59,10 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& query_pac
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qw = as_words(q), dw = as_words(db);
   const int64_t nq = q.size(0), n = db.size(0), words = qw.size(1) / 8;
-  if (cuda::hamming_topk_fast_supported(words, k)) {
+  // The tensor-core path waits once for the GPU (to size its fallback), which a stream being captured into a CUDA
+  // graph forbids: there the two-pass kernels, which never wait, serve every size.
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  if (!capturing && cuda::hamming_topk_fast_supported(words, k)) {
     at::Tensor dist = at::empty({nq, k}, q.options().dtype(at::kInt));
     at::Tensor index = at::empty({nq, k}, q.options().dtype(at::kLong));
     const size_t ws_bytes = cuda::hamming_topk_fast_workspace(nq, words, k);
