@@ -177,7 +177,7 @@ __device__ inline void similarity_tile(const T* zn, int64_t k_pad, int64_t a0, i
 // What the per-pair test needs of a row, loaded once per row instead of once per pair (no 64-bit modulo there).
 struct RowFacts {
   int64_t group_as_row, group_as_col;
-  int index, partner;  // rows of Z: 2B < 2^31 (contrastive_forward refuses larger batches)
+  int index, partner;  // rows of Z: 2B < 2^30 (the CUDA ops refuse batches of 2^29 or more)
   bool live;
 };
 

@@ -277,11 +277,11 @@ FastScratch fast_scratch(void* base, int64_t chunk, int64_t cap, int64_t words) 
 }
 
 template <int W>
-int launch_scan(const ScanArgs& base_args, int64_t n, cudaStream_t stream) {
+int launch_scan(const ScanArgs& base_args, cudaStream_t stream) {
   constexpr int MT = W <= 2 ? 4 : 2;  // query tiles of 16 per warp: the operands of W words stay in registers
   constexpr int64_t per_block = kScanWarps * 16 * MT;
   const int64_t qblocks = (base_args.nq + per_block - 1) / per_block;
-  const int64_t want = 4LL * device_facts().sm_count;
+  const int64_t n = base_args.n, want = 4LL * device_facts().sm_count;
   int64_t splits = std::max<int64_t>(1, (want + qblocks - 1) / qblocks);
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, n / 2048));  // at least 2048 codes per split
   splits = std::min<int64_t>(splits, 65535);
@@ -295,10 +295,10 @@ int launch_scan(const ScanArgs& base_args, int64_t n, cudaStream_t stream) {
 
 int scan(const ScanArgs& args, int64_t words, cudaStream_t stream) {
   switch (words) {
-    case 1: return launch_scan<1>(args, args.n, stream);
-    case 2: return launch_scan<2>(args, args.n, stream);
-    case 3: return launch_scan<3>(args, args.n, stream);
-    default: return launch_scan<4>(args, args.n, stream);
+    case 1: return launch_scan<1>(args, stream);
+    case 2: return launch_scan<2>(args, stream);
+    case 3: return launch_scan<3>(args, stream);
+    default: return launch_scan<4>(args, stream);
   }
 }
 

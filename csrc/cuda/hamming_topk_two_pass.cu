@@ -302,7 +302,7 @@ namespace {
 size_t slots_bytes(int64_t nq) { return (sizeof(int) * nq + 15) / 16 * 16; }
 }  // namespace
 
-size_t hamming_topk_workspace(int64_t nq, int64_t /*n*/, int64_t words) {
+size_t hamming_topk_workspace(int64_t nq, int64_t words) {
   return slots_bytes(nq) + two_pass_scratch_bytes(nq, words);
 }
 

@@ -31,7 +31,7 @@ int hamming_topk_fast(const uint64_t* q, int64_t nq, const uint64_t* db, int64_t
 // Two-pass path (hamming_topk_two_pass.cu), for any width and any k: a histogram pass finds each query's k-th
 // distance, a second pass collects the k winners. keys[q * k + j] = distance * n + index, in no particular order:
 // sort each row to rank them.
-size_t hamming_topk_workspace(int64_t nq, int64_t n, int64_t words);
+size_t hamming_topk_workspace(int64_t nq, int64_t words);
 int hamming_topk_keys(const uint64_t* q, int64_t nq, const uint64_t* db, int64_t n, int64_t words, int64_t k,
                       int64_t* keys, void* workspace, void* stream);
 

@@ -15,7 +15,7 @@ void check_cuda(int err, const char* what) {
 
 template <class T>
 at::Tensor workspace_for(const ContrastiveOperands& o) {
-  // The kernels index rows of the 2B x K matrix with 32-bit integers (2^29 rows would be 2^58 pairs anyway).
+  // The kernels index rows of the 2B x K matrix with 32-bit integers (a batch of 2^29 would be 2^60 pairs anyway).
   TORCH_CHECK_VALUE(o.batch < (int64_t(1) << 29), "student has ", o.batch,
                     " rows: the CUDA kernels take batches below 2^29");
   const size_t bytes = cuda::contrastive_workspace<T>(o.batch, o.bits);

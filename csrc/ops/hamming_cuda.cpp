@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& query_pac
     return {dist, index};
   }
   at::Tensor keys = at::empty({nq, k}, q.options().dtype(at::kLong));
-  const size_t ws_bytes = cuda::hamming_topk_workspace(nq, n, words);
+  const size_t ws_bytes = cuda::hamming_topk_workspace(nq, words);
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
   check_cuda(cuda::hamming_topk_keys(words_ptr(qw), nq, words_ptr(dw), n, words, k, keys.data_ptr<int64_t>(),
                                      workspace.data_ptr(), stream()),
