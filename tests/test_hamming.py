@@ -137,6 +137,25 @@ def test_topk_when_a_strided_sample_misleads_the_bound(device):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("nbits", [7, 64, 256])
+@pytest.mark.parametrize("n", [2051, 20_003])
+@pytest.mark.parametrize("k", [1, 10, 300])
+def test_topk_never_returns_the_padding_past_the_database(device, nbits, n, k):
+    """Kernels pad the database to whole blocks of codes with zero words. A query of all zero bits is at distance 0
+    from that padding and farther from every real code: a kernel that let padding lanes through returns indices
+    past the database."""
+    gen = torch.Generator().manual_seed(n + nbits)
+    codes = random_codes(n, nbits, gen)
+    codes[:, 0] = 1.0  # no real code is all zeros
+    q = ref.pack_codes(-torch.ones(3, nbits)).to(device)
+    db = ref.pack_codes(codes).to(device)
+    d, i = brcd.hamming_topk(q, db, k)
+    rd, ri = ref.hamming_topk(q.cpu(), db.cpu(), k)
+    assert int(i.max()) < n
+    assert torch.equal(d.cpu(), rd) and torch.equal(i.cpu(), ri)
+
+
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("nbits", [64, 200, 256])
 def test_topk_sampled_path_on_a_large_database(device, nbits):
     # Large enough for the CUDA path to sample its bound (every 12th code), with hundreds of candidates per query.
@@ -220,14 +239,25 @@ for nbits in (5, 64, 130, 256, 333):
         rd, ri = ref.hamming_topk(q, db, k)
         assert torch.equal(d, rd) and torch.equal(i, ri)
 # Several chunks of the database (the scans hold groups of queries over chunks of up to 16384 codes), a query
-# count that is no multiple of a group, and codes near the queries, so that hit logs fill up and spill mid-chunk.
+# count that is no multiple of a group, codes near the queries, so that hit logs fill up and spill mid-chunk, and a
+# last block of 8 codes that is not full (its empty lanes must never count as hits).
 for nbits in (64, 200, 256):
     g = torch.Generator().manual_seed(nbits + 1)
     qc = torch.randn(13, nbits, generator=g)
-    near = qc[torch.randint(0, 13, (40_000,), generator=g)]
-    near = torch.where(torch.rand(40_000, nbits, generator=g) < 0.2, -near, near)
+    near = qc[torch.randint(0, 13, (40_003,), generator=g)]
+    near = torch.where(torch.rand(40_003, nbits, generator=g) < 0.2, -near, near)
     q, db = brcd.pack_codes(qc), brcd.pack_codes(near)
     for k in (10, 600, 3000):
+        d, i = brcd.hamming_topk(q, db, k)
+        rd, ri = ref.hamming_topk(q, db, k)
+        assert torch.equal(d, rd) and torch.equal(i, ri), (nbits, k)
+# Queries of all zero bits: the zero padding of the last block is nearer than any code and must never be returned.
+for nbits in (7, 64, 256):
+    g = torch.Generator().manual_seed(nbits + 2)
+    codes = torch.randn(20_003, nbits, generator=g)
+    codes[:, 0] = 1.0
+    q, db = brcd.pack_codes(-torch.ones(5, nbits)), brcd.pack_codes(codes)
+    for k in (1, 10, 300):
         d, i = brcd.hamming_topk(q, db, k)
         rd, ri = ref.hamming_topk(q, db, k)
         assert torch.equal(d, rd) and torch.equal(i, ri), (nbits, k)

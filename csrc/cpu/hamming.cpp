@@ -135,40 +135,56 @@ int64_t shard_count(int64_t query_blocks, int64_t db_blocks) {
 // ---------------------------------------------------------------- top-k state
 TopkState::TopkState(int64_t k, int64_t nbits, int64_t max_dist)
     : k_(k), threshold_(std::min(max_dist, nbits) + 1), at_or_below_(0), count_(static_cast<size_t>(nbits + 2), 0) {
-  capacity_ = static_cast<size_t>(std::max<int64_t>(2 * k, 64));
-  cand_dist_.reserve(std::min<size_t>(capacity_, 1 << 16));
-  cand_idx_.reserve(std::min<size_t>(capacity_, 1 << 16));
+  capacity_ = std::max<int64_t>(2 * k, 64);
 }
 
-void TopkState::push(int32_t dist, int64_t idx) {
-  cand_dist_.push_back(dist);
-  cand_idx_.push_back(idx);
-  ++count_[dist];
-  ++at_or_below_;
+void TopkState::push_batch(const int32_t* dist, const int64_t* idx, int64_t n, int64_t rows) {
+  if (size_ + n > static_cast<int64_t>(cand_dist_.size())) {
+    const size_t grown = static_cast<size_t>(std::max(size_ + n, std::min(2 * size_ + 64, capacity_ + n)));
+    cand_dist_.resize(grown);
+    cand_idx_.resize(grown);
+  }
+  // Branch-free: every candidate is written and kept or not by advancing the end. The threshold stays fixed for
+  // the batch (accepting a few more than needed is harmless: compact() drops them).
+  const int64_t below = threshold_;
+  int32_t* cd = cand_dist_.data();
+  int64_t* ci = cand_idx_.data();
+  int64_t* count = count_.data();
+  int64_t end = size_;
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t d = dist[r];
+    const int64_t keep = (d < below) & (idx[r] < rows);
+    cd[end] = d;
+    ci[end] = idx[r];
+    end += keep;
+    count[d] += keep;
+  }
+  at_or_below_ += end - size_;
+  size_ = end;
   // Lower the threshold while the candidates strictly below it already number k.
   while (at_or_below_ - count_[threshold_] >= k_) {
     at_or_below_ -= count_[threshold_];
     --threshold_;
   }
-  if (cand_dist_.size() >= capacity_) compact();
+  if (size_ >= capacity_) compact();
 }
 
 void TopkState::compact() {
   // Keep every candidate below the threshold, and the earliest (smallest-index) ones at it, up to k in all.
   const int64_t below = at_or_below_ - count_[threshold_];
   int64_t room_at = k_ - below;
-  size_t w = 0;
-  for (size_t r = 0; r < cand_dist_.size(); ++r) {
+  int64_t w = 0;
+  const int64_t t = threshold_;
+  for (int64_t r = 0; r < size_; ++r) {  // branch-free: which candidates stay is data, not a pattern
     const int32_t d = cand_dist_[r];
-    const bool keep = d < threshold_ || (d == threshold_ && room_at-- > 0);
-    if (keep) {
-      cand_dist_[w] = d;
-      cand_idx_[w] = cand_idx_[r];
-      ++w;
-    }
+    const int64_t at = d == t;
+    const int64_t keep = (d < t) | (at & (room_at > 0));
+    room_at -= at & keep;
+    cand_dist_[w] = d;
+    cand_idx_[w] = cand_idx_[r];
+    w += keep;
   }
-  cand_dist_.resize(w);
-  cand_idx_.resize(w);
+  size_ = w;
   const int64_t kept_at = std::min<int64_t>(count_[threshold_], k_ - below);  // threshold_ <= nbits + 1: in range
   count_[threshold_] = kept_at;
   at_or_below_ = below + kept_at;
@@ -198,7 +214,7 @@ int64_t counting_select(const int32_t* dist, const Index* idx, int64_t size, int
 int64_t TopkState::finish(int32_t* out_dist, int64_t* out_idx) {
   compact();
   // The buffer is in ascending index order, so equal distances stay index-ordered.
-  return counting_select(cand_dist_.data(), cand_idx_.data(), static_cast<int64_t>(cand_dist_.size()), k_,
+  return counting_select(cand_dist_.data(), cand_idx_.data(), size_, k_,
                          static_cast<int64_t>(count_.size()), out_dist, out_idx);
 }
 
@@ -440,10 +456,8 @@ void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, 
     TopkState merged(k, nbits, nbits);
     for (int64_t s = 0; s < shards; ++s) {
       const size_t slot = static_cast<size_t>(qi * shards + s);
-      for (int64_t j = 0; j < part_count[slot]; ++j) {
-        const int32_t d = part_dist[slot * k + j];
-        if (d < merged.threshold()) merged.push(d, part_idx[slot * k + j]);
-      }
+      merged.push_batch(part_dist.data() + slot * k, part_idx.data() + slot * k, part_count[slot],
+                        std::numeric_limits<int64_t>::max());
     }
     merged.finish(out_dist + qi * k, out_idx + qi * k);
   }

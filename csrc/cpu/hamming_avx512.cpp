@@ -48,6 +48,15 @@ struct Isa {
   static inline void store(Dist d, int32_t* dist8) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dist8), _mm512_cvtepi64_epi32(d));
   }
+  // The lanes of `lanes` appended as distances and indices (first_index + lane): compressed in registers, then
+  // plain stores of all 8 lanes (the caller has room for them).
+  static inline int append(Dist d, unsigned lanes, int64_t first_index, int32_t* dist, int64_t* idx) {
+    const __mmask8 m = static_cast<__mmask8>(lanes);
+    const __m512i index = _mm512_add_epi64(_mm512_set1_epi64(first_index), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dist), _mm256_maskz_compress_epi32(m, _mm512_cvtepi64_epi32(d)));
+    _mm512_storeu_si512(idx, _mm512_maskz_compress_epi64(m, index));
+    return __builtin_popcount(lanes);
+  }
   // Compress in registers, then plain stores of all 8 lanes (the memory form of vpcompressd is microcoded and slow
   // on some processors); the caller's buffer has room for them.
   template <int WC>

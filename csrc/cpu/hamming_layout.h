@@ -38,7 +38,9 @@ class TopkState {
   // k); with fewer, the caller scans again with max_dist = nbits.
   TopkState(int64_t k, int64_t nbits, int64_t max_dist);
   int64_t threshold() const { return threshold_; }
-  void push(int32_t dist, int64_t idx);
+  // Offers n candidates in ascending index order; those closer than threshold() with an index below rows (a
+  // scan's last block has lanes past the database) are accepted.
+  void push_batch(const int32_t* dist, const int64_t* idx, int64_t n, int64_t rows);
   // Writes the best min(k, accepted) candidates sorted by (distance, index); returns how many.
   int64_t finish(int32_t* out_dist, int64_t* out_idx);
 
@@ -48,9 +50,10 @@ class TopkState {
   int64_t threshold_;
   int64_t at_or_below_;  // accepted candidates with distance <= threshold_
   std::vector<int64_t> count_;
-  std::vector<int32_t> cand_dist_;
+  std::vector<int32_t> cand_dist_;  // the first size_ entries are the candidates
   std::vector<int64_t> cand_idx_;
-  size_t capacity_;
+  int64_t size_ = 0;
+  int64_t capacity_;  // compact() when size_ reaches it
 };
 
 // Every code closer than a fixed bound, in ascending index order: the scan appends without a branch per hit, which

@@ -6,7 +6,10 @@
 //   template <int WC> static Dist dist(const uint64_t* block, const Query<WC>& q, int64_t words);
 //   static unsigned lanes_below(const Dist& d, int64_t threshold);  // bit l: lane l's distance < threshold
 //   static void store(const Dist& d, int32_t* dist8);
-// and optionally a branch-free append of the lanes below a threshold (valid: the lanes that are codes), for one
+// and optionally an append of a block's chosen lanes as distances and indices, without a branch (else a loop
+// over the lanes does it):
+//   static int append(const Dist& d, unsigned lanes, int64_t first_index, int32_t* dist, int64_t* idx);
+// and a branch-free append of the lanes below a threshold (valid: the lanes that are codes), for one
 // block (collect) or two consecutive blocks (collect2), and as keys of Candidates (collect2_keys, WC > 0):
 //   template <int WC> static int collect(const uint64_t* block, const Query<WC>& q, int64_t words, int64_t threshold,
 //                                        unsigned valid, int32_t first_index, int32_t* dist, int32_t* idx);
@@ -40,6 +43,7 @@ constexpr int held_queries() {
 
 // Database blocks per chunk (an even count, about 128 KiB): a chunk stays in L2 while every group of held queries
 // passes over it, so the database streams from memory once per block of queries, not once per group.
+constexpr int64_t kMaxChunkBlocks = (128 << 10) / (kLanes * 8);  // one-word codes
 inline int64_t chunk_blocks(int64_t words) {
   return std::max<int64_t>(16, ((128 << 10) / (words * kLanes * 8)) & ~int64_t{1});
 }
@@ -59,73 +63,108 @@ void for_each_chunk_and_group(const BlockedCodes& db, int64_t q_begin, int64_t q
   }
 }
 
-// The blocks with a hit for one held query, logged in the scan loop and pushed into its threshold state after it.
-struct HitLog {
-  static constexpr int kCapacity = 32;
+// The blocks of a chunk where any held query has a hit, marked by the scan without a branch: a mispredicted branch
+// in the scan loop would throw away the many blocks already in flight, which costs more than a hit's bookkeeping.
+struct HitBlocks {
   int count = 0;
-  int64_t block[kCapacity];
-  unsigned lanes[kCapacity];  // the hit lanes of each block
-  alignas(64) int32_t dist[kCapacity][kLanes];
+  int32_t block[kMaxChunkBlocks];   // the marked blocks, relative to the chunk's first block
+  uint64_t lanes[kMaxChunkBlocks];  // their hit lanes: held query j's in byte j
 };
 
-// Scans blocks [b, b1) for the group of QB queries from qi0, each against its fixed limit, logging blocks with hits,
-// until the chunk ends or a log is full; returns the block after the last one scanned. A leaf loop: the queries'
-// words stay in registers (a call in the loop would make the compiler spill them).
+// The codes with a hit for one held query, gathered from the marked blocks and pushed into its threshold state.
+struct HitLog {
+  static constexpr int kCapacity = 256;
+  int count = 0;
+  // Room for one whole block past the capacity: an append may write all 8 lanes.
+  alignas(64) int32_t dist[kCapacity + kLanes];
+  alignas(64) int64_t idx[kCapacity + kLanes];
+};
+
+// Appends the lanes of `lanes` (distances d, indices first_index + lane) at dist and idx, writing up to 8 entries;
+// returns how many it appended. Branch-free where the ISA has an append (a compress), else a loop over the lanes.
+template <class Isa>
+inline int append_hits(const typename Isa::Dist& d, unsigned lanes, int64_t first_index, int32_t* dist,
+                       int64_t* idx) {
+  if constexpr (requires { Isa::append(d, lanes, first_index, dist, idx); }) {
+    return Isa::append(d, lanes, first_index, dist, idx);
+  } else {
+    alignas(64) int32_t dist8[kLanes];
+    Isa::store(d, dist8);
+    int n = 0;
+    for (; lanes; lanes &= lanes - 1, ++n) {
+      const int lane = __builtin_ctz(lanes);
+      dist[n] = dist8[lane];
+      idx[n] = first_index + lane;
+    }
+    return n;
+  }
+}
+
+// Marks the blocks of chunk [b0, b1) (at most kMaxChunkBlocks) where a query of the group of QB from qi0 has a code
+// below its limit. A leaf loop: the queries' words stay in registers (a call in the loop would make the compiler
+// spill them), kept out of line so that the gathering after it cannot crowd its registers either.
 template <class Isa, int WC, int QB>
-int64_t scan_logging_hits(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int64_t b, int64_t b1,
-                          const int64_t* limit, HitLog* log) {
+[[gnu::noinline]] void mark_hit_blocks(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int64_t b0, int64_t b1,
+                     const int64_t* limit, HitBlocks& hits) {
+  static_assert(QB <= 8, "a block's hit lanes hold 8 queries");
   using Query = typename Isa::template Query<WC>;
   const int64_t words = WC > 0 ? WC : db.words;
   Query held[QB];
-  for (int j = 0; j < QB; ++j) held[j] = Query(q.row(qi0 + j), words);
-  const uint64_t* block = db.block(b);
-  while (b < b1) {
-    typename Isa::Dist d[QB];
-    unsigned m[QB], any = 0;
-#pragma GCC unroll 8
-    for (int j = 0; j < QB; ++j) {
-      d[j] = Isa::template dist<WC>(block, held[j], words);
-      m[j] = Isa::lanes_below(d[j], limit[j]);
-      any |= m[j];
-    }
-    bool full = false;
-    if (__builtin_expect(any != 0, 0)) {  // one branch per block for the whole group
-      for (int j = 0; j < QB; ++j) {
-        if (!m[j]) continue;
-        HitLog& l = log[j];
-        Isa::store(d[j], l.dist[l.count]);
-        l.block[l.count] = b;
-        l.lanes[l.count] = m[j];
-        full |= ++l.count == HitLog::kCapacity;
-      }
-    }
-    ++b;
-    block += words * kLanes;
-    if (__builtin_expect(full, 0)) break;
+  int64_t below[QB];  // a local copy: the stores to hits cannot alias it, so its broadcasts leave the loop
+  for (int j = 0; j < QB; ++j) {
+    held[j] = Query(q.row(qi0 + j), words);
+    below[j] = limit[j];
   }
-  return b;
+  const uint64_t* block = db.block(b0);
+  const int32_t n = static_cast<int32_t>(b1 - b0);
+  int count = 0;
+  for (int32_t b = 0; b < n; ++b, block += words * kLanes) {
+    uint64_t lanes = 0;
+#pragma GCC unroll 8
+    for (int j = 0; j < QB; ++j)
+      lanes |= uint64_t{Isa::lanes_below(Isa::template dist<WC>(block, held[j], words), below[j])} << (8 * j);
+    hits.block[count] = b;  // written always, kept only where a lane hit
+    hits.lanes[count] = lanes;
+    count += lanes != 0;
+  }
+  hits.count = count;
 }
 
 template <class Isa, int WC, int QB>
 void topk_group(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int64_t b0, int64_t b1, TopkState* st) {
-  HitLog log[QB];
+  using Query = typename Isa::template Query<WC>;
+  const int64_t words = WC > 0 ? WC : db.words;
   int64_t limit[QB];
   for (int j = 0; j < QB; ++j) limit[j] = st[j].threshold();
-  for (int64_t b = b0; b < b1;) {
-    b = scan_logging_hits<Isa, WC, QB>(db, q, qi0, b, b1, limit, log);
+  HitBlocks hits;
+  mark_hit_blocks<Isa, WC, QB>(db, q, qi0, b0, b1, limit, hits);
+  if (hits.count == 0) return;
+  Query held[QB];
+  for (int j = 0; j < QB; ++j) held[j] = Query(q.row(qi0 + j), words);
+  HitLog log[QB];
+  const auto flush = [&] {
     for (int j = 0; j < QB; ++j) {
-      for (int h = 0; h < log[j].count; ++h) {
-        const int32_t* dist8 = log[j].dist[h];
-        for (unsigned m = log[j].lanes[h]; m; m &= m - 1) {  // usually one lane: no branch per lane
-          const int lane = __builtin_ctz(m);
-          const int64_t idx = log[j].block[h] * kLanes + lane;
-          if (idx < db.rows && dist8[lane] < st[j].threshold()) st[j].push(dist8[lane], idx);
-        }
-      }
+      st[j].push_batch(log[j].dist, log[j].idx, log[j].count, db.rows);
       log[j].count = 0;
-      limit[j] = st[j].threshold();
     }
+  };
+  // The marked blocks' distances again, for the queries with a hit there (usually one).
+  for (int h = 0; h < hits.count; ++h) {
+    const int64_t b = b0 + hits.block[h];
+    const uint64_t* block = db.block(b);
+    bool full = false;
+    for (uint64_t all = hits.lanes[h]; all;) {
+      const int j = __builtin_ctzll(all) / 8;
+      const unsigned lanes = static_cast<unsigned>(all >> (8 * j)) & 0xffu;
+      all &= ~(uint64_t{0xff} << (8 * j));
+      HitLog& l = log[j];
+      l.count += append_hits<Isa>(Isa::template dist<WC>(block, held[j], words), lanes, b * kLanes,
+                                  l.dist + l.count, l.idx + l.count);
+      full |= l.count > HitLog::kCapacity - kLanes;
+    }
+    if (full) flush();
   }
+  flush();
 }
 
 // Block-major in chunks: each chunk of the database is compared with every query of [q_begin, q_end), a group of
