@@ -117,6 +117,12 @@ QueryWords to_words(const PackedCodes& q) {
 }
 
 constexpr int64_t kQueryBlock = 8;
+// Queries per task of the one-shard threshold scan: each chunk of the database in L2 then serves up to 32 queries
+// (the database streams from memory a quarter as often), while every thread still gets several tasks.
+int64_t scan_query_block(int64_t queries) {
+  const int64_t per_thread = queries / (8 * omp_get_max_threads());
+  return std::clamp<int64_t>(per_thread / kQueryBlock * kQueryBlock, kQueryBlock, 4 * kQueryBlock);
+}
 // Codes sampled per query to guess a starting threshold (at most 1/8 of the database).
 constexpr int64_t kSampleBlocks = 512;
 // The fewest sampled codes a guessed bound stands on.
@@ -414,9 +420,10 @@ void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, 
 
   if (shards == 1) {
     const SampledThresholds guess(blocked, q, kern, k);
+    const int64_t per_task = scan_query_block(q.rows);
 #pragma omp parallel for schedule(dynamic)
-    for (int64_t qb = 0; qb < qblocks; ++qb) {
-      const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
+    for (int64_t q0 = 0; q0 < q.rows; q0 += per_task) {
+      const int64_t q1 = std::min(q.rows, q0 + per_task);
       std::vector<TopkState> states;
       states.reserve(static_cast<size_t>(q1 - q0));
       for (int64_t qi = q0; qi < q1; ++qi) states.emplace_back(k, nbits, guess.max_dist(qi, nbits));
