@@ -13,6 +13,17 @@ from setuptools import setup
 ROOT = Path(__file__).parent.resolve()
 
 
+def _version() -> str:
+    """The version pyproject.toml declares: the one place it is written (the extension and brcd.__version__ take it
+    from here)."""
+    import re
+
+    m = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    if m is None:
+        sys.exit("setup.py: no version = \"...\" line in pyproject.toml")
+    return m.group(1)
+
+
 def _want_cuda() -> bool:
     import torch
     from torch.utils import cpp_extension
@@ -49,7 +60,7 @@ def _extension():
         cxx_flags = ["-O0", "-g", "-fopenmp", "-std=c++20"]
     sources = ["csrc/brcd.cpp"] + _sources("csrc/ops/*_cpu.cpp") + _sources("csrc/ops/*_autograd.cpp")
     sources += _sources("csrc/cpu/*.cpp")
-    define_macros = [("BRCD_VERSION", '"0.1.0"')]
+    define_macros = [("BRCD_VERSION", f'"{_version()}"')]
     extra = {"cxx": cxx_flags}
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")

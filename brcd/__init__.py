@@ -12,21 +12,11 @@ Quick start::
     dist, ids = index.search(torch.randn(3, 64), k=10)
 """
 from ._ext import build_info
-from .ops import brcd_loss, hamming_distance, hamming_topk, ntxent_loss, pack_codes, unpack_codes
+from . import ops
+from .ops import *  # noqa: F401,F403  (the ops named in ops.__all__)
 from .index import HammingIndex, IndexFileError
 from . import metrics
 
-__version__ = "0.1.0"
+__version__ = build_info()["version"]  # pyproject.toml's, compiled into the extension
 
-__all__ = [
-    "build_info",
-    "pack_codes",
-    "unpack_codes",
-    "hamming_distance",
-    "hamming_topk",
-    "brcd_loss",
-    "ntxent_loss",
-    "HammingIndex",
-    "IndexFileError",
-    "metrics",
-]
+__all__ = ["build_info", *ops.__all__, "HammingIndex", "IndexFileError", "metrics"]

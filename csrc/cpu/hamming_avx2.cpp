@@ -20,22 +20,14 @@ inline __m256i popcount_words(__m256i v) {
   return _mm256_sad_epu8(bytes, _mm256_setzero_si256());
 }
 
+struct Words {
+  using Vec = __m256i;
+  static Vec broadcast(uint64_t v) { return _mm256_set1_epi64x(static_cast<long long>(v)); }
+};
+
 struct Isa {
-  // With a known word count, the query's words broadcast once into registers; otherwise read from its row.
   template <int WC>
-  struct Query {
-    __m256i word[WC > 0 ? WC : 1];
-    const uint64_t* row = nullptr;
-    Query() = default;
-    Query(const uint64_t* r, int64_t) : row(r) {
-      if constexpr (WC > 0)
-        for (int w = 0; w < WC; ++w) word[w] = _mm256_set1_epi64x(static_cast<long long>(r[w]));
-    }
-    __m256i at(int64_t w) const {
-      if constexpr (WC > 0) return word[w];
-      else return _mm256_set1_epi64x(static_cast<long long>(row[w]));
-    }
-  };
+  using Query = detail::BroadcastQuery<Words, WC>;
   struct Dist {
     __m256i lo, hi;  // lanes 0-3 and 4-7
   };

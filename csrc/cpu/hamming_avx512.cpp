@@ -15,22 +15,14 @@
 namespace brcd::cpu::avx512 {
 namespace {
 
+struct Words {
+  using Vec = __m512i;
+  static Vec broadcast(uint64_t v) { return _mm512_set1_epi64(static_cast<long long>(v)); }
+};
+
 struct Isa {
-  // With a known word count, the query's words broadcast once into registers; otherwise read from its row.
   template <int WC>
-  struct Query {
-    __m512i word[WC > 0 ? WC : 1];
-    const uint64_t* row = nullptr;
-    Query() = default;
-    Query(const uint64_t* r, int64_t) : row(r) {
-      if constexpr (WC > 0)
-        for (int w = 0; w < WC; ++w) word[w] = _mm512_set1_epi64(static_cast<long long>(r[w]));
-    }
-    __m512i at(int64_t w) const {
-      if constexpr (WC > 0) return word[w];
-      else return _mm512_set1_epi64(static_cast<long long>(row[w]));
-    }
-  };
+  using Query = detail::BroadcastQuery<Words, WC>;
   template <int WC>
   static inline __m512i dist(const uint64_t* block, const Query<WC>& q, int64_t words) {
     const int64_t n = WC > 0 ? WC : words;

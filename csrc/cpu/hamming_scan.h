@@ -24,6 +24,25 @@
 
 namespace brcd::cpu::detail {
 
+// A query prepared for a vector scan, for ISAs whose Query holds broadcast words (Words::Vec, filled by
+// Words::broadcast(uint64_t)): with a known word count (WC > 0) each word is broadcast once into a register,
+// otherwise from the row at each use.
+template <class Words, int WC>
+struct BroadcastQuery {
+  using Vec = typename Words::Vec;
+  Vec word[WC > 0 ? WC : 1];
+  const uint64_t* row = nullptr;
+  BroadcastQuery() = default;
+  BroadcastQuery(const uint64_t* r, int64_t) : row(r) {
+    if constexpr (WC > 0)
+      for (int w = 0; w < WC; ++w) word[w] = Words::broadcast(r[w]);
+  }
+  Vec at(int64_t w) const {
+    if constexpr (WC > 0) return word[w];
+    else return Words::broadcast(row[w]);
+  }
+};
+
 // The lanes of a block closer than threshold; their distances (all 8 lanes) in dist8 where there is any.
 template <class Isa, int WC>
 inline unsigned below(const uint64_t* block, const typename Isa::template Query<WC>& q, int64_t words,
