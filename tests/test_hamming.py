@@ -87,11 +87,13 @@ def test_topk_all_equal_codes_breaks_ties_by_index(device):
 
 
 @pytest.mark.parametrize("device", device_params())
-def test_topk_few_queries_large_database(device):
-    # One query over a database large enough to be split into shards across threads, merged in index order.
-    gen = torch.Generator().manual_seed(5)
-    db = ref.pack_codes(random_codes(120_000, 16, gen, dup_fraction=0.2))
-    q = ref.pack_codes(random_codes(1, 16, gen))
+@pytest.mark.parametrize("nbits,queries", [(16, 1), (64, 1), (128, 13), (192, 2), (256, 9)])
+def test_topk_few_queries_large_database(device, nbits, queries):
+    # Few queries over a database large enough to be split into shards across threads, merged in index order. On
+    # the CPU each shard is re-laid chunk by chunk (transposed in registers for rows of 1, 2 or 4 whole words).
+    gen = torch.Generator().manual_seed(5 + nbits)
+    db = ref.pack_codes(random_codes(120_003, nbits, gen, dup_fraction=0.2))
+    q = ref.pack_codes(random_codes(queries, nbits, gen))
     for k in (1, 50, 3000):
         d, i = brcd.hamming_topk(q.to(device), db.to(device), k)
         rd, ri = ref.hamming_topk(q, db, k)

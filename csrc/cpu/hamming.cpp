@@ -84,24 +84,53 @@ int64_t words_for(int64_t bytes) { return std::max<int64_t>(1, (bytes + 7) / 8);
 uint64_t load_word(const uint8_t* row, int64_t bytes, int64_t w) {
   uint64_t v = 0;
   const int64_t begin = w * 8;
-  const int64_t n = std::min<int64_t>(8, bytes - begin);
-  if (n > 0) std::memcpy(&v, row + begin, static_cast<size_t>(n));  // little-endian: byte j -> bits 8j..8j+7
+  if (begin + 8 <= bytes) {
+    std::memcpy(&v, row + begin, 8);  // a whole word: one load (little-endian: byte j -> bits 8j..8j+7)
+  } else if (begin < bytes) {
+    std::memcpy(&v, row + begin, static_cast<size_t>(bytes - begin));
+  }
   return v;
 }
 
-BlockedCodes to_blocked(const PackedCodes& db) {
+// Writes blocks [b0, b1) of the database in the blocked layout at out (zero past the last code).
+void relayout_blocks(const PackedCodes& db, int64_t words, int64_t b0, int64_t b1, uint64_t* out) {
+  // Rows of whole words, one after another: the ISA's transpose takes every whole block.
+  const auto fast = kernels().relayout;
+  if (fast != nullptr && db.bytes_per_row == words * 8 && db.row_stride == db.bytes_per_row) {
+    const int64_t whole = std::max<int64_t>(0, std::min(b1, db.rows / kLanes) - b0);
+    if (whole > 0 && fast(db.data + b0 * kLanes * db.row_stride, whole, words, out)) {
+      out += whole * words * kLanes;
+      b0 += whole;
+    }
+  }
+  for (int64_t b = b0; b < b1; ++b) {
+    uint64_t* blk = out + (b - b0) * words * kLanes;
+    const int64_t r0 = b * kLanes, live = std::min<int64_t>(kLanes, db.rows - r0);
+    for (int64_t l = 0; l < live; ++l) {
+      const uint8_t* row = db.data + (r0 + l) * db.row_stride;
+      for (int64_t w = 0; w < words; ++w) blk[w * kLanes + l] = load_word(row, db.bytes_per_row, w);
+    }
+    for (int64_t l = live; l < kLanes; ++l)
+      for (int64_t w = 0; w < words; ++w) blk[w * kLanes + l] = 0;
+  }
+}
+
+BlockedCodes blocked_shape(const PackedCodes& db) {
   BlockedCodes out;
   out.rows = db.rows;
   out.words = words_for(db.bytes_per_row);
   out.blocks = (db.rows + kLanes - 1) / kLanes;
-  out.data.assign(static_cast<size_t>(out.blocks * out.words * kLanes), 0);
-  const int64_t words = out.words;
+  return out;
+}
+
+BlockedCodes to_blocked(const PackedCodes& db) {
+  BlockedCodes out = blocked_shape(db);
+  // Every entry is written below: no zero fill of the whole buffer first.
+  out.data.reset(new uint64_t[static_cast<size_t>(out.blocks * out.words * kLanes)]);
+  const int64_t per_task = 1024;
 #pragma omp parallel for schedule(static) if (db.rows > (1 << 15))
-  for (int64_t r = 0; r < db.rows; ++r) {
-    const uint8_t* row = db.data + r * db.row_stride;
-    uint64_t* blk = out.data.data() + (r / kLanes) * words * kLanes + (r % kLanes);
-    for (int64_t w = 0; w < words; ++w) blk[w * kLanes] = load_word(row, db.bytes_per_row, w);
-  }
+  for (int64_t b = 0; b < out.blocks; b += per_task)
+    relayout_blocks(db, out.words, b, std::min(out.blocks, b + per_task), out.data.get() + b * out.words * kLanes);
   return out;
 }
 
@@ -259,11 +288,11 @@ class SampledThresholds {
     sample.words = db.words;
     sample.blocks = sample_blocks;
     sample.rows = sample_blocks * kLanes;
-    sample.data.resize(static_cast<size_t>(sample_blocks * db.words * kLanes));
+    sample.data.reset(new uint64_t[static_cast<size_t>(sample_blocks * db.words * kLanes)]);
     const int64_t stride = db.blocks / sample_blocks;
     for (int64_t s = 0; s < sample_blocks; ++s)
       std::copy(db.block(s * stride), db.block(s * stride) + db.words * kLanes,
-                sample.data.begin() + s * db.words * kLanes);
+                sample.data.get() + s * db.words * kLanes);
     const int64_t bins = db.words * 64 + 1;
     // margin * k codes expected at or below the threshold; a sampled count of `need` stands for need * n / sample.
     // At least kMinSampled sampled codes: a bound from the one or two nearest sampled codes is too often too
@@ -392,68 +421,35 @@ void topk_by_histogram(const BlockedCodes& db, const QueryWords& q, const ScanKe
     }
   }
 }
-}  // namespace
-
-void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, int32_t* out_dist,
-                  int64_t* out_idx) {
-  if (queries.rows == 0) return;
-  const BlockedCodes blocked = to_blocked(db);
-  const QueryWords q = to_words(queries);
-  const ScanKernels& kern = kernels();
-  // Where k is a quarter of the database or more, the threshold scan would accept most of it.
-  if (k * 4 >= blocked.rows && q.rows >= omp_get_max_threads()) {
-    topk_by_histogram(blocked, q, kern, k, out_dist, out_idx);
-    return;
-  }
-  const int64_t nbits = blocked.words * 64;  // an upper bound on any distance
-  const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
-  const int64_t shards = shard_count(qblocks, blocked.blocks);
-  const int64_t shard_len = (blocked.blocks + shards - 1) / shards;
-
-  if (shards == 1 && dense_hits(k, blocked.rows)) {
-    struct NoScratch {};
-    for_each_query_candidates<NoScratch>(blocked, q, kern, k, [&](const Candidates& c, int64_t qi, NoScratch&) {
-      counting_select(c.dist.get(), c.idx.get(), c.size, k, nbits + 2, out_dist + qi * k, out_idx + qi * k);
-    });
-    return;
-  }
-
-  if (shards == 1) {
-    const SampledThresholds guess(blocked, q, kern, k);
-    const int64_t per_task = scan_query_block(q.rows);
-#pragma omp parallel for schedule(dynamic)
-    for (int64_t q0 = 0; q0 < q.rows; q0 += per_task) {
-      const int64_t q1 = std::min(q.rows, q0 + per_task);
-      std::vector<TopkState> states;
-      states.reserve(static_cast<size_t>(q1 - q0));
-      for (int64_t qi = q0; qi < q1; ++qi) states.emplace_back(k, nbits, guess.max_dist(qi, nbits));
-      kern.topk(blocked, q, q0, q1, 0, blocked.blocks, states.data());
-      for (int64_t qi = q0; qi < q1; ++qi) {
-        if (states[qi - q0].finish(out_dist + qi * k, out_idx + qi * k) == k) continue;
-        TopkState again(k, nbits, nbits);  // the guess was too tight for this query: scan everything
-        kern.topk(blocked, q, qi, qi + 1, 0, blocked.blocks, &again);
-        again.finish(out_dist + qi * k, out_idx + qi * k);
-      }
-    }
-    return;
-  }
-
-  // Few queries: each (query block, shard) pair keeps its own top k, merged afterwards in shard order.
+// Few queries over a large database: each thread task takes a shard of the database and every query, re-lays the
+// shard in the blocked layout one cache-sized chunk at a time (the whole database never needs a second copy, which
+// costs more than the scan itself for a handful of queries), keeps each query's top k of the shard, and the
+// shards' winners are merged afterwards in shard order.
+void topk_few_queries(const PackedCodes& db, const QueryWords& q, const ScanKernels& kern, int64_t k, int64_t shards,
+                      int32_t* out_dist, int64_t* out_idx) {
+  const BlockedCodes shape = blocked_shape(db);
+  const int64_t nbits = shape.words * 64;  // an upper bound on any distance
+  const int64_t shard_len = (shape.blocks + shards - 1) / shards;
+  const int64_t chunk = chunk_blocks(shape.words);
   std::vector<int32_t> part_dist(static_cast<size_t>(q.rows * shards * k));
   std::vector<int64_t> part_idx(part_dist.size());
   std::vector<int64_t> part_count(static_cast<size_t>(q.rows * shards), 0);
-#pragma omp parallel for collapse(2) schedule(dynamic)
-  for (int64_t qb = 0; qb < qblocks; ++qb) {
-    for (int64_t s = 0; s < shards; ++s) {
-      const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
-      const int64_t b0 = s * shard_len, b1 = std::min(blocked.blocks, b0 + shard_len);
-      if (b0 >= b1) continue;
-      std::vector<TopkState> states(static_cast<size_t>(q1 - q0), TopkState(k, nbits, nbits));
-      kern.topk(blocked, q, q0, q1, b0, b1, states.data());
-      for (int64_t qi = q0; qi < q1; ++qi) {
-        const size_t slot = static_cast<size_t>(qi * shards + s);
-        part_count[slot] = states[qi - q0].finish(part_dist.data() + slot * k, part_idx.data() + slot * k);
-      }
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t s = 0; s < shards; ++s) {
+    const int64_t b0 = s * shard_len, b1 = std::min(shape.blocks, b0 + shard_len);
+    if (b0 >= b1) continue;
+    BlockedCodes part = blocked_shape(db);
+    part.data.reset(new uint64_t[static_cast<size_t>(chunk * part.words * kLanes)]);
+    std::vector<TopkState> states(static_cast<size_t>(q.rows), TopkState(k, nbits, nbits));
+    for (int64_t c0 = b0; c0 < b1; c0 += chunk) {
+      const int64_t c1 = std::min(b1, c0 + chunk);
+      relayout_blocks(db, part.words, c0, c1, part.data.get());
+      part.first_block = c0;
+      kern.topk(part, q, 0, q.rows, c0, c1, states.data());
+    }
+    for (int64_t qi = 0; qi < q.rows; ++qi) {
+      const size_t slot = static_cast<size_t>(qi * shards + s);
+      part_count[slot] = states[qi].finish(part_dist.data() + slot * k, part_idx.data() + slot * k);
     }
   }
 #pragma omp parallel for schedule(static)
@@ -467,6 +463,54 @@ void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, 
                         std::numeric_limits<int64_t>::max());
     }
     merged.finish(out_dist + qi * k, out_idx + qi * k);
+  }
+}
+}  // namespace
+
+void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, int32_t* out_dist,
+                  int64_t* out_idx) {
+  if (queries.rows == 0) return;
+  const QueryWords q = to_words(queries);
+  const ScanKernels& kern = kernels();
+  const int64_t threads = omp_get_max_threads();
+  const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
+  const int64_t db_blocks = (db.rows + kLanes - 1) / kLanes;
+  // Where k is a quarter of the database or more, the threshold scan would accept most of it.
+  const bool by_histogram = k * 4 >= db.rows && q.rows >= threads;
+  if (!by_histogram && qblocks < 4 * threads) {
+    const int64_t shards = std::min<int64_t>(4 * threads, db_blocks / kMinShardBlocks);
+    if (shards > 1) return topk_few_queries(db, q, kern, k, shards, out_dist, out_idx);
+  }
+  const BlockedCodes blocked = to_blocked(db);
+  if (by_histogram) {
+    topk_by_histogram(blocked, q, kern, k, out_dist, out_idx);
+    return;
+  }
+  const int64_t nbits = blocked.words * 64;  // an upper bound on any distance
+
+  if (dense_hits(k, blocked.rows)) {
+    struct NoScratch {};
+    for_each_query_candidates<NoScratch>(blocked, q, kern, k, [&](const Candidates& c, int64_t qi, NoScratch&) {
+      counting_select(c.dist.get(), c.idx.get(), c.size, k, nbits + 2, out_dist + qi * k, out_idx + qi * k);
+    });
+    return;
+  }
+
+  const SampledThresholds guess(blocked, q, kern, k);
+  const int64_t per_task = scan_query_block(q.rows);
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t q0 = 0; q0 < q.rows; q0 += per_task) {
+    const int64_t q1 = std::min(q.rows, q0 + per_task);
+    std::vector<TopkState> states;
+    states.reserve(static_cast<size_t>(q1 - q0));
+    for (int64_t qi = q0; qi < q1; ++qi) states.emplace_back(k, nbits, guess.max_dist(qi, nbits));
+    kern.topk(blocked, q, q0, q1, 0, blocked.blocks, states.data());
+    for (int64_t qi = q0; qi < q1; ++qi) {
+      if (states[qi - q0].finish(out_dist + qi * k, out_idx + qi * k) == k) continue;
+      TopkState again(k, nbits, nbits);  // the guess was too tight for this query: scan everything
+      kern.topk(blocked, q, qi, qi + 1, 0, blocked.blocks, &again);
+      again.finish(out_dist + qi * k, out_idx + qi * k);
+    }
   }
 }
 

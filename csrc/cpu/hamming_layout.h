@@ -14,12 +14,19 @@ namespace brcd::cpu {
 constexpr int kLanes = 8;
 
 struct BlockedCodes {
-  std::vector<uint64_t> data;
-  int64_t rows = 0;
+  std::unique_ptr<uint64_t[]> data;  // blocks [first_block, first_block + its length)
+  int64_t rows = 0;                  // of the whole database
   int64_t words = 0;
-  int64_t blocks = 0;
-  const uint64_t* block(int64_t b) const { return data.data() + b * words * kLanes; }
+  int64_t blocks = 0;                // of the whole database
+  int64_t first_block = 0;           // a chunk of the database holds the blocks from here
+  const uint64_t* block(int64_t b) const { return data.get() + (b - first_block) * words * kLanes; }
 };
+
+// Database blocks per chunk (an even count, about 128 KiB): a chunk stays in L2 while every group of held queries
+// passes over it, so the database streams from memory once per block of queries, not once per group.
+inline int64_t chunk_blocks(int64_t words) {
+  return std::max<int64_t>(16, ((128 << 10) / (words * kLanes * 8)) & ~int64_t{1});
+}
 
 // Queries as rows of `words` uint64 (zero padded).
 struct QueryWords {
@@ -111,6 +118,9 @@ struct ScanKernels {
   // Appends every code with distance < cands[qi - q_begin].limit to that query's candidates.
   void (*collect)(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t block_begin,
                   int64_t block_end, Candidates* cands);
+  // Optional (null where the ISA has none): `blocks` whole blocks of contiguous rows of `words` words (8 * words
+  // bytes each, any alignment) into the blocked layout at out; false (nothing written) for a word count it does not handle.
+  bool (*relayout)(const uint8_t* rows, int64_t blocks, int64_t words, uint64_t* out) = nullptr;
 };
 
 namespace scalar { ScanKernels kernels(); }

@@ -60,13 +60,6 @@ constexpr int held_queries() {
   return WC == 1 ? 8 : WC == 2 ? 6 : WC == 3 ? 5 : WC == 4 ? 4 : 1;
 }
 
-// Database blocks per chunk (an even count, about 128 KiB): a chunk stays in L2 while every group of held queries
-// passes over it, so the database streams from memory once per block of queries, not once per group.
-constexpr int64_t kMaxChunkBlocks = (128 << 10) / (kLanes * 8);  // one-word codes
-inline int64_t chunk_blocks(int64_t words) {
-  return std::max<int64_t>(16, ((128 << 10) / (words * kLanes * 8)) & ~int64_t{1});
-}
-
 // group(std::integral_constant<int, QB>{}, qi, c0, c1) for every chunk [c0, c1) of blocks [b_begin, b_end) and, within
 // it, every group of held queries from qi (QB of them, the last ones one by one), chunk by chunk.
 template <int WC, class Group>
@@ -85,9 +78,10 @@ void for_each_chunk_and_group(const BlockedCodes& db, int64_t q_begin, int64_t q
 // The blocks of a chunk where any held query has a hit, marked by the scan without a branch: a mispredicted branch
 // in the scan loop would throw away the many blocks already in flight, which costs more than a hit's bookkeeping.
 struct HitBlocks {
+  static constexpr int kMaxMarked = 64;  // a scan stops to tighten its limits after this many
   int count = 0;
-  int32_t block[kMaxChunkBlocks];   // the marked blocks, relative to the chunk's first block
-  uint64_t lanes[kMaxChunkBlocks];  // their hit lanes: held query j's in byte j
+  int32_t block[kMaxMarked];   // the marked blocks, relative to the first block scanned
+  uint64_t lanes[kMaxMarked];  // their hit lanes: held query j's in byte j
 };
 
 // The codes with a hit for one held query, gathered from the marked blocks and pushed into its threshold state.
@@ -119,12 +113,14 @@ inline int append_hits(const typename Isa::Dist& d, unsigned lanes, int64_t firs
   }
 }
 
-// Marks the blocks of chunk [b0, b1) (at most kMaxChunkBlocks) where a query of the group of QB from qi0 has a code
-// below its limit. A leaf loop: the queries' words stay in registers (a call in the loop would make the compiler
-// spill them), kept out of line so that the gathering after it cannot crowd its registers either.
+// Marks the blocks from b0 on, up to b1 (a chunk), where a query of the group of QB from
+// qi0 has a code below its limit; stops after kMaxMarked marked blocks (a loose limit, as at the start of a scan,
+// would otherwise mark every block before the limits can tighten). Returns the block after the last one scanned.
+// A leaf loop: the queries' words stay in registers (a call in the loop would make the compiler spill them), kept
+// out of line so that the gathering after it cannot crowd its registers either.
 template <class Isa, int WC, int QB>
-[[gnu::noinline]] void mark_hit_blocks(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int64_t b0, int64_t b1,
-                     const int64_t* limit, HitBlocks& hits) {
+[[gnu::noinline]] int64_t mark_hit_blocks(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int64_t b0,
+                                          int64_t b1, const int64_t* limit, HitBlocks& hits) {
   static_assert(QB <= 8, "a block's hit lanes hold 8 queries");
   using Query = typename Isa::template Query<WC>;
   const int64_t words = WC > 0 ? WC : db.words;
@@ -137,7 +133,8 @@ template <class Isa, int WC, int QB>
   const uint64_t* block = db.block(b0);
   const int32_t n = static_cast<int32_t>(b1 - b0);
   int count = 0;
-  for (int32_t b = 0; b < n; ++b, block += words * kLanes) {
+  int32_t b = 0;
+  for (; b < n && count < HitBlocks::kMaxMarked; ++b, block += words * kLanes) {
     uint64_t lanes = 0;
 #pragma GCC unroll 8
     for (int j = 0; j < QB; ++j)
@@ -147,19 +144,17 @@ template <class Isa, int WC, int QB>
     count += lanes != 0;
   }
   hits.count = count;
+  return b0 + b;
 }
 
 template <class Isa, int WC, int QB>
 void topk_group(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int64_t b0, int64_t b1, TopkState* st) {
   using Query = typename Isa::template Query<WC>;
   const int64_t words = WC > 0 ? WC : db.words;
-  int64_t limit[QB];
-  for (int j = 0; j < QB; ++j) limit[j] = st[j].threshold();
-  HitBlocks hits;
-  mark_hit_blocks<Isa, WC, QB>(db, q, qi0, b0, b1, limit, hits);
-  if (hits.count == 0) return;
   Query held[QB];
   for (int j = 0; j < QB; ++j) held[j] = Query(q.row(qi0 + j), words);
+  int64_t limit[QB];
+  HitBlocks hits;
   HitLog log[QB];
   const auto flush = [&] {
     for (int j = 0; j < QB; ++j) {
@@ -167,23 +162,28 @@ void topk_group(const BlockedCodes& db, const QueryWords& q, int64_t qi0, int64_
       log[j].count = 0;
     }
   };
-  // The marked blocks' distances again, for the queries with a hit there (usually one).
-  for (int h = 0; h < hits.count; ++h) {
-    const int64_t b = b0 + hits.block[h];
-    const uint64_t* block = db.block(b);
-    bool full = false;
-    for (uint64_t all = hits.lanes[h]; all;) {
-      const int j = __builtin_ctzll(all) / 8;
-      const unsigned lanes = static_cast<unsigned>(all >> (8 * j)) & 0xffu;
-      all &= ~(uint64_t{0xff} << (8 * j));
-      HitLog& l = log[j];
-      l.count += append_hits<Isa>(Isa::template dist<WC>(block, held[j], words), lanes, b * kLanes,
-                                  l.dist + l.count, l.idx + l.count);
-      full |= l.count > HitLog::kCapacity - kLanes;
+  for (int64_t from = b0; from < b1;) {
+    for (int j = 0; j < QB; ++j) limit[j] = st[j].threshold();
+    const int64_t scanned_to = mark_hit_blocks<Isa, WC, QB>(db, q, qi0, from, b1, limit, hits);
+    // The marked blocks' distances again, for the queries with a hit there (usually one).
+    for (int h = 0; h < hits.count; ++h) {
+      const int64_t b = from + hits.block[h];
+      const uint64_t* block = db.block(b);
+      bool full = false;
+      for (uint64_t all = hits.lanes[h]; all;) {
+        const int j = __builtin_ctzll(all) / 8;
+        const unsigned lanes = static_cast<unsigned>(all >> (8 * j)) & 0xffu;
+        all &= ~(uint64_t{0xff} << (8 * j));
+        HitLog& l = log[j];
+        l.count += append_hits<Isa>(Isa::template dist<WC>(block, held[j], words), lanes, b * kLanes,
+                                    l.dist + l.count, l.idx + l.count);
+        full |= l.count > HitLog::kCapacity - kLanes;
+      }
+      if (full) flush();
     }
-    if (full) flush();
+    flush();
+    from = scanned_to;
   }
-  flush();
 }
 
 // Block-major in chunks: each chunk of the database is compared with every query of [q_begin, q_end), a group of
