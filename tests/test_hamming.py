@@ -230,7 +230,7 @@ def test_every_simd_path_is_exact(level):
     script = r"""
 import torch, brcd
 from brcd import reference as ref
-for nbits in (5, 64, 130, 256, 333):
+for nbits in (5, 64, 128, 130, 256, 333):
     g = torch.Generator().manual_seed(nbits)
     q = brcd.pack_codes(torch.randn(9, nbits, generator=g))
     db = brcd.pack_codes(torch.randn(777, nbits, generator=g))

@@ -94,11 +94,20 @@ uint64_t load_word(const uint8_t* row, int64_t bytes, int64_t w) {
 
 // Writes blocks [b0, b1) of the database in the blocked layout at out (zero past the last code).
 void relayout_blocks(const PackedCodes& db, int64_t words, int64_t b0, int64_t b1, uint64_t* out) {
-  // Rows of whole words, one after another: the ISA's transpose takes every whole block.
-  const auto fast = kernels().relayout;
-  if (fast != nullptr && db.bytes_per_row == words * 8 && db.row_stride == db.bytes_per_row) {
+  // Rows of whole words, one after another: one word per row is the blocked layout already (a copy), and the
+  // ISA's transpose takes every whole block of wider rows.
+  if (db.bytes_per_row == words * 8 && db.row_stride == db.bytes_per_row) {
     const int64_t whole = std::max<int64_t>(0, std::min(b1, db.rows / kLanes) - b0);
-    if (whole > 0 && fast(db.data + b0 * kLanes * db.row_stride, whole, words, out)) {
+    const uint8_t* rows = db.data + b0 * kLanes * db.row_stride;
+    const auto transpose = kernels().relayout;
+    bool done = false;
+    if (whole > 0 && words == 1) {
+      std::memcpy(out, rows, static_cast<size_t>(whole * kLanes * 8));
+      done = true;
+    } else if (whole > 0 && transpose != nullptr) {
+      done = transpose(rows, whole, words, out);
+    }
+    if (done) {
       out += whole * words * kLanes;
       b0 += whole;
     }
