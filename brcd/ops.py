@@ -131,7 +131,9 @@ def brcd_loss(
             ``row_groups[r] == col_groups[c] >= 0``. Give both or neither.
 
     Returns a 0-d tensor in the codes' dtype, differentiable with respect to the three code tensors (once: a second
-    derivative, through gradients taken with ``create_graph=True``, raises NotImplementedError).
+    derivative, through gradients taken with ``create_graph=True``, raises NotImplementedError). The backward
+    computes only the gradients autograd asks for: with the teacher's codes frozen, as in distillation, the CPU
+    kernels skip the products that feed only them.
     """
     student = _require_tensor(student, "student")
     _require_tensor(teacher_anchor, "teacher_anchor")
@@ -185,5 +187,5 @@ def _contrastive_forward_fake(student, teacher_anchor, teacher_view, temperature
 
 @torch.library.register_fake("brcd::contrastive_backward")
 def _contrastive_backward_fake(grad_loss, student, teacher_anchor, teacher_view, temperature, alpha, bit_mask,
-                               row_groups, col_groups, row_stats):
+                               row_groups, col_groups, row_stats, output_mask=(True, True, True)):
     return torch.empty_like(student), torch.empty_like(student), torch.empty_like(student)

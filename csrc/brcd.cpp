@@ -18,7 +18,7 @@ TORCH_LIBRARY(brcd, m) {
   m.def(
       "contrastive_backward(Tensor grad_loss, Tensor student, Tensor teacher_anchor, Tensor teacher_view, "
       "float temperature, Tensor alpha, Tensor? bit_mask, Tensor? row_groups, Tensor? col_groups, "
-      "Tensor row_stats) -> (Tensor, Tensor, Tensor)");
+      "Tensor row_stats, bool[3] output_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

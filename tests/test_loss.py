@@ -104,6 +104,36 @@ def test_fuzz_against_reference(device, B, K):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [1, 3, 64, 300])
+def test_gradients_of_some_inputs_only(device, dtype, B):
+    """Distillation differentiates the student alone: the backward skips the products that feed only the teacher's
+    gradients, and what it returns must equal the full backward's (same sums, same order: exactly)."""
+    s, ta, tv, kw = make_case(B, 64, seed=B, dtype=dtype, device=device)
+    full = [x.detach().requires_grad_() for x in (s, ta, tv)]
+    brcd.brcd_loss(*full, **kw).backward()
+    for wanted in ([0], [1], [2], [0, 2], [1, 2]):
+        xs = [x.detach().requires_grad_(i in wanted) for i, x in enumerate((s, ta, tv))]
+        brcd.brcd_loss(*xs, **kw).backward()
+        for i in range(3):
+            if i in wanted:
+                assert torch.equal(xs[i].grad, full[i].grad), (wanted, i)
+            else:
+                assert xs[i].grad is None
+
+
+def test_backward_op_returns_zeros_for_gradients_not_asked_for():
+    s, ta, tv, kw = make_case(5, 8, seed=0)
+    args = (s, ta, tv, 0.3, kw["alpha"], kw["bit_mask"], kw["row_groups"], kw["col_groups"])
+    _, stats = torch.ops.brcd.contrastive_forward(*args)
+    one = torch.ones((), dtype=s.dtype)
+    every = torch.ops.brcd.contrastive_backward(one, *args, stats)
+    some = torch.ops.brcd.contrastive_backward(one, *args, stats, [True, False, False])
+    assert torch.equal(some[0], every[0])
+    assert not some[1].any() and not some[2].any() and every[1].any() and every[2].any()
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_all_negatives_dropped_gives_zero(device):
     s, ta, tv, kw = make_case(8, 16, 3, mask=None, groups="all", alpha=0.5, device=device)
     loss, grads = loss_and_grads(brcd.brcd_loss, s, ta, tv, kw)

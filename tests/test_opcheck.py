@@ -45,3 +45,6 @@ def test_opcheck_contrastive(device, dtype, with_extras):
     grad = torch.ones((), device=device, dtype=dtype)
     torch.library.opcheck(ops.contrastive_backward.default,
                           (grad, s.detach(), ta.detach(), tv.detach(), 0.3, alpha, mask, groups, groups, stats))
+    torch.library.opcheck(ops.contrastive_backward.default,  # the student's gradient only (distillation)
+                          (grad, s.detach(), ta.detach(), tv.detach(), 0.3, alpha, mask, groups, groups, stats,
+                           [True, False, False]))

@@ -289,10 +289,19 @@ void backward_symmetric(const ContrastiveProblem<T>& p, T grad_loss, const T* ls
   for (int64_t a = 0; a < q.n2; ++a) rescale[a] = static_cast<T>(std::exp(shift - lse[a]));
   PooledBuffer<T, 2> gz;  // sum_b c_ab Zn_b
   gz.assign(static_cast<size_t>(q.rows_pad * q.kp), T(0));
+  // The rows whose sums are needed: the student's (rows < B) for its gradient, the view's (rows >= B) for its own
+  // (the anchor's comes from the individual term alone). In distillation only the student's are: pairs of two view
+  // blocks are skipped whole, and a mixed pair feeds only its student side.
+  const bool student_rows = g_student != nullptr, view_rows = g_view != nullptr;
+  const auto needed = [&](int64_t X) {
+    return (student_rows && X * q.block < q.batch) || (view_rows && (X + 1) * q.block > q.batch);
+  };
   in_team(worth_threads(q), [&] {
     AlignedVector<T> s(static_cast<size_t>(q.block * q.block));
     // shift by value: a captured reference would be reloaded in every iteration, since the stores might alias it.
     for_each_block_pair(q.blocks, [&, shift](int64_t I, int64_t J) {
+      const bool into_i = needed(I), into_j = I != J && needed(J);
+      if (!into_i && !into_j) return;
       logit_tile(q, I, J, s.data());
       const int64_t bs = q.block, a0 = I * bs, b0 = J * bs;
       const int32_t* key_b = q.row_key.data() + b0;
@@ -312,8 +321,8 @@ void backward_symmetric(const ContrastiveProblem<T>& p, T grad_loss, const T* ls
           srow[j] = e * w;
         }
       }
-      accumulate_block(s.data(), bs, 1, rows, cols, q.zn.data() + b0 * q.kp, q.kp, gz.data() + a0 * q.kp);
-      if (I != J) accumulate_block(s.data(), 1, bs, cols, rows, q.zn.data() + a0 * q.kp, q.kp, gz.data() + b0 * q.kp);
+      if (into_i) accumulate_block(s.data(), bs, 1, rows, cols, q.zn.data() + b0 * q.kp, q.kp, gz.data() + a0 * q.kp);
+      if (into_j) accumulate_block(s.data(), 1, bs, cols, rows, q.zn.data() + a0 * q.kp, q.kp, gz.data() + b0 * q.kp);
     });
   });
   finish_backward(p, q.zn.data(), q.kp, q.norm.data(), q.ind.data(), q.inv_tau, grad_loss, pos_coef.data(),

@@ -31,12 +31,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher_anchor,
     const at::Tensor& teacher_view, double temperature, const at::Tensor& alpha,
     const std::optional<at::Tensor>& bit_mask, const std::optional<at::Tensor>& row_groups,
-    const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats) {
+    const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats, std::array<bool, 3> output_mask) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("brcd::contrastive_backward", "")
                              .typed<decltype(call_backward)>();
   return op.call(grad_loss, student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups,
-                 col_groups, row_stats);
+                 col_groups, row_stats, output_mask);
 }
 
 class ContrastiveLoss : public torch::autograd::Function<ContrastiveLoss> {
@@ -64,8 +64,11 @@ class ContrastiveLoss : public torch::autograd::Function<ContrastiveLoss> {
     // derivative.
     std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
     if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    // Only the gradients autograd will use: in distillation the teacher's codes need none, and the products that
+    // only feed them are skipped.
+    const std::array<bool, 3> wanted = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
     auto [gs, ga, gv] = call_backward(grads[0], saved[0], saved[1], saved[2], temperature, saved[3], maybe(saved[4]),
-                                      maybe(saved[5]), maybe(saved[6]), saved[7]);
+                                      maybe(saved[5]), maybe(saved[6]), saved[7], wanted);
     // One gradient per forward input: the three code tensors, then none for temperature, alpha, mask and groups.
     return {gs, ga, gv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -80,10 +83,11 @@ class ContrastiveLossBackward : public torch::autograd::Function<ContrastiveLoss
                                const at::Tensor& teacher_anchor, const at::Tensor& teacher_view, double temperature,
                                const at::Tensor& alpha, const std::optional<at::Tensor>& bit_mask,
                                const std::optional<at::Tensor>& row_groups,
-                               const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats) {
+                               const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats,
+                               std::array<bool, 3> output_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [gs, ga, gv] = call_backward(grad_loss, student, teacher_anchor, teacher_view, temperature, alpha, bit_mask,
-                                      row_groups, col_groups, row_stats);
+                                      row_groups, col_groups, row_stats, output_mask);
     return {gs, ga, gv};
   }
   static variable_list backward(AutogradContext*, variable_list) {
@@ -98,9 +102,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_autograd(
     const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher_anchor,
     const at::Tensor& teacher_view, double temperature, const at::Tensor& alpha,
     const std::optional<at::Tensor>& bit_mask, const std::optional<at::Tensor>& row_groups,
-    const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats) {
+    const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats, std::array<bool, 3> output_mask) {
   auto out = ContrastiveLossBackward::apply(grad_loss, student, teacher_anchor, teacher_view, temperature, alpha,
-                                            bit_mask, row_groups, col_groups, row_stats);
+                                            bit_mask, row_groups, col_groups, row_stats, output_mask);
   return {out[0], out[1], out[2]};
 }
 

@@ -29,20 +29,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher_anchor,
     const at::Tensor& teacher_view, double temperature, const at::Tensor& alpha,
     const std::optional<at::Tensor>& bit_mask, const std::optional<at::Tensor>& row_groups,
-    const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats) {
+    const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats, std::array<bool, 3> output_mask) {
   const ContrastiveOperands o =
       prepare_operands(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups);
   check_backward_inputs(grad_loss, row_stats, o);
   const at::Tensor stats = row_stats.is_contiguous() ? row_stats : row_stats.contiguous();
-  at::Tensor gs = at::empty_like(o.student), ga = at::empty_like(o.student), gv = at::empty_like(o.student);
+  // A gradient nobody asked for is not computed (its share of the products is skipped): zeros.
+  const auto output = [&](bool wanted) { return wanted ? at::empty_like(o.student) : at::zeros_like(o.student); };
+  at::Tensor gs = output(output_mask[0]), ga = output(output_mask[1]), gv = output(output_mask[2]);
   AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_backward_cpu", [&] {
     const auto p = make_problem<scalar_t>(o, temperature);
     // Read in place where it is already the compute dtype (item() is a dispatcher call, at B = 64 a share of the step).
     const scalar_t g = grad_loss.scalar_type() == o.compute_dtype ? *grad_loss.const_data_ptr<scalar_t>()
                                                                   : static_cast<scalar_t>(grad_loss.item<double>());
     const scalar_t* s = stats.data_ptr<scalar_t>();
-    cpu::contrastive_backward<scalar_t>(p, g, s, s + 2 * o.batch, gs.data_ptr<scalar_t>(), ga.data_ptr<scalar_t>(),
-                                        gv.data_ptr<scalar_t>());
+    const auto out = [&](const at::Tensor& t, bool wanted) { return wanted ? t.data_ptr<scalar_t>() : nullptr; };
+    cpu::contrastive_backward<scalar_t>(p, g, s, s + 2 * o.batch, out(gs, output_mask[0]), out(ga, output_mask[1]),
+                                        out(gv, output_mask[2]));
   });
   if (o.input_dtype == o.compute_dtype) return {gs, ga, gv};
   return {gs.to(o.input_dtype), ga.to(o.input_dtype), gv.to(o.input_dtype)};

@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher_anchor,
     const at::Tensor& teacher_view, double temperature, const at::Tensor& alpha,
     const std::optional<at::Tensor>& bit_mask, const std::optional<at::Tensor>& row_groups,
-    const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats) {
+    const std::optional<at::Tensor>& col_groups, const at::Tensor& row_stats, std::array<bool, 3> output_mask) {
   // Argument checks first: with mixed devices the dispatcher lands here and the error must name the argument.
   const ContrastiveOperands o =
       prepare_operands(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups);
@@ -70,6 +70,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cuda(
                                                     gv.data_ptr<scalar_t>(), ws.data_ptr(), s),
                "contrastive_backward");
   });
+  // The kernels compute all three; one nobody asked for is returned as zeros, as on the CPU.
+  for (int i = 0; i < 3; ++i)
+    if (!output_mask[i]) (i == 0 ? gs : i == 1 ? ga : gv).zero_();
   return {gs.to(o.input_dtype), ga.to(o.input_dtype), gv.to(o.input_dtype)};
 }
 
