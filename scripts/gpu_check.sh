@@ -7,6 +7,9 @@
 #     bash scripts/gpu_check.sh [gpu_bench.py arguments: --quick, --only topk|loss, --breakdown]
 # Environment: TESTS (pytest paths, default tests/), TEST_FILTER (pytest -k), BENCH=0 (no benchmarks),
 # PROFILE=1 (Nsight Compute sections of the top-k scan and the loss kernels into $OUT/ncu.txt).
+# With .gpu/alt/ (prepare_gpu_payload.sh --alt REV): after the checks of the working tree, its files replace theirs,
+# the extension is rebuilt (incrementally) and the tests and benchmarks run again into $OUT/alt/: an A/B of REV
+# against HEAD in one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu}
@@ -26,25 +29,41 @@ echo "image CXX=${CXX:-unset}: $(${CXX:-c++} --version | head -1)"
 if [[ -z "${BRCD_GPU_CXX:-}" && -x /usr/bin/g++ ]]; then BRCD_GPU_CXX=/usr/bin/g++; fi
 export CXX=${BRCD_GPU_CXX:-${CXX:-c++}}
 echo "using CXX=$CXX: $($CXX --version | head -1)"
-start=$(date +%s)
-if ! BRCD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
-    python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
-  grep -E "error" "$OUT/build.log" | head -30
-  echo "BUILD FAILED"
-  exit 1
-fi
-echo "build: $(( $(date +%s) - start )) s"
-python3 -c "import brcd; print(brcd.build_info())"
+build() {
+  local start
+  start=$(date +%s)
+  if ! BRCD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
+      python3 setup.py build_ext --inplace >"$1/build.log" 2>&1; then
+    grep -E "error" "$1/build.log" | head -30
+    echo "BUILD FAILED"
+    return 1
+  fi
+  echo "build: $(( $(date +%s) - start )) s"
+  python3 -c "import brcd; print(brcd.build_info())"
+}
+
+run_tests() {
+  local start
+  start=$(date +%s)
+  # pytest-xdist (on the GPU image) isolates a crashing test in its worker, so one crash cannot hide the rest.
+  xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+  timeout 300 python3 -m pytest -q $xdist --maxfail=30 -p no:cacheprovider ${TESTS:-tests/} -k "${TEST_FILTER:-}" \
+    >"$1/tests.log" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$1/tests.log" | tail -25
+  echo "tests: $(( $(date +%s) - start )) s"
+}
+
+run_bench() {
+  local start
+  start=$(date +%s)
+  timeout 300 python3 benchmarks/gpu_bench.py --out "$1" "${@:2}" 2>&1 | tee "$1/bench.log" | tail -40
+  echo "benchmarks: $(( $(date +%s) - start )) s"
+}
+
+build "$OUT" || exit 1
 ldd brcd/_C*.so | grep -E "stdc|gcc_s|gomp" || true
 nm -D --defined-only brcd/_C*.so | grep -c -E "__cxa_throw|_Unwind_RaiseException" || true
-
-start=$(date +%s)
-# pytest-xdist (on the GPU image) isolates a crashing test in its worker, so one crash cannot hide the rest.
-xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-timeout 300 python3 -m pytest -q $xdist --maxfail=30 -p no:cacheprovider ${TESTS:-tests/} -k "${TEST_FILTER:-}" \
-  >"$OUT/tests.log" 2>&1
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -25
-echo "tests: $(( $(date +%s) - start )) s"
+run_tests "$OUT"
 
 if [[ "${PROFILE:-0}" == 1 ]] && command -v ncu >/dev/null; then
   start=$(date +%s)
@@ -58,7 +77,14 @@ if [[ "${PROFILE:-0}" == 1 ]] && command -v ncu >/dev/null; then
   echo "profile: $(( $(date +%s) - start )) s"
 fi
 
-[[ "${BENCH:-1}" == 0 ]] && exit 0
-start=$(date +%s)
-timeout 300 python3 benchmarks/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -40
-echo "benchmarks: $(( $(date +%s) - start )) s"
+[[ "${BENCH:-1}" != 0 ]] && run_bench "$OUT" "$@"
+
+if [[ -d .gpu/alt ]]; then
+  echo "=== alternative $(cat .gpu/alt.rev 2>/dev/null): $(cd .gpu/alt && find . -type f | sed 's|^./||' | paste -sd' ')"
+  mkdir -p "$OUT/alt"
+  cp -r .gpu/alt/. .
+  build "$OUT/alt" || exit 1
+  run_tests "$OUT/alt"
+  [[ "${BENCH:-1}" != 0 ]] && run_bench "$OUT/alt" "$@"
+fi
+exit 0
