@@ -54,48 +54,37 @@ struct Isa {
     _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 4), d.hi);
     for (int l = 0; l < kLanes; ++l) dist8[l] = static_cast<int32_t>(tmp[l]);
   }
+  // Whole blocks of contiguous rows of W words (W = 2 or 4) into the blocked layout: 4 x 4 transposes of 64-bit words
+  // in registers (in-lane unpacks, then a cross-lane permute).
+  static inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline void store4(uint64_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  template <int W>
+  static void relayout_rows(const uint8_t* rows, int64_t blocks, uint64_t* out) {
+    for (int64_t b = 0; b < blocks; ++b, rows += 64 * W, out += 8 * W) {
+      for (int half = 0; half < 2; ++half) {  // rows 0-3, then rows 4-7
+        const uint8_t* r = rows + half * 32 * W;
+        uint64_t* o = out + 4 * half;
+        if constexpr (W == 2) {
+          const __m256i a = load32(r), c = load32(r + 32);  // rows 0, 1 and rows 2, 3 of the half
+          store4(o, _mm256_permute4x64_epi64(_mm256_unpacklo_epi64(a, c), _MM_SHUFFLE(3, 1, 2, 0)));
+          store4(o + 8, _mm256_permute4x64_epi64(_mm256_unpackhi_epi64(a, c), _MM_SHUFFLE(3, 1, 2, 0)));
+        } else {
+          static_assert(W == 4, "whole-block transposes for 2 and 4 words");
+          const __m256i r0 = load32(r), r1 = load32(r + 32), r2 = load32(r + 64), r3 = load32(r + 96);
+          const __m256i t0 = _mm256_unpacklo_epi64(r0, r1), t1 = _mm256_unpackhi_epi64(r0, r1);
+          const __m256i t2 = _mm256_unpacklo_epi64(r2, r3), t3 = _mm256_unpackhi_epi64(r2, r3);
+          store4(o, _mm256_permute2x128_si256(t0, t2, 0x20));
+          store4(o + 8, _mm256_permute2x128_si256(t1, t3, 0x20));
+          store4(o + 16, _mm256_permute2x128_si256(t0, t2, 0x31));
+          store4(o + 24, _mm256_permute2x128_si256(t1, t3, 0x31));
+        }
+      }
+    }
+  }
 };
 
 }  // namespace
 
-// Whole blocks of contiguous rows of W words (W = 2 or 4) into the blocked layout: 4 x 4 transposes of 64-bit words
-// in registers (in-lane unpacks, then a cross-lane permute).
-template <int W>
-void relayout_rows(const uint8_t* rows, int64_t blocks, uint64_t* out) {
-  const auto load = [](const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
-  const auto store = [](uint64_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); };
-  for (int64_t b = 0; b < blocks; ++b, rows += 64 * W, out += 8 * W) {
-    for (int half = 0; half < 2; ++half) {  // rows 0-3, then rows 4-7
-      const uint8_t* r = rows + half * 32 * W;
-      uint64_t* o = out + 4 * half;
-      if constexpr (W == 2) {
-        const __m256i a = load(r), c = load(r + 32);  // rows 0, 1 and rows 2, 3 of the half
-        store(o, _mm256_permute4x64_epi64(_mm256_unpacklo_epi64(a, c), _MM_SHUFFLE(3, 1, 2, 0)));
-        store(o + 8, _mm256_permute4x64_epi64(_mm256_unpackhi_epi64(a, c), _MM_SHUFFLE(3, 1, 2, 0)));
-      } else {
-        static_assert(W == 4, "whole-block transposes for 2 and 4 words");
-        const __m256i r0 = load(r), r1 = load(r + 32), r2 = load(r + 64), r3 = load(r + 96);
-        const __m256i t0 = _mm256_unpacklo_epi64(r0, r1), t1 = _mm256_unpackhi_epi64(r0, r1);
-        const __m256i t2 = _mm256_unpacklo_epi64(r2, r3), t3 = _mm256_unpackhi_epi64(r2, r3);
-        store(o, _mm256_permute2x128_si256(t0, t2, 0x20));
-        store(o + 8, _mm256_permute2x128_si256(t1, t3, 0x20));
-        store(o + 16, _mm256_permute2x128_si256(t0, t2, 0x31));
-        store(o + 24, _mm256_permute2x128_si256(t1, t3, 0x31));
-      }
-    }
-  }
-}
-
-ScanKernels kernels() {
-  ScanKernels k = detail::make_kernels<Isa>();
-  k.relayout = [](const uint8_t* rows, int64_t blocks, int64_t words, uint64_t* out) {
-    switch (words) {
-      case 2: relayout_rows<2>(rows, blocks, out); return true;
-      case 4: relayout_rows<4>(rows, blocks, out); return true;
-      default: return false;
-    }
-  };
-  return k;
-}
+ScanKernels kernels() { return detail::make_kernels<Isa>(); }
 
 }  // namespace brcd::cpu::avx2

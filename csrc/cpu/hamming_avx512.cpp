@@ -95,47 +95,36 @@ struct Isa {
     _mm512_storeu_si512(out_keys, _mm512_maskz_compress_epi32(m, keys));
     return __builtin_popcount(m);
   }
+  // Whole blocks of contiguous rows of W words (W = 2 or 4) into the blocked layout: a block's 8 rows are 8W
+  // consecutive words, transposed in registers (two rounds of two-source permutes for W = 4).
+  template <int W>
+  static void relayout_rows(const uint8_t* rows, int64_t blocks, uint64_t* out) {
+    for (int64_t b = 0; b < blocks; ++b, rows += 64 * W, out += 8 * W) {
+      if constexpr (W == 2) {
+        const __m512i lo = _mm512_loadu_si512(rows), hi = _mm512_loadu_si512(rows + 64);
+        _mm512_storeu_si512(out, _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), hi));
+        _mm512_storeu_si512(out + 8, _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), hi));
+      } else {
+        static_assert(W == 4, "whole-block transposes for 2 and 4 words");
+        // Rows 0-3 and 4-7 first: words 0 and 1 of four rows in one vector, words 2 and 3 in another.
+        const __m512i w01 = _mm512_setr_epi64(0, 4, 8, 12, 1, 5, 9, 13), w23 = _mm512_setr_epi64(2, 6, 10, 14, 3, 7, 11, 15);
+        const __m512i r0 = _mm512_loadu_si512(rows), r1 = _mm512_loadu_si512(rows + 64);
+        const __m512i r2 = _mm512_loadu_si512(rows + 128), r3 = _mm512_loadu_si512(rows + 192);
+        const __m512i p01 = _mm512_permutex2var_epi64(r0, w01, r1), p23 = _mm512_permutex2var_epi64(r0, w23, r1);
+        const __m512i q01 = _mm512_permutex2var_epi64(r2, w01, r3), q23 = _mm512_permutex2var_epi64(r2, w23, r3);
+        const __m512i first = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
+        const __m512i second = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
+        _mm512_storeu_si512(out, _mm512_permutex2var_epi64(p01, first, q01));
+        _mm512_storeu_si512(out + 8, _mm512_permutex2var_epi64(p01, second, q01));
+        _mm512_storeu_si512(out + 16, _mm512_permutex2var_epi64(p23, first, q23));
+        _mm512_storeu_si512(out + 24, _mm512_permutex2var_epi64(p23, second, q23));
+      }
+    }
+  }
 };
 
 }  // namespace
 
-// Whole blocks of contiguous rows of W words (W = 2 or 4) into the blocked layout: a block's 8 rows are 8W
-// consecutive words, transposed in registers (two rounds of two-source permutes for W = 4).
-template <int W>
-void relayout_rows(const uint8_t* rows, int64_t blocks, uint64_t* out) {
-  for (int64_t b = 0; b < blocks; ++b, rows += 64 * W, out += 8 * W) {
-    if constexpr (W == 2) {
-      const __m512i lo = _mm512_loadu_si512(rows), hi = _mm512_loadu_si512(rows + 64);
-      _mm512_storeu_si512(out, _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), hi));
-      _mm512_storeu_si512(out + 8, _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), hi));
-    } else {
-      static_assert(W == 4, "whole-block transposes for 2 and 4 words");
-      // Rows 0-3 and 4-7 first: words 0 and 1 of four rows in one vector, words 2 and 3 in another.
-      const __m512i w01 = _mm512_setr_epi64(0, 4, 8, 12, 1, 5, 9, 13), w23 = _mm512_setr_epi64(2, 6, 10, 14, 3, 7, 11, 15);
-      const __m512i r0 = _mm512_loadu_si512(rows), r1 = _mm512_loadu_si512(rows + 64);
-      const __m512i r2 = _mm512_loadu_si512(rows + 128), r3 = _mm512_loadu_si512(rows + 192);
-      const __m512i p01 = _mm512_permutex2var_epi64(r0, w01, r1), p23 = _mm512_permutex2var_epi64(r0, w23, r1);
-      const __m512i q01 = _mm512_permutex2var_epi64(r2, w01, r3), q23 = _mm512_permutex2var_epi64(r2, w23, r3);
-      const __m512i first = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
-      const __m512i second = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
-      _mm512_storeu_si512(out, _mm512_permutex2var_epi64(p01, first, q01));
-      _mm512_storeu_si512(out + 8, _mm512_permutex2var_epi64(p01, second, q01));
-      _mm512_storeu_si512(out + 16, _mm512_permutex2var_epi64(p23, first, q23));
-      _mm512_storeu_si512(out + 24, _mm512_permutex2var_epi64(p23, second, q23));
-    }
-  }
-}
-
-ScanKernels kernels() {
-  ScanKernels k = detail::make_kernels<Isa>();
-  k.relayout = [](const uint8_t* rows, int64_t blocks, int64_t words, uint64_t* out) {
-    switch (words) {
-      case 2: relayout_rows<2>(rows, blocks, out); return true;
-      case 4: relayout_rows<4>(rows, blocks, out); return true;
-      default: return false;
-    }
-  };
-  return k;
-}
+ScanKernels kernels() { return detail::make_kernels<Isa>(); }
 
 }  // namespace brcd::cpu::avx512

@@ -9,6 +9,8 @@
 // and optionally an append of a block's chosen lanes as distances and indices, without a branch (else a loop
 // over the lanes does it):
 //   static int append(const Dist& d, unsigned lanes, int64_t first_index, int32_t* dist, int64_t* idx);
+// and optionally a transpose of whole blocks of contiguous rows of W = 2 or 4 words into the blocked layout:
+//   template <int W> static void relayout_rows(const uint8_t* rows, int64_t blocks, uint64_t* out);
 // and a branch-free append of the lanes below a threshold (valid: the lanes that are codes), for one
 // block (collect) or two consecutive blocks (collect2), and as keys of Candidates (collect2_keys, WC > 0):
 //   template <int WC> static int collect(const uint64_t* block, const Query<WC>& q, int64_t words, int64_t threshold,
@@ -319,6 +321,15 @@ ScanKernels make_kernels() {
                  Candidates* c) {
     with_word_count(db.words, [&](auto wc) { collect_scan<Isa, decltype(wc)::value>(db, q, qb, qe, bb, be, c); });
   };
+  if constexpr (requires { Isa::template relayout_rows<2>(nullptr, 0, nullptr); }) {
+    k.relayout = [](const uint8_t* rows, int64_t blocks, int64_t words, uint64_t* out) {
+      switch (words) {
+        case 2: Isa::template relayout_rows<2>(rows, blocks, out); return true;
+        case 4: Isa::template relayout_rows<4>(rows, blocks, out); return true;
+        default: return false;
+      }
+    };
+  }
   return k;
 }
 
