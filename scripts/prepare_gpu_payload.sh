@@ -3,7 +3,7 @@
 # torch.library.opcheck imports. Both folders are git-ignored; name them in the device call's carry.
 #
 #   scripts/prepare_gpu_payload.sh [--alt REV]
-# --alt REV: also the files that REV changes against the working tree's HEAD, in .gpu/alt/ (same paths): the check
+# --alt REV: also the files that REV changes since its merge base with HEAD, in .gpu/alt/ (same paths): the check
 # then measures HEAD, swaps them in, rebuilds and measures again, in the same call (see gpu_check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ cp ../shared/reference/vectors.pt .gpu/vectors.pt
 rm -rf .gpu/alt
 if [[ "${1:-}" == "--alt" ]]; then
   rev=${2:?"--alt needs a revision"}
-  git diff --name-only --diff-filter=AM HEAD "$rev" | while read -r f; do
+  git diff --name-only --diff-filter=AM "HEAD...$rev" | while read -r f; do
     mkdir -p ".gpu/alt/$(dirname "$f")"
     git show "$rev:$f" > ".gpu/alt/$f"
   done
