@@ -216,7 +216,8 @@ def bench_loss(sizes, eager_max: int, compile_max: int) -> str:
                   "fused ms, student grad only"], rows) + (
         "\n\nForward + backward of the full BRCD loss (bit mask, false-negative groups from 10 clusters, per-sample "
         "alpha), float32, with gradients for the student and the teacher's second view (as every column compares); "
-        "the last column is the distillation step, where only the student needs a gradient. Peak MiB: the highest resident memory during one step minus the memory before it, sampled "
+        "the last column is the distillation step, where only the student needs a gradient. Peak MiB: the highest "
+        "resident memory during one step minus the memory before it, sampled "
         "every millisecond in a fresh process per case (inputs excluded). The first call of torch.compile "
         "includes its compilation, from a warm inductor cache after the first benchmark run.")
 

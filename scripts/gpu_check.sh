@@ -72,15 +72,16 @@ if [[ "${PROFILE:-0}" == 1 ]] && command -v ncu >/dev/null; then
     --kernel-name "regex:scan_kernel|forward_kernel|backward_kernel|select_kernel" \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
     python3 benchmarks/gpu_profile_target.py >"$OUT/ncu.txt" 2>&1
-  grep -E "scan_kernel|forward_kernel|backward_kernel|select_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy" \
-    "$OUT/ncu.txt" | head -60
+  metrics="Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy"
+  grep -E "scan_kernel|forward_kernel|backward_kernel|select_kernel|$metrics" "$OUT/ncu.txt" | head -60
   echo "profile: $(( $(date +%s) - start )) s"
 fi
 
 [[ "${BENCH:-1}" != 0 ]] && run_bench "$OUT" "$@"
 
 if [[ -d .gpu/alt ]]; then
-  echo "=== alternative $(cat .gpu/alt.rev 2>/dev/null): $(cd .gpu/alt && find . -type f | sed 's|^./||' | paste -sd' ')"
+  files=$(cd .gpu/alt && find . -type f | sed 's|^./||' | paste -sd' ')
+  echo "=== alternative $(cat .gpu/alt.rev 2>/dev/null): $files"
   mkdir -p "$OUT/alt"
   cp -r .gpu/alt/. .
   build "$OUT/alt" || exit 1

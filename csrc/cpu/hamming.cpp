@@ -168,6 +168,8 @@ constexpr double kMinSampled = 4;
 // Smallest database shard worth a thread of its own (in blocks of 8 codes).
 constexpr int64_t kMinShardBlocks = 4096;
 
+// Database shards for tasks of (query block, shard): about four tasks per thread where the query blocks alone are
+// fewer, 1 where they suffice (or the database is too small to split).
 int64_t shard_count(int64_t query_blocks, int64_t db_blocks) {
   const int64_t threads = omp_get_max_threads();
   if (query_blocks >= 4 * threads) return 1;
@@ -481,15 +483,13 @@ void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, 
   if (queries.rows == 0) return;
   const QueryWords q = to_words(queries);
   const ScanKernels& kern = kernels();
-  const int64_t threads = omp_get_max_threads();
   const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
-  const int64_t db_blocks = (db.rows + kLanes - 1) / kLanes;
+  const int64_t db_blocks = blocked_shape(db).blocks;
   // Where k is a quarter of the database or more, the threshold scan would accept most of it.
-  const bool by_histogram = k * 4 >= db.rows && q.rows >= threads;
-  if (!by_histogram && qblocks < 4 * threads) {
-    const int64_t shards = std::min<int64_t>(4 * threads, db_blocks / kMinShardBlocks);
-    if (shards > 1) return topk_few_queries(db, q, kern, k, shards, out_dist, out_idx);
-  }
+  const bool by_histogram = k * 4 >= db.rows && q.rows >= omp_get_max_threads();
+  // Too few query blocks to share the threads: shards of the database, each one task over every query.
+  if (!by_histogram && shard_count(qblocks, db_blocks) > 1)
+    return topk_few_queries(db, q, kern, k, shard_count(1, db_blocks), out_dist, out_idx);
   const BlockedCodes blocked = to_blocked(db);
   if (by_histogram) {
     topk_by_histogram(blocked, q, kern, k, out_dist, out_idx);

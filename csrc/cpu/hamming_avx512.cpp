@@ -107,7 +107,8 @@ struct Isa {
       } else {
         static_assert(W == 4, "whole-block transposes for 2 and 4 words");
         // Rows 0-3 and 4-7 first: words 0 and 1 of four rows in one vector, words 2 and 3 in another.
-        const __m512i w01 = _mm512_setr_epi64(0, 4, 8, 12, 1, 5, 9, 13), w23 = _mm512_setr_epi64(2, 6, 10, 14, 3, 7, 11, 15);
+        const __m512i w01 = _mm512_setr_epi64(0, 4, 8, 12, 1, 5, 9, 13);
+        const __m512i w23 = _mm512_setr_epi64(2, 6, 10, 14, 3, 7, 11, 15);
         const __m512i r0 = _mm512_loadu_si512(rows), r1 = _mm512_loadu_si512(rows + 64);
         const __m512i r2 = _mm512_loadu_si512(rows + 128), r3 = _mm512_loadu_si512(rows + 192);
         const __m512i p01 = _mm512_permutex2var_epi64(r0, w01, r1), p23 = _mm512_permutex2var_epi64(r0, w23, r1);

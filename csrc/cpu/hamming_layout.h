@@ -119,7 +119,8 @@ struct ScanKernels {
   void (*collect)(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t block_begin,
                   int64_t block_end, Candidates* cands);
   // Optional (null where the ISA has none): `blocks` whole blocks of contiguous rows of `words` words (8 * words
-  // bytes each, any alignment) into the blocked layout at out; false (nothing written) for a word count it does not handle.
+  // bytes each, any alignment) into the blocked layout at out; false (nothing written) for a word count it does
+  // not handle.
   bool (*relayout)(const uint8_t* rows, int64_t blocks, int64_t words, uint64_t* out) = nullptr;
 };
 
