@@ -188,7 +188,9 @@ void accumulate_block(const T* coef, int64_t rs, int64_t ts, int rows, int terms
 // pairs disjoint. Called inside a parallel region (or on one thread); every loop ends in a barrier.
 template <class Fn>
 void for_each_block_pair(int64_t blocks, Fn&& fn) {
-#pragma omp for schedule(static)
+  // Diagonal blocks dealt round-robin: in distillation's backward only the student's (the first half) have work,
+  // and contiguous chunks would give them all to the first thread.
+#pragma omp for schedule(static, 1)
   for (int64_t I = 0; I < blocks; ++I) fn(I, I);
   const int64_t m = blocks + (blocks & 1);  // an odd count gets a dummy block: its pairs are skipped
   for (int64_t round = 0; round + 1 < m; ++round) {
