@@ -134,6 +134,23 @@ def test_backward_op_returns_zeros_for_gradients_not_asked_for():
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_form_of_a_shared_alpha_gives_the_same_loss(device, dtype):
+    """A float, a CPU scalar (with codes on any device), a scalar on the codes' device and a [B] vector of one value
+    are the same alpha."""
+    s, ta, tv, kw = make_case(40, 16, seed=5, alpha=0.6, dtype=dtype, device=device)
+    want, want_g = loss_and_grads(brcd.brcd_loss, s, ta, tv, kw)
+    vector = torch.full((40,), 0.6, dtype=dtype, device=device)
+    for alpha in (torch.tensor(0.6, dtype=torch.float64), torch.tensor(0.6, dtype=dtype, device=device), vector):
+        got, got_g = loss_and_grads(brcd.brcd_loss, s, ta, tv, dict(kw, alpha=alpha))
+        assert torch.allclose(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0), alpha
+        for g, w in zip(got_g, want_g):
+            assert torch.allclose(g, w, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-7), alpha
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        brcd.brcd_loss(s, ta, tv, **dict(kw, alpha=torch.tensor(-0.5, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_all_negatives_dropped_gives_zero(device):
     s, ta, tv, kw = make_case(8, 16, 3, mask=None, groups="all", alpha=0.5, device=device)
     loss, grads = loss_and_grads(brcd.brcd_loss, s, ta, tv, kw)

@@ -31,11 +31,13 @@ def test_opcheck_average_precision():
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_extras", [False, True])
-def test_opcheck_contrastive(device, dtype, with_extras):
+@pytest.mark.parametrize("alpha_kind", ["vector", "cpu scalar"])
+def test_opcheck_contrastive(device, dtype, with_extras, alpha_kind):
     B, K = 6, 16
     mk = lambda: torch.randn(B, K, device=device, dtype=dtype, requires_grad=True)
     s, ta, tv = mk(), mk(), mk()
-    alpha = torch.rand(B, device=device, dtype=dtype)
+    # A float alpha reaches the op as a float64 CPU scalar, whatever the codes' device.
+    alpha = torch.rand(B, device=device, dtype=dtype) if alpha_kind == "vector" else torch.tensor(0.7, dtype=torch.float64)
     mask = (torch.rand(B, K, device=device) < 0.7).to(dtype) if with_extras else None
     groups = torch.randint(-1, 3, (2 * B,), device=device) if with_extras else None
     args = (s, ta, tv, 0.3, alpha, mask, groups, groups)

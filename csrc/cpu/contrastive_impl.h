@@ -453,7 +453,7 @@ template <class T>
 T positive_logit(const ContrastiveProblem<T>& p, const T* zn, int64_t ld, const Individual<T>* ind, T inv_tau,
                  int64_t a) {
   const int64_t B = p.batch, k = sample_of(a, B), partner = partner_of(a, B);
-  const T al = p.alpha[k];
+  const T al = alpha_of(p, k);
   return al * ind[k].cos * inv_tau + (T(1) - al) * dot(zn + a * ld, zn + partner * ld, p.bits) * inv_tau;
 }
 
@@ -546,7 +546,7 @@ void finish_backward(const ContrastiveProblem<T>& p, const T* zn, int64_t ld, co
   in_team(B * K >= kRowWorkForThreads, [&] {
 #pragma omp for schedule(static)
   for (int64_t k = 0; k < B; ++k) {
-    const T al = p.alpha[k];
+    const T al = alpha_of(p, k);
     const T* m = p.bit_mask ? p.bit_mask + k * K : nullptr;
     const T cross = (T(1) - al) * (pos_coef[k] + pos_coef[k + B]);
     const T f = scale * inv_tau;

@@ -115,7 +115,7 @@ __global__ void positive_kernel(ContrastiveProblem<T> p, Workspace<T> w, T* pos)
   for (int64_t d = lane; d < w.k_pad; d += 32) dot += w.zn[a * w.k_pad + d] * w.zn[partner * w.k_pad + d];
   dot = warp_sum(dot);
   if (lane == 0) {
-    const T al = p.alpha[a % B], inv_tau = T(1) / p.temperature;
+    const T al = alpha_of(p, a % B), inv_tau = T(1) / p.temperature;
     pos[a] = al * w.cos_ind[a % B] * inv_tau + (T(1) - al) * dot * inv_tau;
   }
 }
@@ -368,7 +368,7 @@ __global__ void finish_backward_kernel(ContrastiveProblem<T> p, Workspace<T> w, 
   const T inv_tau = T(1) / p.temperature;
   const T scale = *grad_loss / static_cast<T>(n2);
   const T pc0 = dev_exp(pos[k] - lse[k]) - T(1), pc1 = dev_exp(pos[k + B] - lse[k + B]) - T(1);
-  const T al = p.alpha[k];
+  const T al = alpha_of(p, k);
   const T cross = (T(1) - al) * (pc0 + pc1);
   const T* m = p.bit_mask ? p.bit_mask + k * K : nullptr;
   for (int side = 0; side < 2; ++side) {

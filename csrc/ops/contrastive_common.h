@@ -11,7 +11,9 @@ namespace brcd::ops {
 
 // The operands in the compute dtype (float32, or float64 for float64 inputs), contiguous, on the codes' device.
 struct ContrastiveOperands {
-  at::Tensor student, teacher_anchor, teacher_view, alpha;
+  at::Tensor student, teacher_anchor, teacher_view;
+  at::Tensor alpha;       // [B], or undefined: alpha_all for every sample (alpha was given as a scalar)
+  double alpha_all = 0;
   std::optional<at::Tensor> bit_mask, row_groups, col_groups;
   int64_t batch = 0, bits = 0;
   at::ScalarType input_dtype = at::kFloat;
@@ -76,14 +78,23 @@ inline ContrastiveOperands prepare_operands(const at::Tensor& student, const at:
                    alpha.scalar_type());
   TORCH_CHECK_VALUE(alpha.dim() == 0 || (alpha.dim() == 1 && alpha.size(0) == B),
                     "alpha must be a scalar or have shape [batch] = [", B, "], got ", alpha.sizes());
-  TORCH_CHECK_VALUE(alpha.device() == dev, "alpha is on ", alpha.device(), " but the codes are on ", dev);
-  o.alpha = cast(alpha.dim() == 0 ? alpha.expand({B}) : alpha);
-  if (dev.is_cpu()) {  // on CUDA the Python wrapper checks (a device sync); a loop here costs nothing
-    AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "check_alpha", [&] {
-      const scalar_t* a = o.alpha.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < B; ++i)
-        TORCH_CHECK_VALUE(a[i] >= 0 && a[i] <= 1, "alpha must lie in [0, 1], got ", a[i], " at index ", i);
-    });
+  if (alpha.dim() == 0) {
+    // One value for every sample, read on the host: a CPU scalar may go with codes on any device (as in PyTorch's
+    // own ops), and then nothing is copied to the device and nothing waits for it.
+    TORCH_CHECK_VALUE(alpha.is_cpu() || alpha.device() == dev, "alpha is on ", alpha.device(),
+                      " but the codes are on ", dev);
+    o.alpha_all = alpha.item<double>();
+    TORCH_CHECK_VALUE(o.alpha_all >= 0 && o.alpha_all <= 1, "alpha must lie in [0, 1], got ", o.alpha_all);
+  } else {
+    TORCH_CHECK_VALUE(alpha.device() == dev, "alpha is on ", alpha.device(), " but the codes are on ", dev);
+    o.alpha = cast(alpha);
+    if (dev.is_cpu()) {  // on CUDA the Python wrapper checks (a device sync); a loop here costs nothing
+      AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "check_alpha", [&] {
+        const scalar_t* a = o.alpha.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < B; ++i)
+          TORCH_CHECK_VALUE(a[i] >= 0 && a[i] <= 1, "alpha must lie in [0, 1], got ", a[i], " at index ", i);
+      });
+    }
   }
 
   if (bit_mask.has_value()) {
@@ -114,7 +125,8 @@ ContrastiveProblem<T> make_problem(const ContrastiveOperands& o, double temperat
   p.student = o.student.data_ptr<T>();
   p.teacher_anchor = o.teacher_anchor.data_ptr<T>();
   p.teacher_view = o.teacher_view.data_ptr<T>();
-  p.alpha = o.alpha.data_ptr<T>();
+  p.alpha = o.alpha.defined() ? o.alpha.data_ptr<T>() : nullptr;
+  p.alpha_all = static_cast<T>(o.alpha_all);
   p.bit_mask = o.bit_mask ? o.bit_mask->data_ptr<T>() : nullptr;
   p.row_groups = o.row_groups ? o.row_groups->data_ptr<int64_t>() : nullptr;
   p.col_groups = o.col_groups ? o.col_groups->data_ptr<int64_t>() : nullptr;
