@@ -166,6 +166,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
     ap.add_argument("--only", choices=["topk", "loss"], help="run one of the two benchmarks")
     ap.add_argument("--breakdown", action="store_true", help="also profile one loss step at B = 64 and 8192")
+    ap.add_argument("--loss-sizes", type=int, nargs="+", metavar="B",
+                    help="batch sizes of the loss benchmark (default: 64 1024 8192 65536 262144; an A/B of two "
+                         "builds in one call fits its time with 64 1024 8192)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     head = f"GPU benchmarks, brcd {git_revision()}, {machine('cuda')}\n"
@@ -180,7 +183,9 @@ def main():
         print(topk, flush=True)
         text += f"\n## Hamming top-k\n\n{topk}\n"
     if args.only != "topk":
-        if args.quick:
+        if args.loss_sizes:
+            loss = bench_loss(args.loss_sizes, 64, eager_max=8192)
+        elif args.quick:
             loss = bench_loss([64, 1024], 64, eager_max=1024)
         else:
             loss = bench_loss([64, 1024, 8192, 65536, 262144], 64, eager_max=8192)
