@@ -203,12 +203,13 @@ void for_each_block_pair(int64_t blocks, Fn&& fn) {
   }
 }
 
-// A team pays from B = 64 at K = 64, where the 4 blocks split evenly over 2 threads (measured on 2 cores, whole
-// step: one thread is 6 % faster at B = 48, whose 3 blocks leave a thread idle in every round; two are 9 % faster
-// at B = 64 and 24 % at B = 128).
+// A team from about B = 181 at K = 64. On an idle machine two threads are faster from B = 64 (9 % at B = 64, 24 % at
+// B = 128: whole step, 2 cores), but a step of a tenth of a millisecond with a barrier per round is at the mercy of
+// the other core: with a busy process there (a data loader's worker, say) the B = 64 step took 0.24 ms, and with two
+// 46 ms (a descheduled thread holds every barrier), where one thread kept its 0.14 ms. Measured on 2 cores.
 template <class T>
 bool worth_threads(const SymPrepared<T>& q) {
-  return q.n2 * q.n2 * q.bits >= (int64_t(1) << 20);
+  return q.n2 * q.n2 * q.bits >= (int64_t(1) << 23);
 }
 
 template <class T>
