@@ -125,8 +125,8 @@ def brcd_loss(
         teacher_anchor: teacher codes of view 1, [B, K] (the individual-space positive).
         teacher_view: teacher codes of view 2, [B, K] (the structural positive and negatives).
         temperature: softmax temperature, > 0.
-        alpha: weight of the individual term in [0, 1]: a float, a 0-d tensor (on the CPU whatever the codes'
-            device, or on theirs) or a [B] tensor on the codes' device (1 for offset positives).
+        alpha: weight of the individual term in [0, 1]: a float, a 0-d tensor (a CPU one goes with codes on any
+            device) or a [B] tensor on the codes' device (1 for offset positives).
         bit_mask: per-sample bit weights [B, K] applied to the structural part, or None (all ones).
         row_groups, col_groups: [2B] int64 group ids; a negative (r, c) is dropped when
             ``row_groups[r] == col_groups[c] >= 0``. Give both or neither.
@@ -143,10 +143,8 @@ def brcd_loss(
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if isinstance(alpha, Tensor):
         alpha_t = alpha
-        # The op checks a scalar's range on the host, and a [B] tensor's on the CPU; on a GPU that check is a device
-        # sync, done here once.
-        if (alpha_t.dim() == 1 and alpha_t.is_floating_point() and alpha_t.device.type != "cpu" and not _compiling()
-                and alpha_t.numel()):
+        # On the CPU the op checks the range itself; on a GPU that check is a device sync, done here once.
+        if alpha_t.is_floating_point() and alpha_t.device.type != "cpu" and not _compiling() and alpha_t.numel():
             if bool(((alpha_t < 0) | (alpha_t > 1)).any()):
                 raise ValueError("alpha must lie in [0, 1]")
     elif isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):

@@ -78,16 +78,15 @@ inline ContrastiveOperands prepare_operands(const at::Tensor& student, const at:
                    alpha.scalar_type());
   TORCH_CHECK_VALUE(alpha.dim() == 0 || (alpha.dim() == 1 && alpha.size(0) == B),
                     "alpha must be a scalar or have shape [batch] = [", B, "], got ", alpha.sizes());
-  if (alpha.dim() == 0) {
+  if (alpha.dim() == 0 && alpha.is_cpu()) {
     // One value for every sample, read on the host: a CPU scalar may go with codes on any device (as in PyTorch's
-    // own ops), and then nothing is copied to the device and nothing waits for it.
-    TORCH_CHECK_VALUE(alpha.is_cpu() || alpha.device() == dev, "alpha is on ", alpha.device(),
-                      " but the codes are on ", dev);
+    // own ops), and then nothing is copied to the device and nothing waits for it. (A scalar on the GPU is expanded
+    // there instead: reading it here would synchronise, which a CUDA graph capture forbids.)
     o.alpha_all = alpha.item<double>();
     TORCH_CHECK_VALUE(o.alpha_all >= 0 && o.alpha_all <= 1, "alpha must lie in [0, 1], got ", o.alpha_all);
   } else {
     TORCH_CHECK_VALUE(alpha.device() == dev, "alpha is on ", alpha.device(), " but the codes are on ", dev);
-    o.alpha = cast(alpha);
+    o.alpha = cast(alpha.dim() == 0 ? alpha.expand({B}) : alpha);
     if (dev.is_cpu()) {  // on CUDA the Python wrapper checks (a device sync); a loop here costs nothing
       AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "check_alpha", [&] {
         const scalar_t* a = o.alpha.data_ptr<scalar_t>();
