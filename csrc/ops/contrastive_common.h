@@ -12,7 +12,7 @@ namespace brcd::ops {
 // The operands in the compute dtype (float32, or float64 for float64 inputs), contiguous, on the codes' device.
 struct ContrastiveOperands {
   at::Tensor student, teacher_anchor, teacher_view;
-  at::Tensor alpha;       // [B], or undefined: alpha_all for every sample (alpha was given as a scalar)
+  at::Tensor alpha;  // [B], or undefined: alpha_all for every sample (alpha was a CPU scalar)
   double alpha_all = 0;
   std::optional<at::Tensor> bit_mask, row_groups, col_groups;
   int64_t batch = 0, bits = 0;
