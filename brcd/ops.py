@@ -148,9 +148,8 @@ def brcd_loss(
             if bool(((alpha_t < 0) | (alpha_t > 1)).any()):
                 raise ValueError("alpha must lie in [0, 1]")
     elif isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        # A CPU scalar whatever the codes' device: the op reads it on the host (no copy to a GPU, nothing to wait for).
+        # A CPU scalar whatever the codes' device: the op reads it on the host (no copy to a GPU, nothing to wait for)
+        # and checks its range there.
         alpha_t = torch.tensor(float(alpha), dtype=torch.float64)
     else:
         raise TypeError(f"alpha must be a float or a tensor, got {type(alpha).__name__}")
