@@ -53,10 +53,13 @@ class ContrastiveLoss : public torch::autograd::Function<ContrastiveLoss> {
                             row_groups.value_or(at::Tensor()), col_groups.value_or(at::Tensor()), stats});
     ctx->saved_data["temperature"] = temperature;
     ctx->mark_non_differentiable({stats});
+    // The statistics never get a gradient: without this, every backward would first fill a zero tensor for them.
+    ctx->set_materialize_grads(false);
     return {loss, stats};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(8);  // no gradient reached the loss: none for the inputs
     const auto saved = ctx->get_saved_variables();
     const double temperature = ctx->saved_data["temperature"].toDouble();
     // Without create_graph (grad mode off here) the gradients need no history: the call goes straight to the
