@@ -1,6 +1,8 @@
 // CPU implementations of the contrastive-loss ops: torch glue around csrc/cpu/contrastive.h.
 #include <torch/library.h>
 
+#include <cstring>
+
 #include "cpu/contrastive.h"
 #include "ops/contrastive_common.h"
 
@@ -34,8 +36,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu(
       prepare_operands(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups, col_groups);
   check_backward_inputs(grad_loss, row_stats, o);
   const at::Tensor stats = row_stats.is_contiguous() ? row_stats : row_stats.contiguous();
-  // A gradient nobody asked for is not computed (its share of the products is skipped): zeros.
-  const auto output = [&](bool wanted) { return wanted ? at::empty_like(o.student) : at::zeros_like(o.student); };
+  // A gradient nobody asked for is not computed (its share of the products is skipped): zeros, written here (a
+  // zero_ would be one more dispatcher call per step).
+  const auto output = [&](bool wanted) {
+    at::Tensor t = at::empty_like(o.student);
+    if (!wanted) std::memset(t.data_ptr(), 0, t.nbytes());
+    return t;
+  };
   at::Tensor gs = output(output_mask[0]), ga = output(output_mask[1]), gv = output(output_mask[2]);
   AT_DISPATCH_FLOATING_TYPES(o.compute_dtype, "contrastive_backward_cpu", [&] {
     const auto p = make_problem<scalar_t>(o, temperature);
