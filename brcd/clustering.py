@@ -172,6 +172,8 @@ def negative_groups(clusters: Tensor, view_clusters: Tensor, *, base_alpha: floa
     """
     if mode not in GROUP_MODES:
         raise ValueError(f"mode must be one of {GROUP_MODES}, got {mode!r}")
+    if not 0.0 <= float(base_alpha) <= 1.0:  # (NaN fails too) the alpha built here is trusted without a device sync
+        raise ValueError(f"base_alpha must lie in [0, 1], got {base_alpha}")
     if clusters.shape != view_clusters.shape or clusters.dim() != 1:
         raise ValueError("clusters and view_clusters must be 1-D tensors of the same length")
     c, cv = clusters.long(), view_clusters.long().to(clusters.device)

@@ -68,7 +68,9 @@ class BRCDObjective(nn.Module):
 
     def forward(self, probs1: Tensor, codes1: Tensor, probs2: Tensor, codes2: Tensor, teacher_codes1: Tensor,
                 teacher_codes2: Tensor, *, alpha: Union[float, Tensor] = 0.8, bit_mask: Optional[Tensor] = None,
-                row_groups: Optional[Tensor] = None, col_groups: Optional[Tensor] = None) -> Tensor:
+                row_groups: Optional[Tensor] = None, col_groups: Optional[Tensor] = None,
+                check_alpha: bool = True) -> Tensor:
         kd = brcd_loss(codes1, teacher_codes1.detach(), teacher_codes2.detach(), temperature=self.temperature,
-                       alpha=alpha, bit_mask=bit_mask, row_groups=row_groups, col_groups=col_groups)
+                       alpha=alpha, bit_mask=bit_mask, row_groups=row_groups, col_groups=col_groups,
+                       check_alpha=check_alpha)
         return self.own(probs1, codes1, probs2, codes2) + self.kd_weight * kd

@@ -117,6 +117,7 @@ def brcd_loss(
     bit_mask: Optional[Tensor] = None,
     row_groups: Optional[Tensor] = None,
     col_groups: Optional[Tensor] = None,
+    check_alpha: bool = True,
 ) -> Tensor:
     """The BRCD contrastive distillation loss (shared/spec/contrastive-loss.md), fused: O(B*K) extra memory.
 
@@ -130,6 +131,11 @@ def brcd_loss(
         bit_mask: per-sample bit weights [B, K] applied to the structural part, or None (all ones).
         row_groups, col_groups: [2B] int64 group ids; a negative (r, c) is dropped when
             ``row_groups[r] == col_groups[c] >= 0``. Give both or neither.
+        check_alpha: check that a tensor alpha on a GPU lies in [0, 1]. Reading the answer waits for the device (one
+            synchronisation per call, which also drains a training loop's queue of GPU work ahead of the host); pass
+            False where alpha is valid by construction, as the trainer does (its alpha is ``base_alpha`` or 1). An
+            alpha outside [0, 1] then goes unreported. On the CPU the op checks alpha's range whatever this says (it
+            costs nothing there), and every check of shapes, dtypes and devices always runs.
 
     Returns a 0-d tensor in the codes' dtype, differentiable with respect to the three code tensors (once: a second
     derivative, through gradients taken with ``create_graph=True``, raises NotImplementedError). The backward
@@ -144,7 +150,8 @@ def brcd_loss(
     if isinstance(alpha, Tensor):
         alpha_t = alpha
         # On the CPU the op checks the range itself; on a GPU that check is a device sync, done here once.
-        if alpha_t.is_floating_point() and alpha_t.device.type != "cpu" and not _compiling() and alpha_t.numel():
+        if (check_alpha and alpha_t.is_floating_point() and alpha_t.device.type != "cpu" and not _compiling()
+                and alpha_t.numel()):
             if bool(((alpha_t < 0) | (alpha_t > 1)).any()):
                 raise ValueError("alpha must lie in [0, 1]")
     elif isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):

@@ -206,8 +206,9 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Clusters, imag
         rows, cols, alpha = negative_groups(c, cv, base_alpha=cfg.alpha, mode=cfg.group_mode)
         p1, s1 = model(v1)
         p2, s2 = model(v2)
+        # alpha is base_alpha or 1 (negative_groups checks base_alpha): no per-step device sync to check it again.
         return objective(p1, s1, p2, s2, t1, t2, alpha=alpha, bit_mask=masks[c] if cfg.use_mask else None,
-                         row_groups=rows, col_groups=cols)
+                         row_groups=rows, col_groups=cols, check_alpha=False)
 
     def validate():
         q = encode(model, val_queries, device=cfg.device)

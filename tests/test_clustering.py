@@ -80,6 +80,10 @@ def test_negative_groups_modes():
     assert rg is None and cg is None and alpha.tolist() == pytest.approx([0.8, 1.0, 0.8, 0.8])
     with pytest.raises(ValueError, match="mode"):
         negative_groups(c, cv, mode="all")
+    # The trainer passes this alpha to brcd_loss unchecked (check_alpha=False): base_alpha is checked here.
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="base_alpha"):
+            negative_groups(c, cv, base_alpha=bad)
 
 
 def test_bad_input():

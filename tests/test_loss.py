@@ -151,6 +151,33 @@ def test_every_form_of_a_shared_alpha_gives_the_same_loss(device, dtype):
 
 
 @pytest.mark.parametrize("device", device_params())
+def test_check_alpha_false_drops_only_the_gpu_synchronisation(device):
+    """check_alpha=False skips the one check that waits for a GPU (alpha's range) and nothing else: on the CPU the op
+    still checks it; on a GPU a training step then never synchronises (torch's sync debug mode raises on one)."""
+    s, ta, tv, kw = make_case(24, 16, seed=9, dtype=torch.float32, device=device)
+    bad = dict(kw, alpha=torch.full((24,), 1.5, device=device))
+    if device == "cpu":
+        with pytest.raises(ValueError, match="alpha must lie in"):
+            brcd.brcd_loss(s, ta, tv, **bad, check_alpha=False)
+        return
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        brcd.brcd_loss(s, ta, tv, **bad)
+    want, want_g = loss_and_grads(brcd.brcd_loss, s, ta, tv, kw)
+    student = s.detach().clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = brcd.brcd_loss(student, ta, tv, **kw, check_alpha=False)
+        loss.backward()
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            brcd.brcd_loss(student, ta, tv, **kw)  # the check reads the device
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.allclose(loss.detach(), want, rtol=1e-6, atol=0)
+    assert torch.allclose(student.grad, want_g[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_all_negatives_dropped_gives_zero(device):
     s, ta, tv, kw = make_case(8, 16, 3, mask=None, groups="all", alpha=0.5, device=device)
     loss, grads = loss_and_grads(brcd.brcd_loss, s, ta, tv, kw)
