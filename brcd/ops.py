@@ -152,8 +152,10 @@ def brcd_loss(
         # On the CPU the op checks the range itself; on a GPU that check is a device sync, done here once.
         if (check_alpha and alpha_t.is_floating_point() and alpha_t.device.type != "cpu" and not _compiling()
                 and alpha_t.numel()):
-            if bool(((alpha_t < 0) | (alpha_t > 1)).any()):
-                raise ValueError("alpha must lie in [0, 1]")
+            bad = ~((alpha_t >= 0) & (alpha_t <= 1))  # NaN too
+            if bool(bad.any()):  # the same message as the op's own check on the CPU
+                first = int(bad.reshape(-1).nonzero()[0])
+                raise ValueError(f"alpha must lie in [0, 1], got {float(alpha_t.reshape(-1)[first])} at index {first}")
     elif isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
         # A CPU scalar whatever the codes' device: the op reads it on the host (no copy to a GPU, nothing to wait for)
         # and checks its range there.

@@ -151,6 +151,19 @@ def test_every_form_of_a_shared_alpha_gives_the_same_loss(device, dtype):
 
 
 @pytest.mark.parametrize("device", device_params())
+def test_alpha_outside_the_unit_interval_names_the_first_sample(device):
+    s, ta, tv, kw = make_case(6, 8, seed=1, device=device)
+    alpha = kw["alpha"].clone()
+    alpha[4] = 1.5
+    alpha[2] = float("nan")
+    with pytest.raises(ValueError, match="alpha must lie in \\[0, 1\\], got nan at index 2"):
+        brcd.brcd_loss(s, ta, tv, **dict(kw, alpha=alpha))
+    alpha[2] = 0.5
+    with pytest.raises(ValueError, match="got 1.5 at index 4"):
+        brcd.brcd_loss(s, ta, tv, **dict(kw, alpha=alpha))
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_check_alpha_false_drops_only_the_gpu_synchronisation(device):
     """check_alpha=False skips the one check that waits for a GPU (alpha's range) and nothing else: on the CPU the op
     still checks it; on a GPU a training step then never synchronises (torch's sync debug mode raises on one)."""
