@@ -46,6 +46,23 @@ def test_pack_matches_numpy_packbits(device, nbits, dtype):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8,
+                                   torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool])
+def test_pack_every_dtype_and_special_value(device, dtype):
+    """Bit j is codes[:, j] > 0 for every dtype: -0, NaN and -inf give 0, +inf and the smallest subnormal give 1."""
+    gen = torch.Generator().manual_seed(7)
+    values = torch.randn(23, 77, generator=gen) * 3
+    if dtype.is_floating_point:
+        tiny = torch.finfo(dtype).smallest_normal / 4  # a subnormal
+        special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), tiny, -tiny])
+        values[0, : special.numel()] = special
+        values[1, -special.numel():] = special
+    codes = (values > 0) if dtype == torch.bool else values.to(dtype)
+    expected = np.packbits((codes.float() > 0).numpy(), axis=1, bitorder="little")
+    np.testing.assert_array_equal(brcd.pack_codes(codes.to(device)).cpu().numpy(), expected)
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_pack_non_contiguous_and_sliced(device):
     codes = torch.randn(40, 130, device=device)[::3, 1:66]
     assert not codes.is_contiguous()

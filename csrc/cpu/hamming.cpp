@@ -63,20 +63,50 @@ const char* simd_level_name(SimdLevel level) {
 }
 
 // ---------------------------------------------------------------- packing and layout
-void pack_bits(const uint8_t* bits, int64_t rows, int64_t nbits, int64_t bits_stride, uint8_t* out) {
-  const int64_t nbytes = (nbits + 7) / 8;
+namespace {
+template <class T>
+inline bool positive(T x) {
+  return x > T(0);
+}
+// Above +0 and at most +inf: one unsigned compare of the bits (-0, negatives and NaNs wrap past +inf's pattern).
+inline bool positive(HalfBits x) { return static_cast<uint16_t>(x.bits - 1) < 0x7c00; }
+inline bool positive(BFloat16Bits x) { return static_cast<uint16_t>(x.bits - 1) < 0x7f80; }
+}  // namespace
+
+template <class T>
+void pack_positive(const T* codes, int64_t rows, int64_t nbits, int64_t stride, uint8_t* out) {
+  const int64_t nbytes = (nbits + 7) / 8, whole = nbits / 8;
+  // One pass over the codes, eight compares per byte (the compiler turns them into vector compares and a mask):
+  // comparing into a byte tensor first, then packing it, read and wrote the data three times.
 #pragma omp parallel for schedule(static) if (rows * nbits > (1 << 16))
   for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* src = bits + r * bits_stride;
+    const T* src = codes + r * stride;
     uint8_t* dst = out + r * nbytes;
-    for (int64_t byte = 0; byte < nbytes; ++byte) {
-      uint8_t v = 0;
-      const int64_t end = std::min<int64_t>(8, nbits - byte * 8);
-      for (int64_t b = 0; b < end; ++b) v |= static_cast<uint8_t>((src[byte * 8 + b] != 0) << b);
-      dst[byte] = v;
+    for (int64_t byte = 0; byte < whole; ++byte) {
+      const T* x = src + byte * 8;
+      unsigned v = 0;
+#pragma GCC unroll 8
+      for (int b = 0; b < 8; ++b) v |= static_cast<unsigned>(positive(x[b])) << b;
+      dst[byte] = static_cast<uint8_t>(v);
+    }
+    if (whole < nbytes) {  // the last, partial byte
+      unsigned v = 0;
+      for (int64_t j = whole * 8; j < nbits; ++j) v |= static_cast<unsigned>(positive(src[j])) << (j - whole * 8);
+      dst[whole] = static_cast<uint8_t>(v);
     }
   }
 }
+
+template void pack_positive<float>(const float*, int64_t, int64_t, int64_t, uint8_t*);
+template void pack_positive<double>(const double*, int64_t, int64_t, int64_t, uint8_t*);
+template void pack_positive<HalfBits>(const HalfBits*, int64_t, int64_t, int64_t, uint8_t*);
+template void pack_positive<BFloat16Bits>(const BFloat16Bits*, int64_t, int64_t, int64_t, uint8_t*);
+template void pack_positive<bool>(const bool*, int64_t, int64_t, int64_t, uint8_t*);
+template void pack_positive<uint8_t>(const uint8_t*, int64_t, int64_t, int64_t, uint8_t*);
+template void pack_positive<int8_t>(const int8_t*, int64_t, int64_t, int64_t, uint8_t*);
+template void pack_positive<int16_t>(const int16_t*, int64_t, int64_t, int64_t, uint8_t*);
+template void pack_positive<int32_t>(const int32_t*, int64_t, int64_t, int64_t, uint8_t*);
+template void pack_positive<int64_t>(const int64_t*, int64_t, int64_t, int64_t, uint8_t*);
 
 namespace {
 int64_t words_for(int64_t bytes) { return std::max<int64_t>(1, (bytes + 7) / 8); }

@@ -20,8 +20,19 @@ enum class SimdLevel : int { kScalar = 0, kAvx2 = 1, kAvx512Vpopcnt = 2 };
 SimdLevel simd_level();
 const char* simd_level_name(SimdLevel level);
 
-// bits: rows x nbits bytes holding 0 or 1 (row stride bits_stride); out: rows x ceil(nbits/8), contiguous.
-void pack_bits(const uint8_t* bits, int64_t rows, int64_t nbits, int64_t bits_stride, uint8_t* out);
+// IEEE half and bfloat16 codes, as their bit patterns (this header holds no torch types).
+struct HalfBits {
+  uint16_t bits;
+};
+struct BFloat16Bits {
+  uint16_t bits;
+};
+
+// Bit j of packed row r is 1 where codes[r * stride + j] > 0 (a NaN gives 0): numpy.packbits(codes > 0, axis=1,
+// bitorder="little"). out: rows x ceil(nbits / 8), contiguous. T: float, double, HalfBits, BFloat16Bits, bool and
+// the integer types.
+template <class T>
+void pack_positive(const T* codes, int64_t rows, int64_t nbits, int64_t stride, uint8_t* out);
 
 // out: queries.rows x db.rows, contiguous.
 void hamming_distance(const PackedCodes& queries, const PackedCodes& db, int32_t* out);

@@ -16,10 +16,20 @@ cpu::PackedCodes view(const at::Tensor& packed) {
 
 at::Tensor pack_codes_cpu(const at::Tensor& codes) {
   check_codes(codes, "codes");
-  const at::Tensor bits = positive_bits(codes);
-  const int64_t n = bits.size(0), nbits = bits.size(1);
+  const at::Tensor c = codes.stride(1) == 1 ? codes : codes.contiguous();  // rows of unit stride are read in place
+  const int64_t n = c.size(0), nbits = c.size(1);
   at::Tensor out = at::empty({n, (nbits + 7) / 8}, codes.options().dtype(at::kByte));
-  if (n > 0) cpu::pack_bits(bits.data_ptr<uint8_t>(), n, nbits, bits.stride(0), out.data_ptr<uint8_t>());
+  if (n == 0) return out;
+  uint8_t* o = out.data_ptr<uint8_t>();
+  if (c.scalar_type() == at::kHalf) {
+    cpu::pack_positive(static_cast<const cpu::HalfBits*>(c.const_data_ptr()), n, nbits, c.stride(0), o);
+  } else if (c.scalar_type() == at::kBFloat16) {
+    cpu::pack_positive(static_cast<const cpu::BFloat16Bits*>(c.const_data_ptr()), n, nbits, c.stride(0), o);
+  } else {
+    AT_DISPATCH_ALL_TYPES_AND(at::kBool, c.scalar_type(), "pack_codes_cpu", [&] {
+      cpu::pack_positive<scalar_t>(c.const_data_ptr<scalar_t>(), n, nbits, c.stride(0), o);
+    });
+  }
   return out;
 }
 
@@ -69,7 +79,8 @@ LabelStorage item_labels(const at::Tensor& labels, int64_t rows, const char* nam
   const at::Tensor has = at::constant_pad_nd(positive_bits(labels), {0, words * 64 - classes}).contiguous();
   s.bits.assign(static_cast<size_t>(rows * words), 0);
   if (rows > 0)
-    cpu::pack_bits(has.data_ptr<uint8_t>(), rows, words * 64, has.stride(0), reinterpret_cast<uint8_t*>(s.bits.data()));
+    cpu::pack_positive<uint8_t>(has.const_data_ptr<uint8_t>(), rows, words * 64, has.stride(0),
+                                reinterpret_cast<uint8_t*>(s.bits.data()));
   s.view.bits = s.bits.data();
   s.view.words = words;
   return s;
