@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import brcd  # noqa: E402
 from brcd import reference as ref  # noqa: E402
+from cases import loss_case  # noqa: E402
 from common import git_revision, machine, table, time_cuda  # noqa: E402
 
 
@@ -76,16 +77,6 @@ def topk_table(rows: list) -> str:
                  rows)
 
 
-def loss_inputs(B: int, K: int, dtype=torch.float32):
-    gen = torch.Generator(device="cuda").manual_seed(B)
-    s, ta, tv = (torch.randn(B, K, device="cuda", generator=gen, dtype=dtype) for _ in range(3))
-    clusters = torch.randint(0, 10, (B,), device="cuda", generator=gen)
-    kw = dict(temperature=0.3, alpha=(torch.rand(B, device="cuda", generator=gen) < 0.3).to(dtype) * 0.2 + 0.8,
-              bit_mask=(torch.rand(B, K, device="cuda", generator=gen) < 0.8).to(dtype),
-              row_groups=torch.cat([clusters, clusters]), col_groups=torch.cat([clusters, clusters]))
-    return s, ta, tv, kw
-
-
 def fwd_bwd(fn, s, ta, tv, kw, view_grad: bool = True):
     """One step: forward and backward, with gradients for the student and (view_grad) the teacher's second view;
     without it, the distillation step, where the teacher's codes are frozen."""
@@ -102,7 +93,7 @@ def bench_loss(sizes, K: int, eager_max: int) -> str:
     rows = []
     props = torch.cuda.get_device_properties(0)
     for B in sizes:
-        s, ta, tv, kw = loss_inputs(B, K)
+        s, ta, tv, kw = loss_case(B, K, seed=B, device="cuda")
         fused = fwd_bwd(brcd.brcd_loss, s, ta, tv, kw)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -147,7 +138,7 @@ def loss_breakdown(B: int, K: int) -> str:
     host-side operators."""
     from torch.profiler import ProfilerActivity, profile
 
-    s, ta, tv, kw = loss_inputs(B, K)
+    s, ta, tv, kw = loss_case(B, K, seed=B, device="cuda")
     run = fwd_bwd(brcd.brcd_loss, s, ta, tv, kw)
     for _ in range(3):
         run()

@@ -3,14 +3,15 @@ size (k = 1000) and one fused-loss forward + backward at B = 8192."""
 import torch
 
 import brcd
-from gpu_bench import fwd_bwd, loss_inputs
+from cases import loss_case
+from gpu_bench import fwd_bwd
 
 
 def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     qp = brcd.pack_codes(torch.randn(10_000, 64, device="cuda", generator=gen))
     dp = brcd.pack_codes(torch.randn(1_000_000, 64, device="cuda", generator=gen))
-    s, ta, tv, kw = loss_inputs(8192, 64)
+    s, ta, tv, kw = loss_case(8192, 64, seed=8192, device="cuda")
     step = fwd_bwd(brcd.brcd_loss, s, ta, tv, kw)
     brcd.hamming_topk(qp, dp, 1000)
     step()

@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 import brcd  # noqa: E402
 from brcd import metrics  # noqa: E402
 from brcd import reference as ref  # noqa: E402
+from cases import loss_case, map_case, one_hot, original_map  # noqa: E402
 from common import git_revision, machine, table, time_cpu  # noqa: E402
 
 
@@ -69,35 +70,11 @@ def bench_topk(n: int, q_count: int, bit_list, ks, small_queries=(1, 10)) -> str
 
 
 # ------------------------------------------------------------------------------------------------- mAP
-def original_map(q_codes: np.ndarray, db_codes: np.ndarray, q_labels: np.ndarray, db_labels: np.ndarray, topk: int,
-                 kind: str = "quicksort") -> float:
-    """The original evaluation loop: per query, distances by a ±1 dot product, one argsort, AP over the top k."""
-    nbits = q_codes.shape[1]
-    total = 0.0
-    for i in range(q_codes.shape[0]):
-        relevant = (q_labels[i] @ db_labels.T > 0).astype(np.float32)
-        dist = 0.5 * (nbits - q_codes[i] @ db_codes.T)
-        order = np.argsort(dist, kind=kind)
-        hits = relevant[order][:topk]
-        count = int(hits.sum())
-        if count == 0:
-            continue
-        ranks = np.arange(1, count + 1)
-        positions = np.nonzero(hits)[0] + 1.0
-        total += float(np.mean(ranks / positions))
-    return total / q_codes.shape[0]
-
-
 def bench_map(q_count: int, n: int, nbits: int = 64, topk: int = 1000, classes: int = 10) -> str:
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(classes, nbits, generator=g).sign()
-    ql, dl = torch.randint(0, classes, (q_count,), generator=g), torch.randint(0, classes, (n,), generator=g)
-    flip = lambda m: torch.where(torch.rand(m, nbits, generator=g) < 0.3, -1.0, 1.0)
-    qc, dc = centers[ql] * flip(q_count), centers[dl] * flip(n)
-    onehot = lambda x: torch.nn.functional.one_hot(x, classes).numpy().astype(np.float32)
+    qc, dc, ql, dl = map_case(q_count, n, nbits, classes)
     t_brcd = time_cpu(lambda: metrics.mean_average_precision(qc, dc, ql, dl, topk), repeat=3)
     m_brcd = metrics.mean_average_precision(qc, dc, ql, dl, topk)
-    args = (qc.numpy(), dc.numpy(), onehot(ql), onehot(dl), topk)
+    args = (qc.numpy(), dc.numpy(), one_hot(ql, classes), one_hot(dl, classes), topk)
     t0 = time.perf_counter()
     m_orig = original_map(*args)
     t_orig = time.perf_counter() - t0
@@ -111,16 +88,6 @@ def bench_map(q_count: int, n: int, nbits: int = 64, topk: int = 1000, classes: 
 
 
 # ------------------------------------------------------------------------------------------------- loss
-def loss_case(B: int, K: int = 64, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    s, ta, tv = (torch.randn(B, K, generator=g) for _ in range(3))
-    clusters = torch.randint(0, 10, (B,), generator=g)
-    kw = dict(temperature=0.3, alpha=(torch.rand(B, generator=g) < 0.3).float() * 0.2 + 0.8,
-              bit_mask=(torch.rand(B, K, generator=g) < 0.8).float(),
-              row_groups=torch.cat([clusters, clusters]), col_groups=torch.cat([clusters, clusters]))
-    return s, ta, tv, kw
-
-
 class PeakRss:
     """Samples this process's resident memory every millisecond on a thread: the peak over a region."""
 

@@ -1,0 +1,135 @@
+"""pytest-benchmark suite: brcd's ops side by side with the baselines of the issues (faiss `IndexBinaryFlat`, eager
+PyTorch, torch.compile, the original evaluation loop) on the same data, one group per case and device. Every brcd
+case first checks its answer against a baseline's, so a fast wrong answer fails instead of winning.
+
+    pytest benchmarks/ --benchmark-only [-k topk] [--benchmark-save=NAME | --benchmark-compare]
+
+The full-size tables of the issues' targets come from run_cpu.py and gpu_bench.py; this suite is for comparing
+builds and machines (pytest-benchmark's saved runs, comparisons and histograms). Sizes: conftest.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import brcd
+from brcd import metrics
+from brcd import reference as ref
+from cases import loss_case, map_case, one_hot, original_map, packed_codes
+from conftest import SMOKE, size, timed
+
+
+def pm1(packed: torch.Tensor, nbits: int) -> torch.Tensor:
+    """±1 float codes of packed ones: the operands of the matmul baselines."""
+    return brcd.unpack_codes(packed, nbits)
+
+
+# ------------------------------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("impl", ["brcd", "numpy"])
+def test_pack(benchmark, device, impl):
+    codes = torch.randn(size(1_000_000, 1000), 64, device=device)
+    benchmark.group = f"pack_codes, {codes.shape[0]:,} x 64 bits, {device}"
+    want = lambda: np.packbits(codes.cpu().numpy() > 0, axis=1, bitorder="little")
+    if impl == "numpy":
+        if device != "cpu":
+            pytest.skip("NumPy runs on the CPU")
+        benchmark(want)
+        return
+    assert np.array_equal(brcd.pack_codes(codes).cpu().numpy(), want())
+    benchmark(timed(lambda: brcd.pack_codes(codes), device))
+
+
+# ------------------------------------------------------------------------------------------------- distance
+@pytest.mark.parametrize("impl", ["brcd", "torch"])
+def test_hamming_distance(benchmark, device, impl):
+    q, n = size((256, 100_000), (8, 500))
+    qp, dp = packed_codes(q, 64, seed=1).to(device), packed_codes(n, 64, seed=2).to(device)
+    qs, ds = pm1(qp, 64), pm1(dp, 64)
+    matmul = lambda: (64 - qs @ ds.T) / 2  # the ±1 matmul (float32): exact for these integers
+    benchmark.group = f"hamming_distance, {q} x {n:,}, 64 bits, {device}"
+    if impl == "torch":
+        benchmark(timed(matmul, device))
+        return
+    assert torch.equal(brcd.hamming_distance(qp, dp), matmul().round().int())
+    benchmark(timed(lambda: brcd.hamming_distance(qp, dp), device))
+
+
+# ------------------------------------------------------------------------------------------------- top-k
+@pytest.mark.parametrize("nbits,k", [(64, 10), (64, 1000), (256, 10), (256, 1000)], ids=lambda v: str(v))
+@pytest.mark.parametrize("impl", ["brcd", "faiss", "torch"])
+def test_hamming_topk(benchmark, device, nbits, k, impl):
+    q, n = size((100, 1_000_000), (4, 5000))
+    qp, dp = packed_codes(q, nbits, seed=1), packed_codes(n, nbits, seed=2)
+    benchmark.group = f"hamming_topk, {q} x {n:,}, {nbits} bits, k = {k}, {device}"
+    benchmark.extra_info["pairs"] = q * n
+    if impl == "faiss":
+        if device != "cpu":
+            pytest.skip("faiss-cpu runs on the CPU (the GPU machine has no faiss)")
+        faiss = pytest.importorskip("faiss")
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index = faiss.IndexBinaryFlat(nbits)
+        index.add(dp.numpy())
+        benchmark(lambda: index.search(qp.numpy(), k))
+        return
+    qp, dp = qp.to(device), dp.to(device)
+    qs, ds = pm1(qp, nbits), pm1(dp, nbits)
+    by_matmul = lambda: torch.topk(qs @ ds.T, k, dim=1)  # the largest ±1 dot is the smallest distance
+    if impl == "torch":
+        benchmark(timed(by_matmul, device))
+        return
+    dist, idx = brcd.hamming_topk(qp, dp, k)
+    assert torch.equal(dist, ((nbits - by_matmul().values) / 2).round().int())
+    assert torch.equal(brcd.hamming_distance(qp, dp).gather(1, idx), dist)
+    benchmark(timed(lambda: brcd.hamming_topk(qp, dp, k), device))
+
+
+# ------------------------------------------------------------------------------------------------- mAP
+@pytest.mark.parametrize("impl", ["brcd", "original"])
+def test_map_at_1000(benchmark, device, impl):
+    q, n = size((500, 50_000), (20, 2000))
+    qc, dc, ql, dl = map_case(q, n)
+    args = (qc.numpy(), dc.numpy(), one_hot(ql, 10), one_hot(dl, 10), 1000)
+    benchmark.group = f"mAP@1000, {q} x {n:,}, 64 bits, {device}"
+    if impl == "original":
+        if device != "cpu":
+            pytest.skip("the original loop is NumPy")
+        # Its stable-sort form, which ranks ties as the spec does; a run is seconds: three rounds.
+        benchmark.pedantic(original_map, args=args, kwargs=dict(kind="stable"), rounds=3)
+        return
+    qc, dc, ql, dl = (t.to(device) for t in (qc, dc, ql, dl))
+    run = lambda: metrics.mean_average_precision(qc, dc, ql, dl, 1000)
+    assert run() == pytest.approx(original_map(*args, kind="stable"), abs=1e-12)
+    benchmark(timed(run, device))
+
+
+# ------------------------------------------------------------------------------------------------- loss
+@pytest.mark.parametrize("B", [64, 1024])
+@pytest.mark.parametrize("impl", ["fused", "eager", "compile"])
+def test_loss_step(benchmark, device, B, impl):
+    """Forward and backward of the BRCD loss (mask, groups, per-sample alpha), float32, with gradients for the student
+    and the teacher's second view: the step the issue's targets are set on."""
+    if impl == "compile" and SMOKE:
+        pytest.skip("torch.compile takes seconds to compile: not in smoke runs")
+    B = size(B, B // 16)
+    s, ta, tv, kw = loss_case(B, device=device)
+    # dynamic=False: a graph per batch size, as a fresh process compiles it (after a second size, torch.compile would
+    # otherwise switch to one dynamic-shape graph, slower here: 32 ms against 21 ms at B = 1024).
+    compiled = lambda: torch.compile(ref.brcd_loss, dynamic=False)
+    fn = compiled() if impl == "compile" else {"fused": brcd.brcd_loss, "eager": ref.brcd_loss}[impl]
+    benchmark.group = f"loss forward + backward, B = {B}, K = 64, {device}"
+
+    def step():
+        a, b = s.detach().requires_grad_(), tv.detach().requires_grad_()
+        loss = fn(a, ta, b, **kw)
+        loss.backward()
+        return loss, a.grad
+
+    loss, grad = step()  # and compiles, outside the timing
+    if impl == "fused":
+        a = s.detach().requires_grad_()
+        want = ref.brcd_loss(a, ta, tv, **kw)
+        want.backward()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+        assert torch.allclose(grad, a.grad, rtol=1e-4, atol=1e-6)
+    benchmark(timed(step, device))
