@@ -34,6 +34,18 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _check_alpha_range(alpha: Tensor) -> None:
+    """Raises ValueError where a (GPU) alpha tensor holds a value outside [0, 1], NaN included, naming the first, as
+    the op's own check does on the CPU. Reading the answer waits for the device: one reduction and one copy (the
+    bad index is looked for only when there is one)."""
+    lo, hi = torch.stack(torch.aminmax(alpha.detach())).tolist()  # NaN propagates into both
+    if lo >= 0 and hi <= 1:
+        return
+    flat = alpha.detach().reshape(-1)
+    first = int((~((flat >= 0) & (flat <= 1))).nonzero()[0])
+    raise ValueError(f"alpha must lie in [0, 1], got {float(flat[first])} at index {first}")
+
+
 # ----------------------------------------------------------------------------------------------- Hamming ops
 def pack_codes(codes: Tensor) -> Tensor:
     """Pack codes [n, nbits] into bytes [n, ceil(nbits / 8)]: bit j is 1 where ``codes[:, j] > 0``.
@@ -152,10 +164,7 @@ def brcd_loss(
         # On the CPU the op checks the range itself; on a GPU that check is a device sync, done here once.
         if (check_alpha and alpha_t.is_floating_point() and alpha_t.device.type != "cpu" and not _compiling()
                 and alpha_t.numel()):
-            bad = ~((alpha_t >= 0) & (alpha_t <= 1))  # NaN too
-            if bool(bad.any()):  # the same message as the op's own check on the CPU
-                first = int(bad.reshape(-1).nonzero()[0])
-                raise ValueError(f"alpha must lie in [0, 1], got {float(alpha_t.reshape(-1)[first])} at index {first}")
+            _check_alpha_range(alpha_t)
     elif isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
         # A CPU scalar whatever the codes' device: the op reads it on the host (no copy to a GPU, nothing to wait for)
         # and checks its range there.

@@ -163,6 +163,21 @@ def test_alpha_outside_the_unit_interval_names_the_first_sample(device):
         brcd.brcd_loss(s, ta, tv, **dict(kw, alpha=alpha))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_gpu_alpha_check_names_the_first_bad_value(dtype):
+    """The check the wrapper runs on a GPU alpha (one reduction, one copy), here on CPU tensors: NaN and values on
+    either side of [0, 1] are caught, the bounds themselves pass, the first bad index is named."""
+    from brcd.ops import _check_alpha_range
+
+    for ok in ([0.0, 1.0, 0.5], [1.0], 0.25):
+        _check_alpha_range(torch.tensor(ok, dtype=dtype))
+    bad = (([0.5, float("nan"), 2.0], "got nan at index 1"), ([0.5, 0.5, -0.25], "got -0.25 at index 2"),
+           ([1.5, -1.0], "got 1.5 at index 0"), (float("inf"), "got inf at index 0"))
+    for values, message in bad:
+        with pytest.raises(ValueError, match="alpha must lie in \\[0, 1\\], " + message):
+            _check_alpha_range(torch.tensor(values, dtype=dtype))
+
+
 @pytest.mark.parametrize("device", device_params())
 def test_check_alpha_false_drops_only_the_gpu_synchronisation(device):
     """check_alpha=False skips the one check that waits for a GPU (alpha's range) and nothing else: on the CPU the op
