@@ -6,7 +6,8 @@
 # wheels the GPU machine lacks into .gpu/ and .whl/). Then run with carry [".gpu", ".whl"]:
 #     bash scripts/gpu_check.sh [gpu_bench.py arguments: --quick, --only topk|loss, --breakdown]
 # Environment: TESTS (pytest paths, default tests/), TEST_FILTER (pytest -k), BENCH=0 (no benchmarks),
-# PROFILE=1 (Nsight Compute sections of the top-k scan and the loss kernels into $OUT/ncu.txt).
+# PROFILE=1 (Nsight Compute sections of the top-k scan and the loss kernels into $OUT/ncu.txt), SUITE=1 (the
+# pytest-benchmark suite's CUDA cases too, into $OUT/suite.txt and $OUT/suite.json).
 # With .gpu/alt/ (prepare_gpu_payload.sh --alt REV): after the checks of the working tree, its files replace theirs,
 # the extension is rebuilt (incrementally) and the tests and benchmarks run again into $OUT/alt/: an A/B of REV
 # against HEAD in one call.
@@ -78,6 +79,14 @@ if [[ "${PROFILE:-0}" == 1 ]] && command -v ncu >/dev/null; then
 fi
 
 [[ "${BENCH:-1}" != 0 ]] && run_bench "$OUT" "$@"
+
+if [[ "${SUITE:-0}" == 1 ]]; then
+  start=$(date +%s)
+  timeout 300 python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider -k cuda \
+    --benchmark-columns=median,iqr,rounds --benchmark-json="$OUT/suite.json" >"$OUT/suite.txt" 2>&1
+  grep -E "^(-|Name|test_)|passed|failed" "$OUT/suite.txt" | head -80
+  echo "suite: $(( $(date +%s) - start )) s"
+fi
 
 if [[ -d .gpu/alt ]]; then
   files=$(cd .gpu/alt && find . -type f | sed 's|^./||' | paste -sd' ')
