@@ -84,6 +84,37 @@ def test_hamming_topk(benchmark, device, nbits, k, impl):
     benchmark(timed(lambda: brcd.hamming_topk(qp, dp, k), device))
 
 
+# ------------------------------------------------------------------------------------------------- index
+@pytest.mark.parametrize("impl", ["brcd", "faiss"])
+def test_index_add_in_batches(benchmark, device, impl):
+    """Filling an index batch by batch, as a database is encoded: the cost must stay linear in its size."""
+    n, batch = size((2_000_000, 1000), (5000, 100))
+    codes = packed_codes(n, 64, seed=3)
+    benchmark.group = f"index add, {n:,} 64-bit codes in batches of {batch}, {device}"
+    if impl == "faiss":
+        if device != "cpu":
+            pytest.skip("faiss-cpu runs on the CPU")
+        faiss = pytest.importorskip("faiss")
+
+        def fill_faiss():
+            index = faiss.IndexBinaryFlat(64)
+            for i in range(0, n, batch):
+                index.add(codes[i : i + batch].numpy())
+            return index
+
+        benchmark.pedantic(fill_faiss, rounds=3)
+        return
+
+    def fill():
+        index = brcd.HammingIndex(64, device=device)
+        for i in range(0, n, batch):
+            index.add_packed(codes[i : i + batch])
+        return index
+
+    assert torch.equal(fill().packed_codes.cpu(), codes)
+    benchmark.pedantic(timed(fill, device), rounds=3)
+
+
 # ------------------------------------------------------------------------------------------------- mAP
 @pytest.mark.parametrize("impl", ["brcd", "original"])
 def test_map_at_1000(benchmark, device, impl):

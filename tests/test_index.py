@@ -28,6 +28,32 @@ def test_add_search_matches_reference(device, nbits):
     assert torch.equal(d2, d) and torch.equal(i2, i)
 
 
+@pytest.mark.parametrize("device", device_params())
+def test_many_small_adds_grow_the_storage_without_changing_anything(device, tmp_path):
+    """Codes added in batches of every size (the storage grows past its room several times) are the same codes, ids
+    and results as one add; a view taken earlier keeps its values; the index still grows after a save, a load and a
+    move."""
+    gen = torch.Generator().manual_seed(3)
+    codes = brcd.pack_codes(torch.randn(5000, 70, generator=gen))
+    index = HammingIndex(70, device=device)
+    start, views = 0, []
+    for m in (1, 2, 1000, 3, 1021, 1, 2500, 472):
+        assert torch.equal(index.add_packed(codes[start : start + m]), torch.arange(start, start + m))
+        start += m
+        views.append((start, index.packed_codes))
+    assert len(index) == 5000 and torch.equal(index.packed_codes.cpu(), codes)
+    for count, view in views:
+        assert torch.equal(view.cpu(), codes[:count])
+    q = codes[:7]
+    want = ref.hamming_topk(q, codes, 30)
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(index.search_packed(q, 30), want))
+    index.save(tmp_path / "grown.bhi")
+    loaded = HammingIndex.load(tmp_path / "grown.bhi", device=device)
+    for again in (loaded, index.to(device)):
+        assert torch.equal(again.add_packed(codes[:5]), torch.arange(5000, 5005))
+        assert torch.equal(again.packed_codes.cpu(), torch.cat([codes, codes[:5]]))
+
+
 def test_save_load_roundtrip(tmp_path):
     index = HammingIndex(65)
     index.add(torch.randn(123, 65))
