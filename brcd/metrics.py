@@ -125,6 +125,14 @@ def precision_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> fl
 
 def _radius_histograms(qp, dp, ql, dl) -> Tuple[Tensor, Tensor, int]:
     """Per query, counts of database items (all, relevant) at each Hamming distance 0..nbits: [q, nbits + 1]."""
+    if dp.device.type == "cpu":  # one fused pass: distances of a chunk counted while in cache
+        all_counts, rel_counts = torch.ops.brcd.distance_histograms(qp, dp, ql, dl)
+        return all_counts, rel_counts, 8 * dp.shape[1]
+    return _radius_histograms_by_ops(qp, dp, ql, dl)
+
+
+def _radius_histograms_by_ops(qp, dp, ql, dl) -> Tuple[Tensor, Tensor, int]:
+    """_radius_histograms from distance matrices of chunks of queries and torch ops (the path for GPUs)."""
     nbits = 8 * dp.shape[1]
     width = nbits + 1
     all_counts = torch.zeros((qp.shape[0], width), dtype=torch.int64, device=dp.device)

@@ -194,6 +194,12 @@ def _average_precision_fake(query_packed, db_packed, query_labels, db_labels, k)
     return query_packed.new_empty((query_packed.shape[0],), dtype=torch.float64)
 
 
+@torch.library.register_fake("brcd::distance_histograms")
+def _distance_histograms_fake(query_packed, db_packed, query_labels, db_labels):
+    shape = (query_packed.shape[0], 8 * db_packed.shape[1] + 1)
+    return query_packed.new_empty(shape, dtype=torch.int64), query_packed.new_empty(shape, dtype=torch.int64)
+
+
 @torch.library.register_fake("brcd::contrastive_forward")
 def _contrastive_forward_fake(student, teacher_anchor, teacher_view, temperature, alpha, bit_mask, row_groups,
                               col_groups):

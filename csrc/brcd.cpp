@@ -13,6 +13,9 @@ TORCH_LIBRARY(brcd, m) {
   m.def("hamming_topk(Tensor query_packed, Tensor db_packed, int k) -> (Tensor, Tensor)");
   m.def("average_precision(Tensor query_packed, Tensor db_packed, Tensor query_labels, Tensor db_labels, int k) -> Tensor");
   m.def(
+      "distance_histograms(Tensor query_packed, Tensor db_packed, Tensor query_labels, Tensor db_labels) -> "
+      "(Tensor, Tensor)");
+  m.def(
       "contrastive_forward(Tensor student, Tensor teacher_anchor, Tensor teacher_view, float temperature, "
       "Tensor alpha, Tensor? bit_mask, Tensor? row_groups, Tensor? col_groups) -> (Tensor, Tensor)");
   m.def(

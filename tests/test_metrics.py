@@ -96,6 +96,34 @@ def test_precision_metrics_against_brute_force():
     assert abs(float(curve["recall"][-1]) - 1.0) <= 1e-12
 
 
+@pytest.mark.parametrize("nbits,n", [(1, 50), (7, 300), (64, 20_000), (130, 2000)])
+@pytest.mark.parametrize("labels", ["ids", "multi-hot"])
+def test_distance_histograms_match_brute_force(nbits, n, labels):
+    """The CPU op behind the PR curve and precision within a radius: per query, the count of codes and of relevant
+    codes at each distance, exactly; n = 20,000 crosses the scan's chunks of the database. Its torch-ops twin (the
+    GPU path) agrees too."""
+    gen = torch.Generator().manual_seed(nbits + n)
+    qp = ref.pack_codes(torch.randn(11, nbits, generator=gen))
+    dp = ref.pack_codes(torch.randn(n, nbits, generator=gen))
+    dp[n // 3 : n // 2] = dp[0]  # heavy ties
+    if labels == "ids":
+        ql, dl = torch.randint(0, 5, (11,), generator=gen), torch.randint(0, 5, (n,), generator=gen)
+        rel = ql[:, None] == dl[None, :]
+    else:
+        ql, dl = torch.rand(11, 70, generator=gen) < 0.05, torch.rand(n, 70, generator=gen) < 0.05
+        rel = (ql.double() @ dl.double().T) > 0
+    dist = ref.hamming_distance(qp, dp).long()
+    width = 8 * qp.shape[1] + 1
+    want_all = torch.stack([torch.bincount(d, minlength=width) for d in dist])
+    want_rel = torch.stack([torch.bincount(d[r], minlength=width) for d, r in zip(dist, rel)])
+    all_counts, rel_counts = torch.ops.brcd.distance_histograms(qp, dp, ql, dl)
+    assert torch.equal(all_counts, want_all) and torch.equal(rel_counts, want_rel)
+    by_ops = metrics._radius_histograms_by_ops(qp, dp, ql, dl)
+    assert torch.equal(by_ops[0], want_all) and torch.equal(by_ops[1], want_rel)
+    with pytest.raises(ValueError, match="db_labels"):
+        torch.ops.brcd.distance_histograms(qp, dp, ql, dl[:-1])
+
+
 def test_two_paradigms():
     gen = torch.Generator().manual_seed(3)
     student_q, ql = labelled_codes(20, 32, 4, gen)

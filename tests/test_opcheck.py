@@ -28,6 +28,16 @@ def test_opcheck_average_precision():
                                                           ids_db[:, None] == torch.arange(3), 50))
 
 
+def test_opcheck_distance_histograms():
+    # CPU only, like average_precision: on a GPU, brcd.metrics counts with torch ops.
+    q = brcd.pack_codes(torch.randn(5, 70))
+    db = brcd.pack_codes(torch.randn(50, 70))
+    ids_q, ids_db = torch.randint(0, 3, (5,)), torch.randint(0, 3, (50,))
+    torch.library.opcheck(ops.distance_histograms.default, (q, db, ids_q, ids_db))
+    torch.library.opcheck(ops.distance_histograms.default, (q, db, ids_q[:, None] == torch.arange(3),
+                                                            ids_db[:, None] == torch.arange(3)))
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_extras", [False, True])

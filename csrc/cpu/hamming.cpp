@@ -308,7 +308,7 @@ void hamming_distance(const PackedCodes& queries, const PackedCodes& db, int32_t
     for (int64_t s = 0; s < shards; ++s) {
       const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
       const int64_t b0 = s * shard_len, b1 = std::min(blocked.blocks, b0 + shard_len);
-      if (b0 < b1) kern.distance(blocked, q, q0, q1, b0, b1, out + q0 * blocked.rows);
+      if (b0 < b1) kern.distance(blocked, q, q0, q1, b0, b1, out + q0 * blocked.rows + b0 * kLanes, blocked.rows);
     }
   }
 }
@@ -351,7 +351,7 @@ class SampledThresholds {
 #pragma omp for schedule(dynamic)
       for (int64_t qb = 0; qb < qblocks; ++qb) {
         const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
-        kern.distance(sample, q, q0, q1, 0, sample.blocks, dist.data());
+        kern.distance(sample, q, q0, q1, 0, sample.blocks, dist.data(), sample.rows);
         for (int64_t qi = q0; qi < q1; ++qi) {
           std::fill(hist.begin(), hist.end(), 0);
           const int32_t* row = dist.data() + (qi - q0) * sample.rows;
@@ -439,7 +439,7 @@ void topk_by_histogram(const BlockedCodes& db, const QueryWords& q, const ScanKe
 #pragma omp for schedule(dynamic)
     for (int64_t qb = 0; qb < qblocks; ++qb) {
       const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
-      kern.distance(db, q, q0, q1, 0, db.blocks, dist.data());
+      kern.distance(db, q, q0, q1, 0, db.blocks, dist.data(), n);
       for (int64_t qi = q0; qi < q1; ++qi) {
         const int32_t* row = dist.data() + (qi - q0) * n;
         std::fill(start.begin(), start.end(), 0);
@@ -679,6 +679,43 @@ void average_precision(const PackedCodes& queries, const PackedCodes& db, const 
     out[qi] = candidates_ap(c, query_labels, qi, db_labels, k, nbits, inv_position, member_sets, member_classes,
                             member_words, w.rel, w.ranked, w.counts);
   });
+}
+
+void distance_histograms(const PackedCodes& queries, const PackedCodes& db, const ItemLabels& query_labels,
+                         const ItemLabels& db_labels, int64_t* all_counts, int64_t* rel_counts) {
+  const int64_t width = 8 * db.bytes_per_row + 1;
+  std::fill(all_counts, all_counts + queries.rows * width, int64_t{0});
+  std::fill(rel_counts, rel_counts + queries.rows * width, int64_t{0});
+  if (queries.rows == 0 || db.rows == 0) return;
+  const BlockedCodes blocked = to_blocked(db);
+  const QueryWords q = to_words(queries);
+  const ScanKernels& kern = kernels();
+  // A block of queries against one cache-sized chunk of the database at a time: distances into a small buffer,
+  // then counted, so the q x n distances never exist at once.
+  const int64_t step = chunk_blocks(blocked.words), cols = step * kLanes;
+  const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
+#pragma omp parallel
+  {
+    std::vector<int32_t> dist(static_cast<size_t>(kQueryBlock * cols));
+#pragma omp for schedule(dynamic)
+    for (int64_t qb = 0; qb < qblocks; ++qb) {
+      const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
+      for (int64_t b0 = 0; b0 < blocked.blocks; b0 += step) {
+        const int64_t b1 = std::min(blocked.blocks, b0 + step);
+        const int64_t j0 = b0 * kLanes, live = std::min(blocked.rows, b1 * kLanes) - j0;
+        kern.distance(blocked, q, q0, q1, b0, b1, dist.data(), cols);
+        for (int64_t qi = q0; qi < q1; ++qi) {
+          const int32_t* row = dist.data() + (qi - q0) * cols;
+          int64_t* all = all_counts + qi * width;
+          int64_t* hit = rel_counts + qi * width;
+          for (int64_t j = 0; j < live; ++j) {
+            ++all[row[j]];
+            hit[row[j]] += relevant(query_labels, qi, db_labels, j0 + j);
+          }
+        }
+      }
+    }
+  }
 }
 
 }  // namespace brcd::cpu

@@ -57,4 +57,10 @@ struct ItemLabels {
 void average_precision(const PackedCodes& queries, const PackedCodes& db, const ItemLabels& query_labels,
                        const ItemLabels& db_labels, int64_t k, double* out);
 
+// Per query, how many database codes lie at each Hamming distance 0..8 * bytes_per_row (all_counts) and how many
+// of those are relevant (rel_counts): the histograms behind precision-recall curves and precision within a radius.
+// Both queries.rows x (8 * bytes_per_row + 1), contiguous.
+void distance_histograms(const PackedCodes& queries, const PackedCodes& db, const ItemLabels& query_labels,
+                         const ItemLabels& db_labels, int64_t* all_counts, int64_t* rel_counts);
+
 }  // namespace brcd::cpu

@@ -109,12 +109,13 @@ struct Candidates {
 };
 
 // Per-ISA scans, defined in hamming_<isa>.cpp. `states` has one entry per query in [q_begin, q_end); `distance`
-// writes the row of query qi at out + (qi - q_begin) * db.rows.
+// writes the distance of query qi to code j (of blocks [block_begin, block_end)) at
+// out[(qi - q_begin) * out_stride + j - kLanes * block_begin].
 struct ScanKernels {
   void (*topk)(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t block_begin,
                int64_t block_end, TopkState* states);
   void (*distance)(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end,
-                   int64_t block_begin, int64_t block_end, int32_t* out);
+                   int64_t block_begin, int64_t block_end, int32_t* out, int64_t out_stride);
   // Appends every code with distance < cands[qi - q_begin].limit to that query's candidates.
   void (*collect)(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t block_begin,
                   int64_t block_end, Candidates* cands);

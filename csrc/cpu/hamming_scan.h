@@ -201,21 +201,22 @@ void topk_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int
 
 template <class Isa, int WC>
 void distance_scan(const BlockedCodes& db, const QueryWords& q, int64_t q_begin, int64_t q_end, int64_t b_begin,
-                   int64_t b_end, int32_t* out) {
+                   int64_t b_end, int32_t* out, int64_t out_stride) {
   using Query = typename Isa::template Query<WC>;
   alignas(64) int32_t dist8[kLanes];
   const int64_t words = db.words;
   for (int64_t b = b_begin; b < b_end; ++b) {
     const uint64_t* block = db.block(b);
-    const int64_t base = b * kLanes;
+    const int64_t live = std::min<int64_t>(kLanes, db.rows - b * kLanes);  // codes of this block
+    const int64_t col = (b - b_begin) * kLanes;
     for (int64_t qi = q_begin; qi < q_end; ++qi) {
       const Query query(q.row(qi), words);
-      int32_t* row = out + (qi - q_begin) * db.rows;
-      if (base + kLanes <= db.rows) {
-        Isa::store(Isa::template dist<WC>(block, query, words), row + base);
+      int32_t* row = out + (qi - q_begin) * out_stride + col;
+      if (live == kLanes) {
+        Isa::store(Isa::template dist<WC>(block, query, words), row);
       } else {
         Isa::store(Isa::template dist<WC>(block, query, words), dist8);
-        for (int64_t l = 0; base + l < db.rows; ++l) row[base + l] = dist8[l];
+        for (int64_t l = 0; l < live; ++l) row[l] = dist8[l];
       }
     }
   }
@@ -313,9 +314,9 @@ ScanKernels make_kernels() {
     with_word_count(db.words, [&](auto wc) { topk_scan<Isa, decltype(wc)::value>(db, q, qb, qe, bb, be, st); });
   };
   k.distance = [](const BlockedCodes& db, const QueryWords& q, int64_t qb, int64_t qe, int64_t bb, int64_t be,
-                  int32_t* out) {
+                  int32_t* out, int64_t stride) {
     with_word_count(db.words,
-                    [&](auto wc) { distance_scan<Isa, decltype(wc)::value>(db, q, qb, qe, bb, be, out); });
+                    [&](auto wc) { distance_scan<Isa, decltype(wc)::value>(db, q, qb, qe, bb, be, out, stride); });
   };
   k.collect = [](const BlockedCodes& db, const QueryWords& q, int64_t qb, int64_t qe, int64_t bb, int64_t be,
                  Candidates* c) {

@@ -86,6 +86,12 @@ LabelStorage item_labels(const at::Tensor& labels, int64_t rows, const char* nam
   return s;
 }
 
+void check_label_kinds(const at::Tensor& query_labels, const at::Tensor& db_labels) {
+  TORCH_CHECK_VALUE(query_labels.dim() == db_labels.dim() && (query_labels.dim() == 1 || query_labels.size(1) ==
+                    db_labels.size(1)), "query_labels and db_labels must be of one kind: class ids [n] on both "
+                    "sides, or multi-hot labels with the same number of classes");
+}
+
 at::Tensor average_precision_cpu(const at::Tensor& query_packed, const at::Tensor& db_packed,
                                  const at::Tensor& query_labels, const at::Tensor& db_labels, int64_t k) {
   const at::Tensor q = check_packed(query_packed, "query_packed");
@@ -94,9 +100,7 @@ at::Tensor average_precision_cpu(const at::Tensor& query_packed, const at::Tenso
   check_k(k, db);
   TORCH_CHECK_VALUE(db.size(0) < std::numeric_limits<int32_t>::max(), "db_packed has ", db.size(0),
                     " codes; average_precision handles fewer than 2^31");
-  TORCH_CHECK_VALUE(query_labels.dim() == db_labels.dim() && (query_labels.dim() == 1 || query_labels.size(1) ==
-                    db_labels.size(1)), "query_labels and db_labels must be of one kind: class ids [n] on both "
-                    "sides, or multi-hot labels with the same number of classes");
+  check_label_kinds(query_labels, db_labels);
   const LabelStorage ql = item_labels(query_labels, q.size(0), "query_labels");
   const LabelStorage dl = item_labels(db_labels, db.size(0), "db_labels");
   at::Tensor out = at::empty({q.size(0)}, q.options().dtype(at::kDouble));
@@ -104,10 +108,26 @@ at::Tensor average_precision_cpu(const at::Tensor& query_packed, const at::Tenso
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> distance_histograms_cpu(const at::Tensor& query_packed, const at::Tensor& db_packed,
+                                                           const at::Tensor& query_labels,
+                                                           const at::Tensor& db_labels) {
+  const at::Tensor q = check_packed(query_packed, "query_packed");
+  const at::Tensor db = check_packed(db_packed, "db_packed");
+  check_pair(q, db);
+  check_label_kinds(query_labels, db_labels);
+  const LabelStorage ql = item_labels(query_labels, q.size(0), "query_labels");
+  const LabelStorage dl = item_labels(db_labels, db.size(0), "db_labels");
+  const auto opts = q.options().dtype(at::kLong);
+  at::Tensor all = at::empty({q.size(0), 8 * db.size(1) + 1}, opts), rel = at::empty_like(all);
+  cpu::distance_histograms(view(q), view(db), ql.view, dl.view, all.data_ptr<int64_t>(), rel.data_ptr<int64_t>());
+  return {all, rel};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(brcd, CPU, m) {
   m.impl("average_precision", &average_precision_cpu);
+  m.impl("distance_histograms", &distance_histograms_cpu);
   m.impl("pack_codes", &pack_codes_cpu);
   m.impl("hamming_distance", &hamming_distance_cpu);
   m.impl("hamming_topk", &hamming_topk_cpu);
