@@ -70,24 +70,25 @@ def _plus_plus_init(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
     n = x.shape[0]
     trials = 2 + int(math.log(k)) if k > 1 else 1
     first = torch.randint(n, (1,), generator=gen).item()
-    centroids = x[first : first + 1].clone()
-    _, d = _sq_dist_argmin(x, centroids)
+    chosen = [first]
+    x_norm = (x * x).sum(1)
+    _, d = _sq_dist_argmin(x, x[first : first + 1])
     for _ in range(1, k):
         total = float(d.sum())
         if total <= 0:  # every point coincides with a centre: any point will do
             candidates = torch.randint(n, (trials,), generator=gen)
         else:
             candidates = torch.multinomial((d / total).cpu(), trials, replacement=True, generator=gen)
-        best_d, best_pot, best_i = None, float("inf"), 0
-        for c in candidates.tolist():
-            _, d_c = _sq_dist_argmin(x, x[c : c + 1])
-            d_new = torch.minimum(d, d_c)
-            pot = float(d_new.sum())
-            if pot < best_pot:
-                best_d, best_pot, best_i = d_new, pot, c
-        centroids = torch.cat([centroids, x[best_i : best_i + 1]])
-        d = best_d
-    return centroids
+        # Every candidate's squared distances in one product (a pass over x per candidate made this init most of
+        # the fit's time: 2.3 s of 2.5 s per start for 50,000 codes and 100 clusters); the first of equal
+        # potentials wins, as one at a time.
+        c = x[candidates.to(x.device)]
+        d_c = (x_norm[:, None] - 2 * x @ c.T + (c * c).sum(1)).clamp_min_(0)
+        d_new = torch.minimum(d[:, None], d_c)
+        best = int(d_new.sum(0, dtype=torch.float64).argmin())
+        chosen.append(int(candidates[best]))
+        d = d_new[:, best].contiguous()
+    return x[torch.tensor(chosen, device=x.device)].clone()
 
 
 def kmeans(codes: Tensor, num_clusters: int, *, restarts: int = 3, iterations: int = 50, seed: int = 0,

@@ -31,6 +31,33 @@ def test_kmeans_recovers_planted_clusters():
     assert torch.equal(again.assignments, assign)
 
 
+@pytest.mark.parametrize("real", [False, True])
+def test_plus_plus_init_takes_the_candidate_of_least_potential(real):
+    """The greedy k-means++ start scores all of a step's candidates in one product; it must pick what scoring them
+    one at a time picks (the lowest total squared distance, the first of equals), from the same random draws."""
+    import math
+
+    from brcd.clustering import _plus_plus_init, _sq_dist_argmin
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(700, 24, generator=g)
+    x = x if real else x.sign()
+    k = 12
+    got = _plus_plus_init(x, k, torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)
+    trials = 2 + int(math.log(k))
+    first = torch.randint(x.shape[0], (1,), generator=gen).item()
+    want = [x[first]]
+    _, d = _sq_dist_argmin(x, x[first : first + 1])
+    for _ in range(1, k):
+        candidates = torch.multinomial(d / float(d.sum()), trials, replacement=True, generator=gen)
+        scored = [torch.minimum(d, _sq_dist_argmin(x, x[c : c + 1])[1]) for c in candidates.tolist()]
+        best = min(range(trials), key=lambda t: float(scored[t].double().sum()))
+        want.append(x[int(candidates[best])])
+        d = scored[best]
+    assert torch.equal(got, torch.stack(want))
+
+
 def test_kmeans_more_restarts_never_worse():
     codes, _, _ = clustered_codes(k=10, flip=0.3, seed=1)
     one = kmeans(codes, 10, restarts=1, seed=3).inertia
