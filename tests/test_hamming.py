@@ -63,6 +63,16 @@ def test_pack_every_dtype_and_special_value(device, dtype):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int8])
+def test_unpack_gives_signs_in_any_dtype(device, dtype):
+    codes = torch.randn(9, 77, generator=torch.Generator().manual_seed(1)).to(device)
+    for nbits in (77, 72, 1):  # a partial last byte, whole bytes, one bit
+        got = brcd.unpack_codes(brcd.pack_codes(codes[:, :nbits]), nbits, dtype=dtype)
+        assert got.dtype == dtype and got.is_contiguous() and got.shape == (9, nbits)
+        assert torch.equal(got, torch.where(codes[:, :nbits] > 0, 1, -1).to(dtype))
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_pack_non_contiguous_and_sliced(device):
     codes = torch.randn(40, 130, device=device)[::3, 1:66]
     assert not codes.is_contiguous()
