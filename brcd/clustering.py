@@ -88,7 +88,7 @@ def _plus_plus_init(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
         best = int(d_new.sum(0, dtype=torch.float64).argmin())
         chosen.append(int(candidates[best]))
         d = d_new[:, best].contiguous()
-    return x[torch.tensor(chosen, device=x.device)].clone()
+    return x[torch.tensor(chosen, device=x.device)]
 
 
 def kmeans(codes: Tensor, num_clusters: int, *, restarts: int = 3, iterations: int = 50, seed: int = 0,
