@@ -19,6 +19,18 @@ def loss_case(B: int, K: int = 64, seed: int = 0, device: str = "cpu", dtype: to
     return s, ta, tv, kw
 
 
+def loss_step(fn, s, ta, tv, kw, view_grad: bool = True):
+    """One timed step of a loss implementation: forward and backward from fresh leaves, with gradients for the student
+    and (view_grad) the teacher's second view; without it, the distillation step, where the teacher's codes are
+    frozen. The step returns the loss and the student's gradient."""
+    def run():
+        a, b = s.detach().requires_grad_(), tv.detach().requires_grad_(view_grad)
+        loss = fn(a, ta, b, **kw)
+        loss.backward()
+        return loss, a.grad
+    return run
+
+
 def packed_codes(n: int, nbits: int, seed: int = 0) -> torch.Tensor:
     """Uniformly random packed codes [n, nbits / 8] (uint8, the faiss and numpy.packbits layout)."""
     rng = np.random.default_rng(seed)

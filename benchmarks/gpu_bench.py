@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import brcd  # noqa: E402
 from brcd import reference as ref  # noqa: E402
-from cases import loss_case  # noqa: E402
+from cases import loss_case, loss_step  # noqa: E402
 from common import git_revision, machine, table, time_cuda  # noqa: E402
 
 
@@ -77,24 +77,12 @@ def topk_table(rows: list) -> str:
                  rows)
 
 
-def fwd_bwd(fn, s, ta, tv, kw, view_grad: bool = True):
-    """One step: forward and backward, with gradients for the student and (view_grad) the teacher's second view;
-    without it, the distillation step, where the teacher's codes are frozen."""
-    def run():
-        a = s.detach().requires_grad_()
-        b = tv.detach().requires_grad_(view_grad)
-        loss = fn(a, ta, b, **kw)
-        loss.backward()
-        return loss
-    return run
-
-
 def bench_loss(sizes, K: int, eager_max: int) -> str:
     rows = []
     props = torch.cuda.get_device_properties(0)
     for B in sizes:
         s, ta, tv, kw = loss_case(B, K, seed=B, device="cuda")
-        fused = fwd_bwd(brcd.brcd_loss, s, ta, tv, kw)
+        fused = loss_step(brcd.brcd_loss, s, ta, tv, kw)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         # Steps under a millisecond vary from call to call with the host: a median over more of them.
@@ -102,12 +90,12 @@ def bench_loss(sizes, K: int, eager_max: int) -> str:
         t_fused = time_cuda(fused, repeat=repeat, warmup=2 if B < 100_000 else 0)
         peak_fused = (torch.cuda.max_memory_allocated() - base) / 2**20
         # The distillation step as the trainer runs it: the teacher's codes frozen, alpha trusted (no device sync).
-        t_student = time_cuda(fwd_bwd(brcd.brcd_loss, s, ta, tv, dict(kw, check_alpha=False), view_grad=False),
+        t_student = time_cuda(loss_step(brcd.brcd_loss, s, ta, tv, dict(kw, check_alpha=False), view_grad=False),
                               repeat=repeat, warmup=2 if B < 100_000 else 0)
         # fwd: 2(2B)^2 K; bwd: recompute the same products plus the weighted sum of rows: 4(2B)^2 K.
         flops = 6 * (2 * B) ** 2 * K
         if B <= eager_max:
-            eager = fwd_bwd(ref.brcd_loss, s, ta, tv, kw)
+            eager = loss_step(ref.brcd_loss, s, ta, tv, kw)
             torch.cuda.reset_peak_memory_stats()
             t_eager = time_cuda(eager, repeat=repeat, warmup=2)
             peak_eager = (torch.cuda.max_memory_allocated() - base) / 2**20
@@ -139,7 +127,7 @@ def loss_breakdown(B: int, K: int) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     s, ta, tv, kw = loss_case(B, K, seed=B, device="cuda")
-    run = fwd_bwd(brcd.brcd_loss, s, ta, tv, kw)
+    run = loss_step(brcd.brcd_loss, s, ta, tv, kw)
     for _ in range(3):
         run()
     torch.cuda.synchronize()

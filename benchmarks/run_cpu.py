@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 import brcd  # noqa: E402
 from brcd import metrics  # noqa: E402
 from brcd import reference as ref  # noqa: E402
-from cases import loss_case, map_case, one_hot, original_map  # noqa: E402
+from cases import loss_case, loss_step, map_case, one_hot, original_map  # noqa: E402
 from common import git_revision, machine, table, time_cpu  # noqa: E402
 
 
@@ -129,9 +129,7 @@ def loss_worker(B: int, impl: str, repeat: int) -> dict:
     if impl == "compile":
         fn = torch.compile(ref.brcd_loss)
 
-    def step():
-        a, b = s.detach().requires_grad_(), tv.detach().requires_grad_(view_grad)
-        fn(a, ta, b, **kw).backward()
+    step = loss_step(fn, s, ta, tv, kw, view_grad)
 
     with PeakRss() as mem:
         t0 = time.perf_counter()

@@ -16,7 +16,7 @@ import torch
 import brcd
 from brcd import metrics
 from brcd import reference as ref
-from cases import loss_case, map_case, one_hot, original_map, packed_codes
+from cases import loss_case, loss_step, map_case, one_hot, original_map, packed_codes
 from conftest import SMOKE, size, timed
 
 
@@ -150,12 +150,7 @@ def test_loss_step(benchmark, device, B, impl):
     fn = compiled() if impl == "compile" else {"fused": brcd.brcd_loss, "eager": ref.brcd_loss}[impl]
     benchmark.group = f"loss forward + backward, B = {B}, K = 64, {device}"
 
-    def step():
-        a, b = s.detach().requires_grad_(), tv.detach().requires_grad_()
-        loss = fn(a, ta, b, **kw)
-        loss.backward()
-        return loss, a.grad
-
+    step = loss_step(fn, s, ta, tv, kw)
     loss, grad = step()  # and compiles, outside the timing
     if impl == "fused":
         a = s.detach().requires_grad_()
