@@ -86,40 +86,45 @@ LabelStorage item_labels(const at::Tensor& labels, int64_t rows, const char* nam
   return s;
 }
 
-void check_label_kinds(const at::Tensor& query_labels, const at::Tensor& db_labels) {
+// Packed queries and database with their labels, checked: the inputs of the ops that rank by relevance.
+struct LabelledCodes {
+  at::Tensor q, db;
+  LabelStorage ql, dl;
+};
+
+LabelledCodes labelled_codes(const at::Tensor& query_packed, const at::Tensor& db_packed,
+                             const at::Tensor& query_labels, const at::Tensor& db_labels) {
+  LabelledCodes c;
+  c.q = check_packed(query_packed, "query_packed");
+  c.db = check_packed(db_packed, "db_packed");
+  check_pair(c.q, c.db);
   TORCH_CHECK_VALUE(query_labels.dim() == db_labels.dim() && (query_labels.dim() == 1 || query_labels.size(1) ==
                     db_labels.size(1)), "query_labels and db_labels must be of one kind: class ids [n] on both "
                     "sides, or multi-hot labels with the same number of classes");
+  c.ql = item_labels(query_labels, c.q.size(0), "query_labels");
+  c.dl = item_labels(db_labels, c.db.size(0), "db_labels");
+  return c;
 }
 
 at::Tensor average_precision_cpu(const at::Tensor& query_packed, const at::Tensor& db_packed,
                                  const at::Tensor& query_labels, const at::Tensor& db_labels, int64_t k) {
-  const at::Tensor q = check_packed(query_packed, "query_packed");
-  const at::Tensor db = check_packed(db_packed, "db_packed");
-  check_pair(q, db);
-  check_k(k, db);
-  TORCH_CHECK_VALUE(db.size(0) < std::numeric_limits<int32_t>::max(), "db_packed has ", db.size(0),
+  const LabelledCodes c = labelled_codes(query_packed, db_packed, query_labels, db_labels);
+  check_k(k, c.db);
+  TORCH_CHECK_VALUE(c.db.size(0) < std::numeric_limits<int32_t>::max(), "db_packed has ", c.db.size(0),
                     " codes; average_precision handles fewer than 2^31");
-  check_label_kinds(query_labels, db_labels);
-  const LabelStorage ql = item_labels(query_labels, q.size(0), "query_labels");
-  const LabelStorage dl = item_labels(db_labels, db.size(0), "db_labels");
-  at::Tensor out = at::empty({q.size(0)}, q.options().dtype(at::kDouble));
-  cpu::average_precision(view(q), view(db), ql.view, dl.view, k, out.data_ptr<double>());
+  at::Tensor out = at::empty({c.q.size(0)}, c.q.options().dtype(at::kDouble));
+  cpu::average_precision(view(c.q), view(c.db), c.ql.view, c.dl.view, k, out.data_ptr<double>());
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> distance_histograms_cpu(const at::Tensor& query_packed, const at::Tensor& db_packed,
                                                            const at::Tensor& query_labels,
                                                            const at::Tensor& db_labels) {
-  const at::Tensor q = check_packed(query_packed, "query_packed");
-  const at::Tensor db = check_packed(db_packed, "db_packed");
-  check_pair(q, db);
-  check_label_kinds(query_labels, db_labels);
-  const LabelStorage ql = item_labels(query_labels, q.size(0), "query_labels");
-  const LabelStorage dl = item_labels(db_labels, db.size(0), "db_labels");
-  const auto opts = q.options().dtype(at::kLong);
-  at::Tensor all = at::empty({q.size(0), 8 * db.size(1) + 1}, opts), rel = at::empty_like(all);
-  cpu::distance_histograms(view(q), view(db), ql.view, dl.view, all.data_ptr<int64_t>(), rel.data_ptr<int64_t>());
+  const LabelledCodes c = labelled_codes(query_packed, db_packed, query_labels, db_labels);
+  at::Tensor all = at::empty({c.q.size(0), 8 * c.db.size(1) + 1}, c.q.options().dtype(at::kLong));
+  at::Tensor rel = at::empty_like(all);
+  cpu::distance_histograms(view(c.q), view(c.db), c.ql.view, c.dl.view, all.data_ptr<int64_t>(),
+                           rel.data_ptr<int64_t>());
   return {all, rel};
 }
 
