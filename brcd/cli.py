@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -28,14 +29,21 @@ from .train import (TrainConfig, TrainingError, checkpoint_path, encode, fit_clu
                     train_teacher)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int, expected: str):
+    """An argparse type: an integer >= minimum, else the parser's one-line error saying what was expected."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -70,6 +78,10 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                    help="the best checkpoints as torch files (weights_only loadable) or safetensors")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out exactly where its last finished epoch left it")
+    p.add_argument("--workers", type=_nonnegative_int, default=None,
+                   help="data-loader processes for the augmentation (default: none on the CPU, where they would "
+                        "take the training's cores; on a GPU half the cores, at most 8). A run is reproducible for "
+                        "a given count")
 
 
 def _distill_args(p: argparse.ArgumentParser) -> None:
@@ -218,6 +230,16 @@ class _Run:
         print(f"[brcd {self.args.command} {time.time() - self.started:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
 
+def _workers(args) -> int:
+    """--workers, or its default: none where the model trains on the CPU (workers would compete with it for the cores),
+    else half the cores, at most 8 (in the training process, a GPU would wait for the augmentation at every step)."""
+    if args.workers is not None:
+        return args.workers
+    if torch.device(args.device).type == "cpu":
+        return 0
+    return min(8, max(1, (os.cpu_count() or 2) // 2))
+
+
 def _prepare_run(args) -> _Run:
     started = time.time()
     out: Path = args.out
@@ -236,7 +258,8 @@ def _prepare_run(args) -> _Run:
                       num_clusters=getattr(args, "clusters", 20), margin=getattr(args, "margin", 0.1),
                       group_mode=getattr(args, "group_mode", "offset+fn"), use_mask=not getattr(args, "no_mask", False),
                       topk=args.topk, val_every=args.val_every, seed=args.seed, device=args.device,
-                      progress=not args.no_progress, resume=args.resume, checkpoint_format=args.checkpoint_format)
+                      progress=not args.no_progress, resume=args.resume, checkpoint_format=args.checkpoint_format,
+                      workers=_workers(args))
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     atomic_write_bytes(out / "config.json", [json.dumps(config, indent=2).encode()])
     return _Run(args, out, (data, split), train_images, val, cfg, started)

@@ -142,8 +142,10 @@ def test_train_teacher_then_distill_in_steps(tmp_path, capsys):
     assert set(json.loads(capsys.readouterr().out)) == {"student_no_kd"}
 
 
-def test_resume_continues_exactly(tmp_path, capsys):
-    common = DATA + ["--val-database", "100", "--topk", "50", "--no-progress", "--bits", "16"]
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_resume_continues_exactly(tmp_path, capsys, workers):
+    """Also with data-loader workers: their augmentation is seeded from the saved loader state."""
+    common = DATA + ["--val-database", "100", "--topk", "50", "--no-progress", "--bits", "16", "--workers", workers]
     straight = tmp_path / "straight"
     assert cli.main(["train-teacher", "--out", str(straight), "--epochs", "3", *common]) == 0
     interrupted = tmp_path / "interrupted"
@@ -156,6 +158,35 @@ def test_resume_continues_exactly(tmp_path, capsys):
         assert torch.equal(value, b["state_dict"][key]), key
     log = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
+
+
+def test_workers_reach_the_loader_and_change_only_the_augmentation_stream(tmp_path, capsys):
+    common = DATA + ["--val-database", "100", "--topk", "50", "--no-progress", "--bits", "16", "--epochs", "1"]
+    runs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}"
+        assert cli.main(["train-teacher", "--out", str(out), "--workers", workers, *common]) == 0
+        state = torch.load(out / "teacher.last.pt", weights_only=True)
+        assert state["config"]["workers"] == int(workers)
+        runs[workers] = state["state_dict"]
+    # The same split, model and shuffling; augmentations drawn in the workers: other weights.
+    assert any(not torch.equal(runs["0"][k], runs["2"][k]) for k in runs["0"])
+
+
+def test_default_workers_by_device(monkeypatch):
+    parse = lambda *argv: cli.build_parser().parse_args(["train-teacher", "--out", "x", *argv])
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 16)
+    assert cli._workers(parse()) == 0  # the CPU trains on every core
+    assert cli._workers(parse("--device", "cuda")) == 8
+    assert cli._workers(parse("--device", "cuda:1", "--workers", "3")) == 3
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    assert cli._workers(parse("--device", "cuda")) == 1
+
+
+def test_a_negative_worker_count_is_refused_by_the_trainer():
+    from brcd.train import TrainConfig, _loader
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        _loader(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), TrainConfig(workers=-1), torch.Generator())
 
 
 def test_list_dataset_with_safetensors_checkpoints(tmp_path, capsys):
