@@ -1,0 +1,38 @@
+"""The code blocks of README.md and docs/usage.md run as written: the pages cannot drift from the API. A block whose
+first lines say `# requires: faiss` or `# requires: cuda` is skipped where that is missing."""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ["README.md", "docs/usage.md"]
+FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def python_blocks():
+    for page in PAGES:
+        text = (ROOT / page).read_text()
+        for m in FENCE.finditer(text):
+            line = text.count("\n", 0, m.start()) + 2  # the block's first line of code
+            yield pytest.param(page, line, m.group(1), id=f"{page}:{line}")
+
+
+def test_the_pages_have_code():
+    assert {p.values[0] for p in python_blocks()} == set(PAGES)
+
+
+@pytest.mark.parametrize("page, line, code", list(python_blocks()))
+def test_code_block_runs(page, line, code, tmp_path, monkeypatch, capsys):
+    needs = set(re.findall(r"^# requires: (\w+)", code, re.MULTILINE))
+    if "faiss" in needs and importlib.util.find_spec("faiss") is None:
+        pytest.skip("faiss is not installed")
+    if "cuda" in needs and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    monkeypatch.chdir(tmp_path)  # a block may write files
+    # Padded with blank lines so that a traceback names the page's own line numbers.
+    exec(compile("\n" * (line - 1) + code, str(ROOT / page), "exec"), {"__name__": "__docs__"})
