@@ -61,6 +61,50 @@ inline T fast_exp(T x) {
   return x < lo ? T(0) : (x != x ? x : out);
 }
 
+// out[v] = exp(x[v] - shift) for one vector of kVec elements: the fixed-shift path's exponentials, where x - shift
+// is at most about 0, or -inf (an excluded entry), or NaN. The AVX-512 build scales by 2^n with vscalef, which also
+// takes very negative arguments to 0 and lets NaN through, where fast_exp needs four more operations per vector
+// (clamps, selects and the exponent's integer arithmetic). Both compute the same reduction and polynomial, and a scale
+// by a power of two is exact: the two agree bit for bit wherever the result is a normal number.
+template <class T>
+inline void exp_shifted_line(const T* x, T shift, T* out) {
+#if defined(BRCD_VSCALEF)
+  if constexpr (sizeof(T) == 4) {
+    // -200 (or -inf) gives 2^-289 scaled: 0. A finite floor keeps -inf out of the reduction (it would make NaN).
+    __m512 v = _mm512_sub_ps(_mm512_loadu_ps(x), _mm512_set1_ps(shift));
+    v = _mm512_max_ps(_mm512_set1_ps(-200.0f), v);  // the second operand is returned where one is NaN: NaN stays
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.4426950408889634f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), v);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094172321e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    _mm512_storeu_ps(out, _mm512_scalef_ps(p, n));
+  } else {
+    __m512d v = _mm512_sub_pd(_mm512_loadu_pd(x), _mm512_set1_pd(shift));
+    v = _mm512_max_pd(_mm512_set1_pd(-1500.0), v);  // 2^-2164 scaled: 0
+    const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(v, _mm512_set1_pd(1.4426950408889634)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(0.693145751953125), v);
+    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.4286068203094172321e-6), r);
+    __m512d p = _mm512_set1_pd(1.0 / 6227020800.0);
+    for (const double c : {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+                           1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0})
+      p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(c));
+    _mm512_storeu_pd(out, _mm512_scalef_pd(p, n));
+  }
+#else
+#pragma omp simd
+  for (int v = 0; v < kVec<T>; ++v) out[v] = fast_exp(x[v] - shift);
+#endif
+}
+
 // Cache-line aligned storage: the micro-kernels' vector loads and stores then never split a line (at B = 64 a
 // misaligned buffer cost about 10 % of the kernels, measured).
 template <class T>

@@ -1,5 +1,6 @@
 // Every header contrastive_impl.h needs, included before a translation unit sets its target pragma.
 #pragma once
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>

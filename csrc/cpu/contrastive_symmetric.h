@@ -240,25 +240,23 @@ T forward_symmetric(const ContrastiveProblem<T>& p, T* lse, T* pos) {
         // (Pointers advanced per vector: with the extension's -fwrapv, an int index j0 + v would not vectorise.)
         if (I == J) {
           for (int64_t j0 = 0; j0 < cols; j0 += V) {  // spans are whole vectors
-            const T* sv = srow + j0;
+            alignas(64) T e[V];
+            exp_shifted_line(srow + j0, shift, e);  // every entry: the groups select afterwards
             const int32_t* gv = group_b + j0;
 #pragma omp simd
-            for (int v = 0; v < V; ++v) {
-              const T e = fast_exp(sv[v] - shift);  // unconditionally: a conditional call would not vectorise
-              row[v] += gv[v] == key_a ? T(0) : e;
-            }
+            for (int v = 0; v < V; ++v) row[v] += gv[v] == key_a ? T(0) : e[v];
           }
         } else {
           for (int64_t j0 = 0; j0 < cols; j0 += V) {
-            const T* sv = srow + j0;
+            alignas(64) T e[V];
+            exp_shifted_line(srow + j0, shift, e);
             const int32_t* gv = group_b + j0;
             const int32_t* kv = key_b + j0;
             T* cv = col_sum + j0;
 #pragma omp simd
             for (int v = 0; v < V; ++v) {
-              const T e = fast_exp(sv[v] - shift);
-              row[v] += gv[v] == key_a ? T(0) : e;
-              cv[v] += kv[v] == group_a ? T(0) : e;  // entry (b, a) of row b
+              row[v] += gv[v] == key_a ? T(0) : e[v];
+              cv[v] += kv[v] == group_a ? T(0) : e[v];  // entry (b, a) of row b
             }
           }
         }
@@ -319,11 +317,19 @@ void backward_symmetric(const ContrastiveProblem<T>& p, T grad_loss, const T* ls
         const int32_t key_a = q.row_key[a0 + i], group_a = q.col_group[a0 + i];
         const T rescale_a = rescale[a0 + i];
         // c_ab: the softmax weight of b in row a plus that of a in row b, each where it is a negative.
+        constexpr int V = kVec<T>;
+        for (int j0 = 0; j0 < cols; j0 += V) {  // spans are whole vectors
+          alignas(64) T e[V];
+          exp_shifted_line(srow + j0, shift, e);
+          const int32_t* gb = group_b + j0;  // pointers per vector: see forward_symmetric
+          const int32_t* kb = key_b + j0;
+          const T* rb = rescale_b + j0;
+          T* out = srow + j0;
 #pragma omp simd
-        for (int j = 0; j < cols; ++j) {
-          const T e = fast_exp(srow[j] - shift);
-          const T w = (group_b[j] == key_a ? T(0) : rescale_a) + (key_b[j] == group_a ? T(0) : rescale_b[j]);
-          srow[j] = e * w;
+          for (int v = 0; v < V; ++v) {
+            const T w = (gb[v] == key_a ? T(0) : rescale_a) + (kb[v] == group_a ? T(0) : rb[v]);
+            out[v] = e[v] * w;
+          }
         }
       }
       if (into_i) accumulate_block(s.data(), bs, 1, rows, cols, q.zn.data() + b0 * q.kp, q.kp, gz.data() + a0 * q.kp);
