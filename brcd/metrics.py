@@ -98,6 +98,11 @@ def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: Opt
     k = n if topk is None else min(int(topk), n)
     if dp.device.type == "cpu":  # one fused pass: candidates below the k-th distance, AP without a sort
         return torch.ops.brcd.average_precision(qp, dp, ql, dl, k)
+    return _average_precisions_by_ops(qp, dp, ql, dl, k)
+
+
+def _average_precisions_by_ops(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int) -> Tensor:
+    """average_precisions from the top-k op's rankings and torch ops (the path for GPUs; runs on any device)."""
     out = []
     inv_positions = 1.0 / torch.arange(1, k + 1, dtype=torch.float64, device=dp.device)
     for _, rel in _ranked_chunks(qp, dp, ql, dl, k):

@@ -71,6 +71,26 @@ def test_multi_hot_labels():
     assert abs(float(aps.mean()) - brute_force_map(qc, dc, ql.double(), dl.double(), 100)) <= 1e-12
 
 
+@pytest.mark.parametrize("labels", ["ids", "multi-hot"])
+def test_average_precisions_of_the_gpu_path_on_cpu_tensors(labels):
+    """The torch-ops twin of the CPU AP op (what GPUs run) agrees with it and with brute force, ties included."""
+    gen = torch.Generator().manual_seed(7)
+    qc, dc = torch.randn(40, 24, generator=gen), torch.randn(700, 24, generator=gen)
+    dc[100:200] = dc[5]  # heavy ties
+    if labels == "ids":
+        ql, dl = torch.randint(0, 6, (40,), generator=gen), torch.randint(0, 6, (700,), generator=gen)
+    else:
+        ql, dl = (torch.rand(40, 70, generator=gen) < 0.05).long(), (torch.rand(700, 70, generator=gen) < 0.05).long()
+    qp, dp, ql_, dl_ = metrics._prepare(qc, dc, ql, dl)
+    for k in (1, 37, 700):
+        by_ops = metrics._average_precisions_by_ops(qp, dp, ql_, dl_, k)
+        by_op = torch.ops.brcd.average_precision(qp, dp, ql_, dl_, k)
+        assert torch.allclose(by_ops, by_op, rtol=0, atol=1e-12)
+        exact = (ql, dl) if labels == "ids" else (ql.double(), dl.double())
+        want = brute_force_map(qc, dc, *exact, k)
+        assert abs(float(by_ops.mean()) - want) <= 1e-12
+
+
 def test_precision_metrics_against_brute_force():
     gen = torch.Generator().manual_seed(2)
     qc, ql = labelled_codes(25, 12, 4, gen, flip=0.15)
