@@ -51,6 +51,9 @@ class TrainConfig:
     # Data-loader processes for the two-view augmentation; 0: in the training process, where a GPU waits for it at
     # every step (a batch of 128 Fashion-MNIST images: about 75 ms of one core of the development machine).
     workers: int = 0
+    # Steps between reads of the loss (its finiteness check and the progress bar's value): each read waits for the
+    # device. None: every step on the CPU (where nothing is queued), every 25 on a GPU.
+    read_loss_every: Optional[int] = None
 
 
 def encode(model: HashModel, images: Tensor, *, batch_size: int = 256, device: str = "cpu",
@@ -109,6 +112,39 @@ def checkpoint_path(out_dir: Path, name: str, paradigm: str = "symmetric", fmt: 
     return out_dir / (f"{name}.{fmt}" if paradigm == "symmetric" else f"{name}.{paradigm}.{fmt}")
 
 
+class _StepLosses:
+    """An epoch's step losses, kept on the device and read every `every` steps: one synchronisation per read instead of
+    one per step, which would keep a GPU's queue from running ahead of the host. A read raises TrainingError at the
+    first non-finite loss, naming its step, and adds the others to the epoch's total in step order."""
+
+    def __init__(self, every: int, name: str, epoch: int, out_dir: Path):
+        if every < 1:
+            raise ValueError(f"read_loss_every must be >= 1, got {every}")
+        self.every, self.name, self.epoch, self.out_dir = every, name, epoch, out_dir
+        self.pending: list = []
+        self.first_step = 1  # the step of pending[0]
+        self.total, self.steps, self.latest = 0.0, 0, math.nan
+
+    def add(self, loss: Tensor) -> bool:
+        """Keeps one step's loss; True when it is time to read."""
+        self.pending.append(loss.detach())
+        return len(self.pending) >= self.every
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack(self.pending).tolist()  # the one wait for the device
+        for offset, value in enumerate(values):
+            if not math.isfinite(value):
+                raise TrainingError(f"{self.name}: the loss became {value} at epoch {self.epoch}, step "
+                                    f"{self.first_step + offset}; the last good checkpoints stay in {self.out_dir}")
+            self.total += value
+        self.first_step += len(values)
+        self.steps += len(values)
+        self.latest = values[-1]
+        self.pending.clear()
+
+
 def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[], Dict[str, float]],
          cfg: TrainConfig, out_dir: Path, name: str) -> Dict[str, float]:
     """The shared loop: epochs of two-view batches; validation scores "val_map_<paradigm>"; the best checkpoint per
@@ -122,34 +158,39 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
     last = out_dir / f"{name}.last.pt"
     torch.manual_seed(cfg.seed)
     if cfg.resume and last.exists():
-        # Everything the next epoch depends on: weights, optimizer, progress, and both random streams (the
-        # loader's shuffling and the global one of the augmentations and the stochastic hash threshold).
+        # Everything the next epoch depends on: weights, optimizer, progress, and the random streams (the loader's
+        # shuffling and its workers' seeds, the global one of the augmentations, and the stochastic hash threshold's:
+        # the device's own generator on a GPU).
         state = load_checkpoint(last)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         best, stale, first_epoch = dict(state["best"]), state["stale"], state["epoch"] + 1
         torch.set_rng_state(state["rng"])
         gen.set_state(state["loader_rng"])
+        if "device_rng" in state and torch.device(cfg.device).type == "cuda":
+            torch.cuda.set_rng_state(state["device_rng"], cfg.device)
         if state["stopped_early"]:
             best_path = checkpoint_path(out_dir, name, fmt=cfg.checkpoint_format)
             model.load_state_dict(load_checkpoint(best_path)["state_dict"])
             return best
     model.to(cfg.device).train()
+    on_cpu = torch.device(cfg.device).type == "cpu"
+    read_every = cfg.read_loss_every if cfg.read_loss_every is not None else (1 if on_cpu else 25)
     for epoch in range(first_epoch, cfg.epochs + 1):
-        total = 0.0
+        losses = _StepLosses(read_every, name, epoch, out_dir)
         bar = tqdm(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        for step_i, (v1, v2, idx) in enumerate(bar, start=1):
+        for v1, v2, idx in bar:
             # From pinned memory (on a GPU) the copies are asynchronous: the host goes on to queue the step's kernels.
             loss = step(v1.to(cfg.device, non_blocking=True), v2.to(cfg.device, non_blocking=True), idx)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"{name}: the loss became {loss.item()} at epoch {epoch}, step {step_i}; "
-                                    f"the last good checkpoints stay in {out_dir}")
+            read_now = losses.add(loss)
+            if read_now:  # read before the update: a non-finite loss stops the run before it reaches the weights
+                losses.read()
+                bar.set_postfix(loss=f"{losses.latest:.4f}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        record = {"model": name, "epoch": epoch, "loss": total / max(1, len(loader))}
+        losses.read()
+        record = {"model": name, "epoch": epoch, "loss": losses.total / max(1, losses.steps)}
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
             scores = validate()
             record.update(scores)
@@ -164,9 +205,12 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         stopped_early = stale >= cfg.patience
-        save_checkpoint(last, model, asdict(cfg), {"optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
-                                                   "stale": stale, "stopped_early": stopped_early, "name": name,
-                                                   "rng": torch.get_rng_state(), "loader_rng": gen.get_state()})
+        resume_state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "best": best, "stale": stale,
+                        "stopped_early": stopped_early, "name": name, "rng": torch.get_rng_state(),
+                        "loader_rng": gen.get_state()}
+        if torch.device(cfg.device).type == "cuda":
+            resume_state["device_rng"] = torch.cuda.get_rng_state(cfg.device)
+        save_checkpoint(last, model, asdict(cfg), resume_state)
         if stopped_early:
             break
     model.load_state_dict(load_checkpoint(checkpoint_path(out_dir, name, fmt=cfg.checkpoint_format))["state_dict"])

@@ -1,0 +1,51 @@
+"""The training loop's reads of the loss: deferred reads (a GPU's default) train exactly as reads every step do, and a
+non-finite loss stops the run naming its own step, however late it is read."""
+import json
+
+import pytest
+import torch
+
+from brcd.data import synthetic_data
+from brcd.models import STUDENT_DEFAULT, build_model
+from brcd.objectives import CIBHashObjective
+from brcd.train import TrainConfig, TrainingError, train_teacher
+
+
+def train(out, read_every, epochs=2):
+    data = synthetic_data(num_train=96, num_test=40)
+    torch.manual_seed(0)
+    model = build_model(STUDENT_DEFAULT, 16, in_chans=1, img_size=16)
+    cfg = TrainConfig(bits=16, epochs=epochs, batch_size=16, topk=20, progress=False, read_loss_every=read_every)
+    out.mkdir()
+    train_teacher(model, data.train_images, data.test_images[:10], data.test_labels[:10], data.train_images[:60],
+                  data.train_labels[:60], cfg, out, "t")
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return torch.load(out / "t.last.pt", weights_only=True)["state_dict"], log
+
+
+def test_deferred_loss_reads_train_the_same(tmp_path):
+    # 6 steps an epoch: reads every 4 steps leave 2 for the epoch's end.
+    every_step, deferred = train(tmp_path / "a", 1), train(tmp_path / "b", 4)
+    assert every_step[1] == deferred[1]  # the per-epoch log, the mean loss to the last bit
+    for key, value in every_step[0].items():
+        assert torch.equal(value, deferred[0][key]), key
+
+
+@pytest.mark.parametrize("read_every", [1, 5])
+def test_a_non_finite_loss_names_its_step(tmp_path, monkeypatch, read_every):
+    calls = {"n": 0}
+    real = CIBHashObjective.forward
+
+    def third_is_nan(self, *args):
+        calls["n"] += 1
+        loss = real(self, *args)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(CIBHashObjective, "forward", third_is_nan)
+    with pytest.raises(TrainingError, match="at epoch 1, step 3;"):
+        train(tmp_path / "run", read_every)
+
+
+def test_read_every_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="read_loss_every"):
+        train(tmp_path / "run", 0)
