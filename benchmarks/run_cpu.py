@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 import brcd  # noqa: E402
 from brcd import metrics  # noqa: E402
 from brcd import reference as ref  # noqa: E402
-from cases import loss_case, loss_step, map_case, one_hot, original_map  # noqa: E402
+from cases import fused_loss, loss_case, loss_step, map_case, one_hot, original_map  # noqa: E402
 from common import git_revision, machine, table, time_cpu  # noqa: E402
 
 
@@ -123,7 +123,7 @@ def loss_worker(B: int, impl: str, repeat: int) -> dict:
     """Runs in a fresh process: time of forward + backward and the peak resident memory it added."""
     s, ta, tv, kw = loss_case(B)
     # fused-student: the distillation step, where the teacher's codes are frozen and only the student needs a gradient.
-    fn = {"fused": brcd.brcd_loss, "fused-student": brcd.brcd_loss, "eager": ref.brcd_loss}.get(impl)
+    fn = {"fused": fused_loss, "fused-student": fused_loss, "eager": ref.brcd_loss}.get(impl)
     view_grad = impl != "fused-student"
     compile_s = 0.0
     if impl == "compile":

@@ -16,7 +16,7 @@ import torch
 import brcd
 from brcd import metrics
 from brcd import reference as ref
-from cases import loss_case, loss_step, map_case, one_hot, original_map, packed_codes
+from cases import fused_loss, loss_case, loss_step, map_case, one_hot, original_map, packed_codes
 from conftest import SMOKE, size, timed
 
 
@@ -147,7 +147,7 @@ def test_loss_step(benchmark, device, B, impl):
     # dynamic=False: a graph per batch size, as a fresh process compiles it (after a second size, torch.compile would
     # otherwise switch to one dynamic-shape graph, slower here: 32 ms against 21 ms at B = 1024).
     compiled = lambda: torch.compile(ref.brcd_loss, dynamic=False)
-    fn = compiled() if impl == "compile" else {"fused": brcd.brcd_loss, "eager": ref.brcd_loss}[impl]
+    fn = compiled() if impl == "compile" else {"fused": fused_loss, "eager": ref.brcd_loss}[impl]
     benchmark.group = f"loss forward + backward, B = {B}, K = 64, {device}"
 
     step = loss_step(fn, s, ta, tv, kw)
