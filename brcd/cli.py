@@ -25,8 +25,8 @@ from .data import DataFileError, load_cifar10, load_fashion_mnist, load_image_li
 from .checkpoint import CHECKPOINT_FORMATS, load_model
 from .index import HammingIndex, IndexFileError, atomic_write_bytes
 from .models import STUDENT_DEFAULT, TEACHER_DEFAULT, ModelError, build_model
-from .train import (TrainConfig, TrainingError, checkpoint_path, encode, fit_clusters, throughput, train_student,
-                    train_teacher)
+from .train import (PRECISIONS, TrainConfig, TrainingError, checkpoint_path, encode, fit_clusters, throughput,
+                    train_student, train_teacher)
 
 
 def _int_at_least(minimum: int, expected: str):
@@ -78,6 +78,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                    help="the best checkpoints as torch files (weights_only loadable) or safetensors")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out exactly where its last finished epoch left it")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the models' forward passes in training: fp32, or bf16 under torch.autocast (tensor cores on a "
+                        "GPU); the losses compute in float32, validation and encoding run in float32")
     p.add_argument("--workers", type=_nonnegative_int, default=None,
                    help="data-loader processes for the augmentation (default: none on the CPU, where they would "
                         "take the training's cores; on a GPU half the cores, at most 8). A run is reproducible for "
@@ -259,7 +262,7 @@ def _prepare_run(args) -> _Run:
                       group_mode=getattr(args, "group_mode", "offset+fn"), use_mask=not getattr(args, "no_mask", False),
                       topk=args.topk, val_every=args.val_every, seed=args.seed, device=args.device,
                       progress=not args.no_progress, resume=args.resume, checkpoint_format=args.checkpoint_format,
-                      workers=_workers(args))
+                      workers=_workers(args), precision=args.precision)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     atomic_write_bytes(out / "config.json", [json.dumps(config, indent=2).encode()])
     return _Run(args, out, (data, split), train_images, val, cfg, started)

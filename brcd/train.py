@@ -22,7 +22,10 @@ from .models import HashModel
 from .objectives import make_objective
 
 __all__ = ["TrainConfig", "TrainingError", "checkpoint_path", "encode", "train_teacher", "fit_clusters",
-           "train_student", "Clusters", "throughput"]
+           "train_student", "Clusters", "throughput", "PRECISIONS"]
+
+# The precisions of the training steps' forward passes: float32, or bfloat16 under torch.autocast.
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -54,6 +57,9 @@ class TrainConfig:
     # Steps between reads of the loss (its finiteness check and the progress bar's value): each read waits for the
     # device. None: every step on the CPU (where nothing is queued), every 25 on a GPU.
     read_loss_every: Optional[int] = None
+    # The models' forward passes in the training steps: "fp32", or "bf16" under torch.autocast (tensor cores on a GPU).
+    # The objectives take the codes in float32 either way; validation and encoding run in float32.
+    precision: str = "fp32"
 
 
 def encode(model: HashModel, images: Tensor, *, batch_size: int = 256, device: str = "cpu",
@@ -97,8 +103,6 @@ def _loader(images: Tensor, cfg: TrainConfig, gen: torch.Generator):
     """Shuffled two-view batches. With workers, each epoch's workers seed their augmentation from `gen` (as the
     shuffling is), so a run is reproducible for a given worker count and a resumed one continues exactly. Workers are
     not kept between epochs: persistent ones would take their seeds once, and a resumed run could not match."""
-    if cfg.workers < 0:
-        raise ValueError(f"workers must be >= 0, got {cfg.workers}")
     channels, size = images.shape[1], images.shape[-1]
     return torch.utils.data.DataLoader(TwoViewDataset(images, two_view_transform(size, channels)),
                                        batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen,
@@ -118,8 +122,6 @@ class _StepLosses:
     first non-finite loss, naming its step, and adds the others to the epoch's total in step order."""
 
     def __init__(self, every: int, name: str, epoch: int, out_dir: Path):
-        if every < 1:
-            raise ValueError(f"read_loss_every must be >= 1, got {every}")
         self.every, self.name, self.epoch, self.out_dir = every, name, epoch, out_dir
         self.pending: list = []
         self.first_step = 1  # the step of pending[0]
@@ -145,11 +147,27 @@ class _StepLosses:
         self.pending.clear()
 
 
+def _check_loop_config(cfg: TrainConfig) -> None:
+    """The settings of the training loop itself, checked before anything runs."""
+    if cfg.workers < 0:
+        raise ValueError(f"workers must be >= 0, got {cfg.workers}")
+    if cfg.read_loss_every is not None and cfg.read_loss_every < 1:
+        raise ValueError(f"read_loss_every must be >= 1, got {cfg.read_loss_every}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+
+
+def _forward_precision(cfg: TrainConfig):
+    """The context of a training step's model calls: bfloat16 autocast where cfg.precision is "bf16"."""
+    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
 def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[], Dict[str, float]],
          cfg: TrainConfig, out_dir: Path, name: str) -> Dict[str, float]:
     """The shared loop: epochs of two-view batches; validation scores "val_map_<paradigm>"; the best checkpoint per
     paradigm; early stopping when no paradigm improved for `patience` validations; a stop on a NaN loss.
     Leaves the model with its best symmetric weights; returns the best score of each paradigm."""
+    _check_loop_config(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = _loader(images, cfg, gen)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -224,9 +242,10 @@ def train_teacher(model: HashModel, images: Tensor, val_queries: Tensor, val_que
     objective = make_objective("cibhash", temperature=cfg.temperature, kl_weight=cfg.kl_weight)
 
     def step(v1, v2, idx):
-        p1, c1 = model(v1)
-        p2, c2 = model(v2)
-        return objective(p1, c1, p2, c2)
+        with _forward_precision(cfg):
+            p1, c1 = model(v1)
+            p2, c2 = model(v2)
+        return objective(p1.float(), c1.float(), p2.float(), c2.float())
 
     def validate():
         q = encode(model, val_queries, device=cfg.device)
@@ -252,14 +271,17 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Clusters, imag
     teacher_db = encode(teacher, val_db, device=cfg.device)
 
     def step(v1, v2, idx):
-        with torch.no_grad():
-            _, t1 = teacher(v1)
-            _, t2 = teacher(v2)
+        with _forward_precision(cfg):
+            with torch.no_grad():
+                _, t1 = teacher(v1)
+                _, t2 = teacher(v2)
+            p1, s1 = model(v1)
+            p2, s2 = model(v2)
+        # The objectives compute in float32 (a no-op in fp32; the ±1 codes are exact in bfloat16, the probabilities not).
+        p1, s1, p2, s2, t1, t2 = (x.float() for x in (p1, s1, p2, s2, t1, t2))
         c = clusters.assignments[idx].to(cfg.device)
         cv = nearest_centroid(t2, centroids)
         rows, cols, alpha = negative_groups(c, cv, base_alpha=cfg.alpha, mode=cfg.group_mode)
-        p1, s1 = model(v1)
-        p2, s2 = model(v2)
         # alpha is base_alpha or 1 (negative_groups checks base_alpha): no per-step device sync to check it again.
         return objective(p1, s1, p2, s2, t1, t2, alpha=alpha, bit_mask=masks[c] if cfg.use_mask else None,
                          row_groups=rows, col_groups=cols, check_alpha=False)

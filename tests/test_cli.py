@@ -190,12 +190,6 @@ def test_default_workers_by_device(monkeypatch):
     assert cli._workers(parse("--device", "cuda")) == 1
 
 
-def test_a_negative_worker_count_is_refused_by_the_trainer():
-    from brcd.train import TrainConfig, _loader
-    with pytest.raises(ValueError, match="workers must be >= 0"):
-        _loader(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), TrainConfig(workers=-1), torch.Generator())
-
-
 def test_list_dataset_with_safetensors_checkpoints(tmp_path, capsys):
     """The user's own multi-label images from list files, safetensors checkpoints from training to evaluation."""
     from tests.test_data import write_image_list

@@ -1,5 +1,6 @@
-"""The training loop's reads of the loss: deferred reads (a GPU's default) train exactly as reads every step do, and a
-non-finite loss stops the run naming its own step, however late it is read."""
+"""The training loop: deferred reads of the loss (a GPU's default) train exactly as reads every step do, a non-finite
+loss stops the run naming its own step however late it is read, bfloat16 forward passes feed float32 objectives, and
+bad loop settings are refused before anything runs."""
 import json
 
 import pytest
@@ -11,11 +12,12 @@ from brcd.objectives import CIBHashObjective
 from brcd.train import TrainConfig, TrainingError, train_teacher
 
 
-def train(out, read_every, epochs=2):
+def train(out, read_every, epochs=2, **settings):
     data = synthetic_data(num_train=96, num_test=40)
     torch.manual_seed(0)
     model = build_model(STUDENT_DEFAULT, 16, in_chans=1, img_size=16)
-    cfg = TrainConfig(bits=16, epochs=epochs, batch_size=16, topk=20, progress=False, read_loss_every=read_every)
+    cfg = TrainConfig(bits=16, epochs=epochs, batch_size=16, topk=20, progress=False, read_loss_every=read_every,
+                      **settings)
     out.mkdir()
     train_teacher(model, data.train_images, data.test_images[:10], data.test_labels[:10], data.train_images[:60],
                   data.train_labels[:60], cfg, out, "t")
@@ -46,6 +48,28 @@ def test_a_non_finite_loss_names_its_step(tmp_path, monkeypatch, read_every):
         train(tmp_path / "run", read_every)
 
 
-def test_read_every_must_be_positive(tmp_path):
-    with pytest.raises(ValueError, match="read_loss_every"):
-        train(tmp_path / "run", 0)
+def test_bf16_forward_passes_feed_float32_objectives(tmp_path, monkeypatch):
+    seen = []
+    real = CIBHashObjective.forward
+
+    def record(self, probs1, codes1, probs2, codes2):
+        seen.append((probs1.dtype, codes1.dtype, torch.is_autocast_enabled("cpu")))
+        return real(self, probs1, codes1, probs2, codes2)
+
+    monkeypatch.setattr(CIBHashObjective, "forward", record)
+    fp32 = train(tmp_path / "fp32", 1, epochs=1)
+    assert seen and all(s == (torch.float32, torch.float32, False) for s in seen)
+    seen.clear()
+    bf16 = train(tmp_path / "bf16", 1, epochs=1, precision="bf16")
+    assert seen and all(s == (torch.float32, torch.float32, False) for s in seen)  # outside the autocast region
+    # The forward passes did run in bfloat16: the same seed trains other weights.
+    assert any(not torch.equal(fp32[0][k], bf16[0][k]) for k in fp32[0])
+    assert torch.load(tmp_path / "bf16" / "t.last.pt", weights_only=True)["config"]["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("read_every, settings, named", [(0, {}, "read_loss_every"), (1, {"workers": -1}, "workers"),
+                                                          (1, {"precision": "fp16"}, "precision")])
+def test_bad_loop_settings_are_refused_first(tmp_path, read_every, settings, named):
+    with pytest.raises(ValueError, match=named):
+        train(tmp_path / "run", read_every, **settings)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained, nothing logged
