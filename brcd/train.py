@@ -200,8 +200,10 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
         for v1, v2, idx in bar:
             # From pinned memory (on a GPU) the copies are asynchronous: the host goes on to queue the step's kernels.
             loss = step(v1.to(cfg.device, non_blocking=True), v2.to(cfg.device, non_blocking=True), idx)
-            read_now = losses.add(loss)
-            if read_now:  # read before the update: a non-finite loss stops the run before it reaches the weights
+            # Read before this step's update: with a read every step (the CPU's default) a non-finite loss never
+            # reaches the weights; with deferred reads, the steps since the last read have updated them (the
+            # checkpoints on disk predate them either way).
+            if losses.add(loss):
                 losses.read()
                 bar.set_postfix(loss=f"{losses.latest:.4f}")
             optimizer.zero_grad(set_to_none=True)
