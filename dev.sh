@@ -36,7 +36,7 @@ setup() {
   if [[ -x "$PY" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
   log "creating $VENV (torch ${TORCH_PINS[*]}; the first time takes a few minutes)"
   [[ -x "$PY" ]] || python3 -m venv "$VENV"
-  "$PY" -m pip install -q --disable-pip-version-check "${TORCH_PINS[@]}" "setuptools>=77" wheel ninja
+  "$PY" -m pip install -q --disable-pip-version-check "${TORCH_PINS[@]}" "setuptools>=64" wheel ninja
   # --no-build-isolation: an isolated build environment would fetch torch again.
   BRCD_METADATA_ONLY=1 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[train,dev,bench]"
   echo "$want" > "$stamp"
