@@ -1,6 +1,5 @@
 // Every header contrastive_impl.h needs, included before a translation unit sets its target pragma.
 #pragma once
-#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -14,3 +13,7 @@
 #include <vector>
 
 #include "cpu/contrastive.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // the AVX-512 build's exponential (exp_shifted_line)
+#endif
