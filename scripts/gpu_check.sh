@@ -80,32 +80,40 @@ run_bench() {
   echo "benchmarks: $(( $(date +%s) - start )) s"
 }
 
-build "$OUT" || exit 1
-ldd brcd/_C*.so | grep -E "stdc|gcc_s|gomp" || true
-nm -D --defined-only brcd/_C*.so | grep -c -E "__cxa_throw|_Unwind_RaiseException" || true
-run_tests "$OUT"
-
-if [[ "${PROFILE:-0}" == 1 ]] && command -v ncu >/dev/null && (( $(stage_budget 240 60) > 0 )); then
+run_profile() {
+  local start budget
   start=$(date +%s)
+  budget=$(stage_budget 240 60)
+  (( budget > 0 )) || { skip "Nsight Compute profile"; return 0; }
   # One top-k (3 chunks: scan and select each) and one loss step; clocks left as the card runs them.
-  timeout "$(stage_budget 240 60)" ncu --clock-control none --launch-count 8 \
+  timeout "$budget" ncu --clock-control none --launch-count 8 \
     --kernel-name "regex:scan_kernel|forward_kernel|backward_kernel|select_kernel" \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
     python3 benchmarks/gpu_profile_target.py >"$OUT/ncu.txt" 2>&1
   metrics="Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy"
   grep -E "scan_kernel|forward_kernel|backward_kernel|select_kernel|$metrics" "$OUT/ncu.txt" | head -60
   echo "profile: $(( $(date +%s) - start )) s"
-fi
+}
 
-[[ "${BENCH:-1}" != 0 ]] && run_bench "$OUT" "$@"
-
-if [[ "${SUITE:-0}" == 1 ]] && (( $(stage_budget 300) > 0 )); then
+run_suite() {
+  local start budget
   start=$(date +%s)
-  timeout "$(stage_budget 300)" python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider -k cuda \
+  budget=$(stage_budget 300)
+  (( budget > 0 )) || { skip "pytest-benchmark suite"; return 0; }
+  timeout "$budget" python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider -k cuda \
     --benchmark-columns=median,iqr,rounds --benchmark-json="$OUT/suite.json" >"$OUT/suite.txt" 2>&1
   grep -E "^(-|Name|test_)|passed|failed" "$OUT/suite.txt" | head -80
   echo "suite: $(( $(date +%s) - start )) s"
-fi
+}
+
+build "$OUT" || exit 1
+ldd brcd/_C*.so | grep -E "stdc|gcc_s|gomp" || true
+nm -D --defined-only brcd/_C*.so | grep -c -E "__cxa_throw|_Unwind_RaiseException" || true
+run_tests "$OUT"
+
+[[ "${PROFILE:-0}" == 1 ]] && command -v ncu >/dev/null && run_profile
+[[ "${BENCH:-1}" != 0 ]] && run_bench "$OUT" "$@"
+[[ "${SUITE:-0}" == 1 ]] && run_suite
 
 if [[ -d .gpu/alt ]]; then
   files=$(cd .gpu/alt && find . -type f | sed 's|^./||' | paste -sd' ')
