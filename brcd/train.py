@@ -61,6 +61,11 @@ class TrainConfig:
     # The objectives take the codes in float32 either way; validation and encoding run in float32.
     precision: str = "fp32"
 
+    @property
+    def device_type(self) -> str:
+        """"cpu", "cuda", ...: what the loop's choices depend on (pinned batches, autocast, reads, generator)."""
+        return torch.device(self.device).type
+
 
 def encode(model: HashModel, images: Tensor, *, batch_size: int = 256, device: str = "cpu",
            desc: Optional[str] = None, progress: bool = True) -> Tensor:
@@ -106,7 +111,7 @@ def _loader(images: Tensor, cfg: TrainConfig, gen: torch.Generator):
     channels, size = images.shape[1], images.shape[-1]
     return torch.utils.data.DataLoader(TwoViewDataset(images, two_view_transform(size, channels)),
                                        batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen,
-                                       num_workers=cfg.workers, pin_memory=torch.device(cfg.device).type == "cuda")
+                                       num_workers=cfg.workers, pin_memory=cfg.device_type == "cuda")
 
 
 def checkpoint_path(out_dir: Path, name: str, paradigm: str = "symmetric", fmt: str = "pt") -> Path:
@@ -159,7 +164,7 @@ def _check_loop_config(cfg: TrainConfig) -> None:
 
 def _forward_precision(cfg: TrainConfig):
     """The context of a training step's model calls: bfloat16 autocast where cfg.precision is "bf16"."""
-    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    return torch.autocast(cfg.device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
 def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[], Dict[str, float]],
@@ -185,15 +190,14 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
         best, stale, first_epoch = dict(state["best"]), state["stale"], state["epoch"] + 1
         torch.set_rng_state(state["rng"])
         gen.set_state(state["loader_rng"])
-        if "device_rng" in state and torch.device(cfg.device).type == "cuda":
+        if "device_rng" in state and cfg.device_type == "cuda":
             torch.cuda.set_rng_state(state["device_rng"], cfg.device)
         if state["stopped_early"]:
             best_path = checkpoint_path(out_dir, name, fmt=cfg.checkpoint_format)
             model.load_state_dict(load_checkpoint(best_path)["state_dict"])
             return best
     model.to(cfg.device).train()
-    on_cpu = torch.device(cfg.device).type == "cpu"
-    read_every = cfg.read_loss_every if cfg.read_loss_every is not None else (1 if on_cpu else 25)
+    read_every = cfg.read_loss_every if cfg.read_loss_every is not None else (1 if cfg.device_type == "cpu" else 25)
     for epoch in range(first_epoch, cfg.epochs + 1):
         losses = _StepLosses(read_every, name, epoch, out_dir)
         bar = tqdm(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
@@ -228,7 +232,7 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
         resume_state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "best": best, "stale": stale,
                         "stopped_early": stopped_early, "name": name, "rng": torch.get_rng_state(),
                         "loader_rng": gen.get_state()}
-        if torch.device(cfg.device).type == "cuda":
+        if cfg.device_type == "cuda":
             resume_state["device_rng"] = torch.cuda.get_rng_state(cfg.device)
         save_checkpoint(last, model, asdict(cfg), resume_state)
         if stopped_early:
