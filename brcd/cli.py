@@ -1,8 +1,9 @@
 """The brcd command.
 
 `brcd demo` runs the whole chain on Fashion-MNIST (teacher, clusters, a student without KD and a BRCD student, both
-search paradigms) and writes DIR/report.md and DIR/metrics.json. `brcd evaluate` tests a checkpoint, `brcd encode`
-writes the database's codes to a HammingIndex file, and `brcd index` searches one.
+search paradigms; --baselines adds students distilled with KD baselines) and writes DIR/report.md and DIR/metrics.json.
+`brcd distill --kd rkd` trains one student with a baseline instead of BRCD. `brcd evaluate` tests a checkpoint,
+`brcd encode` writes the database's codes to a HammingIndex file, and `brcd index` searches one.
 
 Errors in the input (missing or corrupt data, unknown model names, bad numbers) print one line on stderr and exit
 with status 2; a failed run (a NaN loss) exits with status 1. No traceback.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -25,6 +27,7 @@ from .data import DataFileError, load_cifar10, load_fashion_mnist, load_image_li
 from .checkpoint import CHECKPOINT_FORMATS, load_model
 from .index import HammingIndex, IndexFileError, atomic_write_bytes
 from .models import STUDENT_DEFAULT, TEACHER_DEFAULT, ModelError, build_model
+from .objectives import DISTILLATION_OBJECTIVES, LABELS
 from .train import (PRECISIONS, TrainConfig, TrainingError, checkpoint_path, encode, fit_clusters, throughput,
                     train_student, train_teacher)
 
@@ -44,6 +47,17 @@ def _int_at_least(minimum: int, expected: str):
 
 _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, "an integer >= 0")
+
+
+def _nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
+    return value
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -88,12 +102,20 @@ def _training_args(p: argparse.ArgumentParser) -> None:
 
 
 def _distill_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clusters", type=_positive_int, default=20)
-    p.add_argument("--margin", type=float, default=0.1, help="bit-mask margin")
+    """The distillation's settings: the KD term's weight, then BRCD's own (the KD baselines have none of them)."""
+    p.add_argument("--kd-weight", type=_nonnegative_float, default=1.0,
+                   help="weight of the distillation term (BRCD or a baseline) beside the student's own CIBHash loss")
+    p.add_argument("--clusters", type=_positive_int, default=20, help="k-means clusters of the teacher's codes (BRCD)")
+    p.add_argument("--margin", type=float, default=0.1, help="bit-mask margin (BRCD)")
     p.add_argument("--group-mode", choices=GROUP_MODES, default="offset+fn",
-                   help="ablations: none (neither), fn (false negatives only), offset (offset positives only), "
+                   help="BRCD's ablations: none (neither), fn (false negatives only), offset (offset positives only), "
                         "offset+fn (the full method)")
-    p.add_argument("--no-mask", action="store_true", help="ablation: no bit mask")
+    p.add_argument("--no-mask", action="store_true", help="BRCD's ablation: no bit mask")
+
+
+# The KD baselines: every distillation objective but BRCD itself.
+KD_BASELINES = tuple(name for name in DISTILLATION_OBJECTIVES if name != "brcd")
+_BASELINES_HELP = ", ".join(f"{name} ({LABELS[name]})" for name in KD_BASELINES)
 
 
 def _model_args(p: argparse.ArgumentParser, role: str) -> None:
@@ -116,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(demo, "student")
     demo.add_argument("--teacher-epochs", type=_positive_int, default=8)
     demo.add_argument("--student-epochs", type=_positive_int, default=10)
+    demo.add_argument("--baselines", nargs="*", choices=KD_BASELINES, default=[], metavar="KD",
+                      help=f"also distil a student with each of these KD baselines: {_BASELINES_HELP}")
     _distill_args(demo)
 
     teach = sub.add_parser("train-teacher", help="train a teacher with CIBHash: OUT/teacher.pt")
@@ -132,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(distill)
     _model_args(distill, "student")
     distill.add_argument("--epochs", type=_positive_int, default=10)
-    distill.add_argument("--no-kd", action="store_true", help="the baseline: the student alone, with CIBHash")
+    kd = distill.add_mutually_exclusive_group()
+    kd.add_argument("--kd", choices=DISTILLATION_OBJECTIVES, default="brcd",
+                    help=f"the distillation objective: brcd (the default), or a KD baseline: {_BASELINES_HELP}")
+    kd.add_argument("--no-kd", action="store_true", help="the baseline: the student alone, with CIBHash")
     _distill_args(distill)
 
     evaluate = sub.add_parser("evaluate", help="test mAP of a checkpoint (both paradigms with a teacher checkpoint)")
@@ -258,6 +285,7 @@ def _prepare_run(args) -> _Run:
     val = (data.test_images[split.val_queries], data.test_labels[split.val_queries], data.train_images[val_db],
            data.train_labels[val_db])
     cfg = TrainConfig(bits=args.bits, batch_size=min(args.batch_size, len(train_images)),
+                      kd_weight=getattr(args, "kd_weight", 1.0),
                       num_clusters=getattr(args, "clusters", 20), margin=getattr(args, "margin", 0.1),
                       group_mode=getattr(args, "group_mode", "offset+fn"), use_mask=not getattr(args, "no_mask", False),
                       topk=args.topk, val_every=args.val_every, seed=args.seed, device=args.device,
@@ -276,8 +304,12 @@ def _train_teacher(run: _Run, name: str, epochs: int, bits: int):
     return teacher, scores
 
 
-def _train_students(run: _Run, teacher, name: str, epochs: int, kd: bool = True, plain: bool = True):
-    """The student without KD and/or with BRCD; returns {run name: (model, best validation scores)}."""
+def _train_students(run: _Run, teacher, name: str, epochs: int, kd=("brcd",), plain: bool = True):
+    """The student without KD (plain) and one distilled with each objective of `kd`; returns {run name: (model, best
+    validation scores)}, the run names "student_no_kd" and "student_<objective>"."""
+    unknown = [k for k in kd if k not in DISTILLATION_OBJECTIVES]
+    if unknown:
+        raise ValueError(f"unknown distillation objective {unknown[0]!r}; known: {DISTILLATION_OBJECTIVES}")
     cfg = replace(run.cfg, bits=teacher.bits, epochs=epochs)
     students = {}
     if plain:
@@ -285,13 +317,17 @@ def _train_students(run: _Run, teacher, name: str, epochs: int, kd: bool = True,
         model = run.make(name, teacher.bits, run.args.student_weights)
         students["student_no_kd"] = (model, train_teacher(model, run.train_images, *run.val, cfg, run.out,
                                                           "student_no_kd"))
-    if kd:
-        run.log(f"k-means ({cfg.num_clusters} clusters) and bit masks (margin {cfg.margin})")
-        clusters = fit_clusters(teacher, run.train_images, cfg)
-        run.log(f"student {name} with BRCD ({cfg.group_mode}, mask {'on' if cfg.use_mask else 'off'})")
+    clusters = None
+    for objective in kd:
+        if objective == "brcd":
+            run.log(f"k-means ({cfg.num_clusters} clusters) and bit masks (margin {cfg.margin})")
+            clusters = fit_clusters(teacher, run.train_images, cfg)
+            run.log(f"student {name} with BRCD ({cfg.group_mode}, mask {'on' if cfg.use_mask else 'off'})")
+        else:
+            run.log(f"student {name} with {LABELS[objective]}")
         model = run.make(name, teacher.bits, run.args.student_weights)
-        students["student_brcd"] = (model, train_student(model, teacher, clusters, run.train_images, *run.val, cfg,
-                                                         run.out, "student_brcd"))
+        students[f"student_{objective}"] = (model, train_student(model, teacher, clusters, run.train_images, *run.val,
+                                                                 replace(cfg, kd=objective), run.out))
     return students
 
 
@@ -350,7 +386,8 @@ def run_train_teacher(args) -> dict:
 def run_distill(args) -> dict:
     run = _prepare_run(args)
     teacher = load_model(args.teacher_checkpoint, args.device)
-    students = _train_students(run, teacher, args.student, args.epochs, kd=not args.no_kd, plain=args.no_kd)
+    students = _train_students(run, teacher, args.student, args.epochs, kd=() if args.no_kd else (args.kd,),
+                               plain=args.no_kd)
     results, curves = _final_test(run, teacher, {name: model for name, (model, _) in students.items()})
     backbones = {"teacher": teacher.name, **{name: args.student for name in students}}
     _finish(run, results, curves, backbones, teacher.bits)
@@ -360,11 +397,15 @@ def run_distill(args) -> dict:
 
 
 def run_demo(args) -> dict:
+    baselines = [args.baselines] if isinstance(args.baselines, str) else list(dict.fromkeys(args.baselines or ()))
+    for b in baselines:  # argparse checks the flag's values; a --config file's list is checked here, before any work
+        if b not in KD_BASELINES:
+            raise ValueError(f"baselines: unknown KD baseline {b!r}; known: {', '.join(KD_BASELINES)}")
     run = _prepare_run(args)
     teacher, _ = _train_teacher(run, args.teacher, args.teacher_epochs, args.bits)
-    students = _train_students(run, teacher, args.student, args.student_epochs)
+    students = _train_students(run, teacher, args.student, args.student_epochs, kd=("brcd", *baselines))
     # The BRCD student first: it is the one whose encoding throughput the report gives.
-    order = ("student_brcd", "student_no_kd")
+    order = ("student_brcd", "student_no_kd", *(f"student_{b}" for b in baselines))
     results, curves = _final_test(run, teacher, {name: students[name][0] for name in order})
     _finish(run, results, curves, {"teacher": args.teacher, **{name: args.student for name in order}}, teacher.bits)
     return results

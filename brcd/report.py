@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .objectives import DISTILLATION_OBJECTIVES, LABELS
+
 
 def _pyplot():
     import matplotlib
@@ -67,8 +69,9 @@ def _plot_throughput(out: Path, names: list, values: list) -> str:
 _DATASET_NAMES = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "list": "image lists"}
 
 
-# Models a report may hold, in the order of its tables.
-_ROLES = {"teacher": "teacher", "student_no_kd": "student without KD", "student_brcd": "student with BRCD"}
+# Models a report may hold, in the order of its tables: the run names of train.py and cli.py.
+_ROLES = {"teacher": "teacher", "student_no_kd": "student without KD",
+          **{f"student_{name}": f"student with {LABELS[name]}" for name in DISTILLATION_OBJECTIVES}}
 
 
 def render_report(out: Path, args, results: dict, curves: dict, backbones: dict, bits: int) -> str:

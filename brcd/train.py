@@ -1,4 +1,4 @@
-"""Training loops: the CIBHash teacher, the students (without KD and with BRCD), validation in both paradigms,
+"""Training loops: the CIBHash teacher, the students (without KD, with BRCD or a KD baseline), validation in both paradigms,
 best checkpoints written atomically, early stopping, a JSON-lines metrics log, and NaN detection.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .checkpoint import CHECKPOINT_FORMATS, TrainingError, load_checkpoint, save
 from .clustering import bit_masks, kmeans, nearest_centroid, negative_groups
 from .data import TwoViewDataset, to_model_input, two_view_transform
 from .models import HashModel
-from .objectives import make_objective
+from .objectives import DISTILLATION_OBJECTIVES, make_objective
 
 __all__ = ["TrainConfig", "TrainingError", "checkpoint_path", "encode", "train_teacher", "fit_clusters",
            "train_student", "Clusters", "throughput", "PRECISIONS"]
@@ -38,6 +38,7 @@ class TrainConfig:
     temperature: float = 0.3
     kl_weight: float = 0.001
     kd_weight: float = 1.0
+    kd: str = "brcd"  # the student's distillation objective: one of objectives.DISTILLATION_OBJECTIVES
     alpha: float = 0.8
     num_clusters: int = 20
     margin: float = 0.1
@@ -262,35 +263,51 @@ def train_teacher(model: HashModel, images: Tensor, val_queries: Tensor, val_que
     return _fit(model, step, images, validate, cfg, out_dir, name)
 
 
-def train_student(model: HashModel, teacher: HashModel, clusters: Clusters, images: Tensor, val_queries: Tensor,
-                  val_query_labels: Tensor, val_db: Tensor, val_db_labels: Tensor, cfg: TrainConfig,
-                  out_dir: Path, name: str = "student_brcd") -> Dict[str, float]:
-    """BRCD distillation from a frozen teacher. Validation in both paradigms; the teacher's database codes are
-    computed once."""
-    objective = make_objective("brcd", temperature=cfg.temperature, kl_weight=cfg.kl_weight,
-                               kd_weight=cfg.kd_weight)
+def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clusters], images: Tensor,
+                  val_queries: Tensor, val_query_labels: Tensor, val_db: Tensor, val_db_labels: Tensor,
+                  cfg: TrainConfig, out_dir: Path, name: Optional[str] = None) -> Dict[str, float]:
+    """Distillation from a frozen teacher with the objective cfg.kd: BRCD (which needs the clusters of the teacher's
+    codes) or a KD baseline (clusters unused, may be None). The run is named `name`, by default "student_<cfg.kd>".
+    Validation in both paradigms; the teacher's database codes are computed once."""
+    if cfg.kd not in DISTILLATION_OBJECTIVES:
+        raise ValueError(f"kd must be one of {DISTILLATION_OBJECTIVES}, got {cfg.kd!r}")
+    objective = make_objective(cfg.kd, temperature=cfg.temperature, kl_weight=cfg.kl_weight, kd_weight=cfg.kd_weight)
+    if objective.needs_clusters and clusters is None:
+        raise ValueError(f"the {cfg.kd} objective needs the clusters of the teacher's codes (fit_clusters)")
+    name = name or f"student_{cfg.kd}"
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    centroids = clusters.centroids.to(cfg.device)
-    masks = clusters.masks.to(cfg.device)
     teacher_db = encode(teacher, val_db, device=cfg.device)
 
-    def step(v1, v2, idx):
-        with _forward_precision(cfg):
-            with torch.no_grad():
-                _, t1 = teacher(v1)
-                _, t2 = teacher(v2)
-            p1, s1 = model(v1)
-            p2, s2 = model(v2)
-        # The objectives compute in float32 (a no-op in fp32; the ±1 codes are exact in bfloat16, the probabilities not).
-        p1, s1, p2, s2, t1, t2 = (x.float() for x in (p1, s1, p2, s2, t1, t2))
-        c = clusters.assignments[idx].to(cfg.device)
-        cv = nearest_centroid(t2, centroids)
-        rows, cols, alpha = negative_groups(c, cv, base_alpha=cfg.alpha, mode=cfg.group_mode)
-        # alpha is base_alpha or 1 (negative_groups checks base_alpha): no per-step device sync to check it again.
-        return objective(p1, s1, p2, s2, t1, t2, alpha=alpha, bit_mask=masks[c] if cfg.use_mask else None,
-                         row_groups=rows, col_groups=cols, check_alpha=False)
+    if objective.needs_clusters:
+        centroids = clusters.centroids.to(cfg.device)
+        masks = clusters.masks.to(cfg.device)
+
+        def step(v1, v2, idx):
+            with _forward_precision(cfg):
+                with torch.no_grad():
+                    _, t1 = teacher(v1)
+                    _, t2 = teacher(v2)
+                p1, s1 = model(v1)
+                p2, s2 = model(v2)
+            # The objectives compute in float32 (a no-op in fp32; the ±1 codes are exact in bfloat16, the probabilities
+            # not).
+            p1, s1, p2, s2, t1, t2 = (x.float() for x in (p1, s1, p2, s2, t1, t2))
+            c = clusters.assignments[idx].to(cfg.device)
+            cv = nearest_centroid(t2, centroids)
+            rows, cols, alpha = negative_groups(c, cv, base_alpha=cfg.alpha, mode=cfg.group_mode)
+            # alpha is base_alpha or 1 (negative_groups checks base_alpha): no per-step device sync to check it again.
+            return objective(p1, s1, p2, s2, t1, t2, alpha=alpha, bit_mask=masks[c] if cfg.use_mask else None,
+                             row_groups=rows, col_groups=cols, check_alpha=False)
+    else:
+        def step(v1, v2, idx):
+            with _forward_precision(cfg):
+                with torch.no_grad():
+                    _, t1 = teacher(v1)  # a baseline compares view 1 only: no teacher pass over view 2
+                p1, s1 = model(v1)
+                p2, s2 = model(v2)
+            return objective(*(x.float() for x in (p1, s1, p2, s2, t1)))
 
     def validate():
         q = encode(model, val_queries, device=cfg.device)

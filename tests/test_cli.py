@@ -16,7 +16,7 @@ TINY = ["--synthetic", "--teacher-epochs", "2", "--student-epochs", "2", "--trai
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    assert cli.main(["demo", "--out", str(out), *TINY]) == 0
+    assert cli.main(["demo", "--out", str(out), *TINY, "--baselines", "sp"]) == 0
     return out
 
 
@@ -28,12 +28,13 @@ def test_demo_writes_report_metrics_and_checkpoints(demo_run):
     out = demo_run
     results = json.loads((out / "metrics.json").read_text())
     assert set(results["teacher"]) >= {"map_symmetric"}
-    for name in ("student_no_kd", "student_brcd"):
+    for name in ("student_no_kd", "student_brcd", "student_sp"):
         assert set(results[name]) >= {"map_symmetric", "map_asymmetric"}
         assert all(0.0 <= v <= 1.0 for v in results[name].values())
     assert set(results["throughput_images_per_s"]) == {"teacher", "student"}
     report = (out / "report.md").read_text()
     assert "student with BRCD" in report and (out / "map_over_epochs.png").exists()
+    assert "| student with SP |" in report  # a baseline asked for with --baselines
     assert (out / "pr_curves.png").exists() and "pr_curves.png" in report
     assert (out / "throughput.png").exists() and "throughput.png" in report and "data: synthetic" in report
     for name in ("teacher", "student_no_kd", "student_brcd", "student_brcd.asymmetric"):
@@ -41,7 +42,7 @@ def test_demo_writes_report_metrics_and_checkpoints(demo_run):
         assert "state_dict" in ckpt and ckpt["config"]["bits"] == 64 and ckpt["model"]["bits"] == 64
     assert torch.load(out / "student_brcd.asymmetric.pt", weights_only=True)["selected_by"] == "val_map_asymmetric"
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {r["model"] for r in log} == {"teacher", "student_no_kd", "student_brcd"}
+    assert {r["model"] for r in log} == {"teacher", "student_no_kd", "student_brcd", "student_sp"}
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -62,6 +63,27 @@ def test_bad_numbers_are_rejected_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["demo", "--out", str(tmp_path), "--bits", "0"])
     assert exc.value.code == 2 and "positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["distill", "--teacher-checkpoint", "t.pt", "--kd", "rkd", "--no-kd"], "not allowed with argument"),
+    (["distill", "--teacher-checkpoint", "t.pt", "--kd", "crd"], "invalid choice: 'crd'"),
+    (["demo", "--baselines", "brcd"], "invalid choice: 'brcd'"),
+    (["distill", "--teacher-checkpoint", "t.pt", "--kd-weight", "-1"], "expected a finite number >= 0, got -1.0"),
+    (["demo", "--kd-weight", "nan"], "expected a finite number >= 0, got nan"),
+    (["demo", "--kd-weight", "x"], "expected a number >= 0, got 'x'"),
+])
+def test_distillation_objectives_are_checked_by_the_parser(tmp_path, capsys, argv, needle):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([argv[0], "--out", str(tmp_path), *argv[1:]])
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_baselines_from_a_config_file_are_checked(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("baselines: [pkt, nope]\n")
+    assert cli.main(["demo", "--out", str(tmp_path / "run"), "--config", str(config), *TINY]) == 2
+    assert "unknown KD baseline 'nope'" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_with_epoch_and_step(tmp_path, capsys, monkeypatch):
@@ -141,6 +163,16 @@ def test_train_teacher_then_distill_in_steps(tmp_path, capsys):
     assert cli.main(["distill", "--out", str(tmp_path / "p"), "--teacher-checkpoint", str(teacher), "--epochs", "1",
                      "--no-kd", *common]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"student_no_kd"}
+    # A KD baseline instead of BRCD: no clusters, its own run name, both paradigms tested.
+    assert cli.main(["distill", "--out", str(tmp_path / "r"), "--teacher-checkpoint", str(teacher), "--epochs", "1",
+                     "--kd", "rkd", "--kd-weight", "0.5", *common]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert set(result) == {"student_rkd"} and set(result["student_rkd"]["test"]) == {"map_symmetric", "map_asymmetric"}
+    assert "| student with RKD |" in (tmp_path / "r" / "report.md").read_text()
+    config = torch.load(tmp_path / "r" / "student_rkd.pt", weights_only=True)["config"]
+    assert config["kd"] == "rkd" and config["kd_weight"] == 0.5
+    assert "with RKD" in captured.err and "k-means" not in captured.err
 
 
 @pytest.mark.parametrize("device", device_params())

@@ -2,6 +2,7 @@
 loss stops the run naming its own step however late it is read, bfloat16 forward passes feed float32 objectives, and
 bad loop settings are refused before anything runs."""
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from brcd.data import synthetic_data
 from brcd.models import STUDENT_DEFAULT, build_model
 from brcd.objectives import CIBHashObjective
-from brcd.train import TrainConfig, TrainingError, train_teacher
+from brcd.train import TrainConfig, TrainingError, train_student, train_teacher
 
 
 def train(out, read_every, epochs=2, **settings):
@@ -73,3 +74,29 @@ def test_bad_loop_settings_are_refused_first(tmp_path, read_every, settings, nam
     with pytest.raises(ValueError, match=named):
         train(tmp_path / "run", read_every, **settings)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained, nothing logged
+
+
+def _student_run(tmp_path, **settings):
+    data = synthetic_data(num_train=96, num_test=40)
+    teacher = build_model(STUDENT_DEFAULT, 16, in_chans=1, img_size=16)
+    student = build_model(STUDENT_DEFAULT, 16, in_chans=1, img_size=16)
+    cfg = TrainConfig(bits=16, epochs=1, batch_size=16, topk=20, progress=False, **settings)
+    return lambda clusters: train_student(student, teacher, clusters, data.train_images, data.test_images[:10],
+                                          data.test_labels[:10], data.train_images[:60], data.train_labels[:60], cfg,
+                                          tmp_path)
+
+
+def test_a_kd_baseline_trains_without_clusters_under_its_own_name(tmp_path):
+    scores = _student_run(tmp_path, kd="pkt")(None)
+    assert set(scores) == {"val_map_symmetric", "val_map_asymmetric"}
+    assert (tmp_path / "student_pkt.pt").exists() and not (tmp_path / "student_brcd.pt").exists()
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in log} == {"student_pkt"} and all(math.isfinite(r["loss"]) for r in log)
+
+
+@pytest.mark.parametrize("kd, clusters, message", [("crd", None, "kd must be one of"),
+                                                   ("brcd", None, "needs the clusters")])
+def test_student_settings_are_refused_first(tmp_path, kd, clusters, message):
+    with pytest.raises(ValueError, match=message):
+        _student_run(tmp_path, kd=kd)(clusters)
+    assert not (tmp_path / "metrics.jsonl").exists()
