@@ -5,6 +5,8 @@ original release): losses between a batch of student codes and the frozen teache
 - ``pkt_loss``: Probabilistic Knowledge Transfer (Passalis and Tefas, ECCV 2018), cosine-kernel neighbour distributions.
 - ``sp_loss``: Similarity-Preserving KD (Tung and Mori, ICCV 2019), row-normalised Gram matrices.
 - ``hinton_kd_loss``: soft targets (Hinton et al., 2015), each code taken as logits over its bits.
+- ``CRDLoss``: Contrastive Representation Distillation (Tian et al., ICLR 2020), a module: trained embedding heads and
+  memory banks of the whole training set, indexed by each sample's image.
 
 Plain PyTorch, O(B^2) memory (RKD's angle term O(B^3)): baselines at the batch sizes distillation uses, not fused
 kernels. Each docstring gives its formula. Averages are taken as the authors' released code takes them (over every
@@ -18,9 +20,9 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["rkd_loss", "pkt_loss", "sp_loss", "hinton_kd_loss"]
+__all__ = ["rkd_loss", "pkt_loss", "sp_loss", "hinton_kd_loss", "CRDLoss"]
 
 
 def _check_pair(student: Tensor, teacher: Tensor, *, same_bits: bool, min_batch: int) -> Tensor:
@@ -122,3 +124,113 @@ def hinton_kd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0
     log_p_s = F.log_softmax(student / temperature, dim=1)
     log_p_t = F.log_softmax(teacher / temperature, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive_finite(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class CRDLoss(nn.Module):
+    """Contrastive representation distillation over a training set of ``dataset_size`` images.
+
+    Each model's codes are embedded by a linear head of its own and scaled to unit norm (``feat_dim`` dimensions).
+    Two memory banks hold a running embedding of every training image, one of the student's and one of the teacher's.
+    For sample i of image n_i, with m = ``negatives`` images r_1..r_m drawn uniformly from the training set and
+    ``x_j = exp(<embedding_i, memory of the other model at image j> / temperature) / Z``:
+
+        loss_direction = -mean_i [ log(x_{n_i} / (x_{n_i} + m / N)) + sum_k log((m / N) / (x_{r_k} + m / N)) ]
+
+    (N = ``dataset_size``; a 1e-7 beside each denominator), a noise-contrastive estimate whose positive is the
+    sample's own image in the other model's memory. ``Z`` is ``N`` times the mean of ``exp(...)`` over the first
+    batch, then fixed (one per direction), as in the authors' code. The loss is the sum of both directions: the
+    student's embedding against the teacher's memory, and the teacher's against the student's. After the loss, each
+    bank's rows of the batch's images become ``normalise(momentum * row + (1 - momentum) * embedding)``.
+
+    The heads are parameters to train beside the student (a trainer's optimizer must take them); the banks and ``Z``
+    are buffers, in the state dict for resuming. Negatives are drawn from the default generator of the codes' device.
+    Defaults are the authors' (128 dimensions, 500 negatives with a training set of 5,000 images, temperature 0.05,
+    momentum 0.5).
+    """
+
+    def __init__(self, student_bits: int, teacher_bits: int, dataset_size: int, *, feat_dim: int = 128,
+                 negatives: int = 500, temperature: float = 0.05, momentum: float = 0.5):
+        super().__init__()
+        student_bits, teacher_bits = _positive_int(student_bits, "student_bits"), _positive_int(teacher_bits,
+                                                                                                "teacher_bits")
+        self.dataset_size = _positive_int(dataset_size, "dataset_size")
+        feat_dim = _positive_int(feat_dim, "feat_dim")
+        self.negatives = _positive_int(negatives, "negatives")
+        self.temperature = _positive_finite(temperature, "temperature")
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+        self.embed_student = nn.Linear(student_bits, feat_dim)
+        self.embed_teacher = nn.Linear(teacher_bits, feat_dim)
+        bound = 1 / math.sqrt(feat_dim / 3)  # the authors' uniform start: rows of about unit norm
+        self.register_buffer("memory_student", (torch.rand(self.dataset_size, feat_dim) * 2 - 1) * bound)
+        self.register_buffer("memory_teacher", (torch.rand(self.dataset_size, feat_dim) * 2 - 1) * bound)
+        self.register_buffer("normalisers", torch.full((2,), math.nan))  # Z of each direction, NaN until the first batch
+
+    def forward(self, student: Tensor, teacher: Tensor, index: Tensor) -> Tensor:
+        teacher = _check_pair(student, teacher, same_bits=False, min_batch=1)
+        if student.shape[1] != self.embed_student.in_features:
+            raise ValueError(f"student has {student.shape[1]} bits but this loss was built for "
+                             f"{self.embed_student.in_features}")
+        if teacher.shape[1] != self.embed_teacher.in_features:
+            raise ValueError(f"teacher has {teacher.shape[1]} bits but this loss was built for "
+                             f"{self.embed_teacher.in_features}")
+        if not isinstance(index, Tensor) or index.dtype != torch.int64 or index.shape != (student.shape[0],):
+            raise ValueError(f"index must be an int64 tensor [batch] = [{student.shape[0]}] of training-set positions, "
+                             f"got {index.dtype if isinstance(index, Tensor) else type(index).__name__} of shape "
+                             f"{tuple(index.shape) if isinstance(index, Tensor) else '-'}")
+        if self.memory_student.device != student.device:
+            raise ValueError(f"the loss's memory is on {self.memory_student.device} but the codes are on "
+                             f"{student.device}: move the module with .to(device)")
+        if index.device not in (student.device, torch.device("cpu")):
+            raise ValueError(f"index is on {index.device}; give it on the codes' device {student.device} or the CPU")
+        # Checked where it lies: on the CPU (as a data loader gives it) for free, on a GPU with one wait.
+        if index.numel() and not _within(index, self.dataset_size):
+            raise ValueError(f"index must lie in [0, dataset_size) = [0, {self.dataset_size})")
+        index = index.to(student.device, non_blocking=True)
+        s = F.normalize(self.embed_student(student), dim=1)
+        t = F.normalize(self.embed_teacher(teacher), dim=1)
+        draws = torch.randint(self.dataset_size, (len(index), self.negatives), device=index.device)
+        images = torch.cat([index[:, None], draws], dim=1)  # column 0: the positive
+        student_side = self._scores(s, self.memory_teacher[images], 0)
+        teacher_side = self._scores(t, self.memory_student[images], 1)
+        loss = self._nce(student_side) + self._nce(teacher_side)
+        with torch.no_grad():
+            for memory, embedding in ((self.memory_student, s), (self.memory_teacher, t)):
+                rows = memory[index] * self.momentum + embedding.detach().to(memory.dtype) * (1 - self.momentum)
+                memory.index_copy_(0, index, F.normalize(rows, dim=1))
+        return loss
+
+    def _scores(self, embedding: Tensor, memory_rows: Tensor, direction: int) -> Tensor:
+        """exp(<embedding_i, memory row> / temperature) / Z for each sample's [1 + negatives] rows; sets Z the first
+        time, on the device (no wait for it)."""
+        e = torch.exp(torch.bmm(memory_rows.to(embedding.dtype), embedding[:, :, None]).squeeze(2) / self.temperature)
+        with torch.no_grad():
+            current = self.normalisers[direction]
+            z = torch.where(torch.isnan(current), e.mean().to(current.dtype) * self.dataset_size, current)
+            self.normalisers[direction] = z
+        return e / z.to(e.dtype)
+
+    def _nce(self, x: Tensor) -> Tensor:
+        noise = self.negatives / self.dataset_size
+        positive = torch.log(x[:, 0] / (x[:, 0] + noise + 1e-7))
+        negative = torch.log(noise / (x[:, 1:] + noise + 1e-7)).sum(dim=1)
+        return -(positive + negative).mean()
+
+
+def _within(index: Tensor, size: int) -> bool:
+    """All of index in [0, size): one read of two numbers (on a GPU, one wait)."""
+    low, high = torch.aminmax(index)
+    return bool(low >= 0) and bool(high < size)

@@ -4,9 +4,10 @@
   ``kl_weight`` times the symmetric Bernoulli KL between the views' bit probabilities (CIBHash).
 - ``brcd``: the distilled student: ``cibhash`` on its own views plus ``kd_weight`` times the BRCD loss against the
   frozen teacher's codes (anchor: teacher view 1; structural: teacher view 2), with bit masks, groups and alpha.
-- ``rkd``, ``pkt``, ``sp``, ``hinton``: the KD baselines BRCD is compared with, trained as the original release trains
-  them: ``cibhash`` on the student's own views plus ``kd_weight`` times a loss (brcd.kd_losses) between its view-1
-  codes and the teacher's.
+- ``rkd``, ``pkt``, ``sp``, ``hinton``, ``crd``: the KD baselines BRCD is compared with, trained as the original
+  release trains them: ``cibhash`` on the student's own views plus ``kd_weight`` times a loss (brcd.kd_losses) between
+  its view-1 codes and the teacher's. ``crd`` keeps memory banks of the training set: it is built with the set's size
+  and the code length, and called with each sample's position in the set.
 
 >>> objective = make_objective("cibhash", temperature=0.3)
 >>> loss = objective(probs1, codes1, probs2, codes2)
@@ -18,25 +19,29 @@ from typing import Callable, Dict, List, Optional, Union
 
 from torch import Tensor, nn
 
-from .kd_losses import hinton_kd_loss, pkt_loss, rkd_loss, sp_loss
+from .kd_losses import CRDLoss, hinton_kd_loss, pkt_loss, rkd_loss, sp_loss
 from .ops import brcd_loss, ntxent_loss
 
-__all__ = ["OBJECTIVES", "LABELS", "DISTILLATION_OBJECTIVES", "register_objective", "make_objective",
+__all__ = ["OBJECTIVES", "LABELS", "DISTILLATION_OBJECTIVES", "DATASET_OBJECTIVES", "register_objective", "make_objective",
            "symmetric_bernoulli_kl", "CIBHashObjective", "BRCDObjective", "KDBaselineObjective"]
 
 OBJECTIVES: Dict[str, Callable[..., nn.Module]] = {}
-# How reports name each objective's model ("student with BRCD"), and which objectives distil: those whose modules
-# take the teacher's codes.
+# How reports name each objective's model ("student with BRCD"); which objectives distil (their modules take the
+# teacher's codes); and which are built for a training set (make_objective(..., dataset_size=N, bits=K)) and called
+# with the batch's positions in it.
 LABELS: Dict[str, str] = {}
 DISTILLATION_OBJECTIVES: List[str] = []
+DATASET_OBJECTIVES: List[str] = []
 
 
-def register_objective(name: str, label: Optional[str] = None, distills: bool = False):
+def register_objective(name: str, label: Optional[str] = None, distills: bool = False, per_dataset: bool = False):
     def wrap(factory):
         OBJECTIVES[name] = factory
         LABELS[name] = label or name
         if distills:
             DISTILLATION_OBJECTIVES.append(name)
+        if per_dataset:
+            DATASET_OBJECTIVES.append(name)
         return factory
     return wrap
 
@@ -93,21 +98,44 @@ class BRCDObjective(nn.Module):
 
 class KDBaselineObjective(nn.Module):
     """A KD baseline as the original release trains one: the student's own CIBHash objective plus ``kd_weight`` times
-    ``kd_loss(student view-1 codes, teacher view-1 codes)``; the teacher's codes are a fixed target."""
+    ``kd_loss(student view-1 codes, teacher view-1 codes)``, with the batch's positions in the training set as a
+    third argument where ``takes_index``; the teacher's codes are a fixed target. A kd_loss that is a module (CRD's
+    heads and memory banks) is a submodule: its parameters train with the student, its buffers are in the state dict.
+    """
 
     needs_clusters = False
 
-    def __init__(self, kd_loss: Callable[[Tensor, Tensor], Tensor], temperature: float = 0.3, kl_weight: float = 0.001,
-                 kd_weight: float = 1.0):
+    def __init__(self, kd_loss: Callable[..., Tensor], temperature: float = 0.3, kl_weight: float = 0.001,
+                 kd_weight: float = 1.0, takes_index: bool = False):
         super().__init__()
         self.own = CIBHashObjective(temperature, kl_weight)
         self.kd_loss = kd_loss
         self.kd_weight = kd_weight
+        self.takes_index = takes_index
 
-    def forward(self, probs1: Tensor, codes1: Tensor, probs2: Tensor, codes2: Tensor, teacher_codes1: Tensor) -> Tensor:
-        return self.own(probs1, codes1, probs2, codes2) + self.kd_weight * self.kd_loss(codes1, teacher_codes1.detach())
+    def forward(self, probs1: Tensor, codes1: Tensor, probs2: Tensor, codes2: Tensor, teacher_codes1: Tensor,
+                index: Optional[Tensor] = None) -> Tensor:
+        target = teacher_codes1.detach()
+        if self.takes_index:
+            if index is None:
+                raise ValueError("index (the batch's positions in the training set) is required by this objective")
+            kd = self.kd_loss(codes1, target, index)
+        else:
+            kd = self.kd_loss(codes1, target)
+        return self.own(probs1, codes1, probs2, codes2) + self.kd_weight * kd
 
 
 for _name, _loss, _label in (("rkd", rkd_loss, "RKD"), ("pkt", pkt_loss, "PKT"), ("sp", sp_loss, "SP"),
                              ("hinton", hinton_kd_loss, "Hinton KD")):
     register_objective(_name, _label, distills=True)(functools.partial(KDBaselineObjective, _loss))
+
+
+@register_objective("crd", "CRD", distills=True, per_dataset=True)
+def crd_objective(temperature: float = 0.3, kl_weight: float = 0.001, kd_weight: float = 1.0, *, dataset_size: int,
+                  bits: int, negatives: int = 500, feat_dim: int = 128, crd_temperature: float = 0.05,
+                  momentum: float = 0.5) -> KDBaselineObjective:
+    """CIBHash plus ``kd_weight`` times CRD: kd_losses.CRDLoss between student and teacher codes of ``bits`` bits,
+    with memory banks of ``dataset_size`` images (``crd_temperature`` is its own; ``temperature`` is NT-Xent's)."""
+    crd = CRDLoss(bits, bits, dataset_size, feat_dim=feat_dim, negatives=negatives, temperature=crd_temperature,
+                  momentum=momentum)
+    return KDBaselineObjective(crd, temperature, kl_weight, kd_weight, takes_index=True)

@@ -19,7 +19,7 @@ from .checkpoint import CHECKPOINT_FORMATS, TrainingError, load_checkpoint, save
 from .clustering import bit_masks, kmeans, nearest_centroid, negative_groups
 from .data import TwoViewDataset, to_model_input, two_view_transform
 from .models import HashModel
-from .objectives import DISTILLATION_OBJECTIVES, make_objective
+from .objectives import DATASET_OBJECTIVES, DISTILLATION_OBJECTIVES, make_objective
 
 __all__ = ["TrainConfig", "TrainingError", "checkpoint_path", "encode", "train_teacher", "fit_clusters",
            "train_student", "Clusters", "throughput", "PRECISIONS"]
@@ -168,15 +168,18 @@ def _forward_precision(cfg: TrainConfig):
     return torch.autocast(cfg.device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
-def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[], Dict[str, float]],
-         cfg: TrainConfig, out_dir: Path, name: str) -> Dict[str, float]:
+def _fit(model: HashModel, objective: torch.nn.Module, step: Callable, images: Tensor,
+         validate: Callable[[], Dict[str, float]], cfg: TrainConfig, out_dir: Path, name: str) -> Dict[str, float]:
     """The shared loop: epochs of two-view batches; validation scores "val_map_<paradigm>"; the best checkpoint per
     paradigm; early stopping when no paradigm improved for `patience` validations; a stop on a NaN loss.
-    Leaves the model with its best symmetric weights; returns the best score of each paradigm."""
+    The objective's own parameters (CRD's heads) train with the model, and its state (CRD's memory banks) is part of
+    the resume state. Leaves the model with its best symmetric weights; returns the best score of each paradigm."""
     _check_loop_config(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = _loader(images, cfg, gen)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    objective.to(cfg.device)
+    optimizer = torch.optim.AdamW([*model.parameters(), *objective.parameters()], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     best: Dict[str, float] = {}
     stale, first_epoch = 0, 1
     last = out_dir / f"{name}.last.pt"
@@ -187,6 +190,7 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
         # the device's own generator on a GPU).
         state = load_checkpoint(last)
         model.load_state_dict(state["state_dict"])
+        objective.load_state_dict(state.get("objective", {}))
         optimizer.load_state_dict(state["optimizer"])
         best, stale, first_epoch = dict(state["best"]), state["stale"], state["epoch"] + 1
         torch.set_rng_state(state["rng"])
@@ -230,7 +234,8 @@ def _fit(model: HashModel, step: Callable, images: Tensor, validate: Callable[[]
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         stopped_early = stale >= cfg.patience
-        resume_state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "best": best, "stale": stale,
+        resume_state = {"optimizer": optimizer.state_dict(), "objective": objective.state_dict(), "epoch": epoch,
+                        "best": best, "stale": stale,
                         "stopped_early": stopped_early, "name": name, "rng": torch.get_rng_state(),
                         "loader_rng": gen.get_state()}
         if cfg.device_type == "cuda":
@@ -260,7 +265,7 @@ def train_teacher(model: HashModel, images: Tensor, val_queries: Tensor, val_que
         return {"val_map_symmetric": metrics.mean_average_precision(q, db, val_query_labels, val_db_labels,
                                                                      cfg.topk)}
 
-    return _fit(model, step, images, validate, cfg, out_dir, name)
+    return _fit(model, objective, step, images, validate, cfg, out_dir, name)
 
 
 def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clusters], images: Tensor,
@@ -271,7 +276,10 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clust
     Validation in both paradigms; the teacher's database codes are computed once."""
     if cfg.kd not in DISTILLATION_OBJECTIVES:
         raise ValueError(f"kd must be one of {DISTILLATION_OBJECTIVES}, got {cfg.kd!r}")
-    objective = make_objective(cfg.kd, temperature=cfg.temperature, kl_weight=cfg.kl_weight, kd_weight=cfg.kd_weight)
+    # An objective with memory of the training set (CRD) is built for it; the loader's indices are positions in it.
+    per_dataset = dict(dataset_size=len(images), bits=cfg.bits) if cfg.kd in DATASET_OBJECTIVES else {}
+    objective = make_objective(cfg.kd, temperature=cfg.temperature, kl_weight=cfg.kl_weight, kd_weight=cfg.kd_weight,
+                               **per_dataset)
     if objective.needs_clusters and clusters is None:
         raise ValueError(f"the {cfg.kd} objective needs the clusters of the teacher's codes (fit_clusters)")
     name = name or f"student_{cfg.kd}"
@@ -307,6 +315,8 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clust
                     _, t1 = teacher(v1)  # a baseline compares view 1 only: no teacher pass over view 2
                 p1, s1 = model(v1)
                 p2, s2 = model(v2)
+            if objective.takes_index:  # positions in the training set, on the CPU as the loader gives them
+                return objective(*(x.float() for x in (p1, s1, p2, s2, t1)), index=idx)
             return objective(*(x.float() for x in (p1, s1, p2, s2, t1)))
 
     def validate():
@@ -315,4 +325,4 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clust
         scores = metrics.evaluate_paradigms(q, db, teacher_db, val_query_labels, val_db_labels, cfg.topk)
         return {"val_" + k: v for k, v in scores.items()}
 
-    return _fit(model, step, images, validate, cfg, out_dir, name)
+    return _fit(model, objective, step, images, validate, cfg, out_dir, name)

@@ -16,7 +16,7 @@ TINY = ["--synthetic", "--teacher-epochs", "2", "--student-epochs", "2", "--trai
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    assert cli.main(["demo", "--out", str(out), *TINY, "--baselines", "sp"]) == 0
+    assert cli.main(["demo", "--out", str(out), *TINY, "--baselines", "sp", "crd"]) == 0
     return out
 
 
@@ -28,13 +28,13 @@ def test_demo_writes_report_metrics_and_checkpoints(demo_run):
     out = demo_run
     results = json.loads((out / "metrics.json").read_text())
     assert set(results["teacher"]) >= {"map_symmetric"}
-    for name in ("student_no_kd", "student_brcd", "student_sp"):
+    for name in ("student_no_kd", "student_brcd", "student_sp", "student_crd"):
         assert set(results[name]) >= {"map_symmetric", "map_asymmetric"}
         assert all(0.0 <= v <= 1.0 for v in results[name].values())
     assert set(results["throughput_images_per_s"]) == {"teacher", "student"}
     report = (out / "report.md").read_text()
     assert "student with BRCD" in report and (out / "map_over_epochs.png").exists()
-    assert "| student with SP |" in report  # a baseline asked for with --baselines
+    assert "| student with SP |" in report and "| student with CRD |" in report  # baselines asked for
     assert (out / "pr_curves.png").exists() and "pr_curves.png" in report
     assert (out / "throughput.png").exists() and "throughput.png" in report and "data: synthetic" in report
     for name in ("teacher", "student_no_kd", "student_brcd", "student_brcd.asymmetric"):
@@ -42,7 +42,7 @@ def test_demo_writes_report_metrics_and_checkpoints(demo_run):
         assert "state_dict" in ckpt and ckpt["config"]["bits"] == 64 and ckpt["model"]["bits"] == 64
     assert torch.load(out / "student_brcd.asymmetric.pt", weights_only=True)["selected_by"] == "val_map_asymmetric"
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {r["model"] for r in log} == {"teacher", "student_no_kd", "student_brcd", "student_sp"}
+    assert {r["model"] for r in log} == {"teacher", "student_no_kd", "student_brcd", "student_sp", "student_crd"}
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -67,7 +67,7 @@ def test_bad_numbers_are_rejected_by_the_parser(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["distill", "--teacher-checkpoint", "t.pt", "--kd", "rkd", "--no-kd"], "not allowed with argument"),
-    (["distill", "--teacher-checkpoint", "t.pt", "--kd", "crd"], "invalid choice: 'crd'"),
+    (["distill", "--teacher-checkpoint", "t.pt", "--kd", "sskd"], "invalid choice: 'sskd'"),
     (["demo", "--baselines", "brcd"], "invalid choice: 'brcd'"),
     (["distill", "--teacher-checkpoint", "t.pt", "--kd-weight", "-1"], "expected a finite number >= 0, got -1.0"),
     (["demo", "--kd-weight", "nan"], "expected a finite number >= 0, got nan"),

@@ -1,5 +1,6 @@
 """The KD baselines (brcd.kd_losses) against their formulas written out element by element, their invariances, their
 gradients, and bad input."""
+import copy
 import itertools
 import math
 
@@ -209,4 +210,147 @@ def test_baseline_objectives_are_cibhash_plus_weighted_kd(name):
 
 
 def test_module_exports_what_it_documents():
-    assert set(kd_losses.__all__) == {"rkd_loss", "pkt_loss", "sp_loss", "hinton_kd_loss"}
+    assert set(kd_losses.__all__) == {"rkd_loss", "pkt_loss", "sp_loss", "hinton_kd_loss", "CRDLoss"}
+
+
+# --- CRD --------------------------------------------------------------------------------------------------------
+
+def crd_by_hand(module, s, t, index, draws):
+    """One CRD loss, element by element, from the module's heads, memory and normalisers as they are before the call
+    (NaN normalisers: estimated from this batch, as the first call does)."""
+    def embed(linear, x):
+        w, b = linear.weight.double().tolist(), linear.bias.double().tolist()
+        out = []
+        for row in rows(x):
+            e = [sum(wi * xi for wi, xi in zip(wr, row)) + bi for wr, bi in zip(w, b)]
+            norm = math.sqrt(sum(v * v for v in e))
+            out.append([v / norm for v in e])
+        return out
+
+    n, m, tau = module.dataset_size, module.negatives, module.temperature
+    total = 0.0
+    for direction, (linear, x, memory) in enumerate(((module.embed_student, s, module.memory_teacher),
+                                                     (module.embed_teacher, t, module.memory_student))):
+        emb, mem = embed(linear, x), memory.double().tolist()
+        scores = [[math.exp(sum(a * b for a, b in zip(emb[i], mem[j])) / tau) for j in [int(index[i])] + draws[i]]
+                  for i in range(len(emb))]
+        z = float(module.normalisers[direction])
+        if math.isnan(z):
+            z = sum(map(sum, scores)) / (len(scores) * (m + 1)) * n
+        noise = m / n
+        for row in scores:
+            x0 = row[0] / z
+            total -= math.log(x0 / (x0 + noise + 1e-7)) / len(scores)
+            total -= sum(math.log(noise / (v / z + noise + 1e-7)) for v in row[1:]) / len(scores)
+    return total
+
+
+def crd_case(seed=0, n=40, bits=12, batch=6, negatives=9):
+    torch.manual_seed(seed)
+    module = kd_losses.CRDLoss(bits, bits, n, feat_dim=8, negatives=negatives).double()
+    s, t = codes(batch, bits, seed + 1, signs=True), codes(batch, bits, seed + 2, signs=True)
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:batch]
+    return module, s, t, index
+
+
+def draws_after_seed(seed, batch, negatives, n):
+    torch.manual_seed(seed)
+    return torch.randint(n, (batch, negatives)).tolist()
+
+
+def test_crd_matches_formula_written_out_and_fixes_its_normalisers():
+    module, s, t, index = crd_case()
+    for call in range(3):  # the first call estimates Z; later ones keep it and see the updated memory
+        before = copy.deepcopy(module)
+        want = crd_by_hand(before, s, t, index, draws_after_seed(100 + call, 6, 9, 40))
+        torch.manual_seed(100 + call)
+        got = module(s, t, index)
+        assert float(got.detach()) == pytest.approx(want, rel=1e-10)
+        assert torch.isfinite(module.normalisers).all()
+        if call:
+            assert torch.equal(module.normalisers, before.normalisers)
+
+
+def test_crd_updates_the_memory_of_the_batch_only():
+    module, s, t, index = crd_case(seed=3)
+    before = copy.deepcopy(module)
+    module(s, t, index)
+    others = torch.ones(40, dtype=torch.bool)
+    others[index] = False
+    for name, linear, x in (("memory_student", module.embed_student, s), ("memory_teacher", module.embed_teacher, t)):
+        old, new = getattr(before, name), getattr(module, name)
+        assert torch.equal(old[others], new[others])
+        embedding = torch.nn.functional.normalize(linear(x), dim=1)
+        want = torch.nn.functional.normalize(0.5 * old[index] + 0.5 * embedding, dim=1)
+        torch.testing.assert_close(new[index], want, rtol=1e-12, atol=1e-12)
+
+
+def test_crd_gradients_and_gradcheck():
+    module, s, t, index = crd_case(seed=4)
+    module(s, t, index)  # the normalisers are fixed from here on
+    s = s.clone().requires_grad_()
+    t = t.clone().requires_grad_()
+
+    def loss_of(x, y):
+        torch.manual_seed(7)
+        return copy.deepcopy(module)(x, y, index)
+
+    assert torch.autograd.gradcheck(loss_of, (s, t))
+    loss_of(s, t.detach()).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+    trained = copy.deepcopy(module)
+    torch.manual_seed(7)
+    trained(s, t.detach(), index).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters())  # both heads train
+
+
+def test_crd_state_dict_resumes_the_same_loss():
+    module, s, t, index = crd_case(seed=5)
+    module(s, t, index)
+    restored = kd_losses.CRDLoss(12, 12, 40, feat_dim=8, negatives=9).double()
+    restored.load_state_dict(module.state_dict())
+    torch.manual_seed(8)
+    a = module(s, t, index)
+    torch.manual_seed(8)
+    assert float(restored(s, t, index).detach()) == float(a.detach())
+
+
+def test_crd_bad_input_names_the_argument():
+    module, s, t, index = crd_case(seed=6)
+    with pytest.raises(ValueError, match="index must be an int64 tensor"):
+        module(s, t, index.int())
+    with pytest.raises(ValueError, match="index must be an int64 tensor"):
+        module(s, t, index[:3])
+    with pytest.raises(ValueError, match=r"index must lie in \[0, dataset_size\) = \[0, 40\)"):
+        module(s, t, torch.tensor([0, 1, 2, 3, 4, 40]))
+    with pytest.raises(ValueError, match="student has 11 bits but this loss was built for 12"):
+        module(s[:, :11], t, index)
+    with pytest.raises(ValueError, match="teacher has 6 rows but student has 5"):
+        module(s[:5], t, index[:5])
+    for kwargs, name in (({"negatives": 0}, "negatives"), ({"feat_dim": 1.5}, "feat_dim"),
+                         ({"temperature": 0.0}, "temperature"), ({"momentum": 1.0}, "momentum")):
+        with pytest.raises(ValueError, match=name):
+            kd_losses.CRDLoss(12, 12, 40, **kwargs)
+    with pytest.raises(ValueError, match="dataset_size must be a positive integer"):
+        kd_losses.CRDLoss(12, 12, 0)
+    assert torch.isnan(module.normalisers).all()  # nothing above changed the loss's state
+
+
+def test_crd_objective_takes_the_index():
+    g = torch.Generator().manual_seed(23)
+    B, K = 8, 16
+    p1, p2 = (torch.rand(B, K, generator=g, dtype=torch.float64) for _ in range(2))
+    c1, c2 = (p * 2 - 1 for p in (p1, p2))
+    t1 = torch.randn(B, K, generator=g, dtype=torch.float64).sign()
+    index = torch.arange(B)
+    torch.manual_seed(0)
+    objective = make_objective("crd", kd_weight=0.5, dataset_size=30, bits=K, negatives=7).double()
+    crd = copy.deepcopy(objective.kd_loss)
+    torch.manual_seed(1)
+    got = objective(p1, c1, p2, c2, t1, index=index)
+    torch.manual_seed(1)
+    want = ref.ntxent_loss(c1, c2, temperature=0.3) + 0.001 * symmetric_bernoulli_kl(p1, p2) + 0.5 * crd(c1, t1, index)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10)
+    assert len(list(objective.parameters())) == 4 and "kd_loss.memory_student" in objective.state_dict()
+    with pytest.raises(ValueError, match="index"):
+        objective(p1, c1, p2, c2, t1)

@@ -78,9 +78,11 @@ def test_bad_loop_settings_are_refused_first(tmp_path, read_every, settings, nam
 
 def _student_run(tmp_path, **settings):
     data = synthetic_data(num_train=96, num_test=40)
+    torch.manual_seed(0)
     teacher = build_model(STUDENT_DEFAULT, 16, in_chans=1, img_size=16)
     student = build_model(STUDENT_DEFAULT, 16, in_chans=1, img_size=16)
-    cfg = TrainConfig(bits=16, epochs=1, batch_size=16, topk=20, progress=False, **settings)
+    cfg = TrainConfig(**{**dict(bits=16, epochs=1, batch_size=16, topk=20, progress=False), **settings})
+    tmp_path.mkdir(exist_ok=True)
     return lambda clusters: train_student(student, teacher, clusters, data.train_images, data.test_images[:10],
                                           data.test_labels[:10], data.train_images[:60], data.train_labels[:60], cfg,
                                           tmp_path)
@@ -94,9 +96,29 @@ def test_a_kd_baseline_trains_without_clusters_under_its_own_name(tmp_path):
     assert {r["model"] for r in log} == {"student_pkt"} and all(math.isfinite(r["loss"]) for r in log)
 
 
-@pytest.mark.parametrize("kd, clusters, message", [("crd", None, "kd must be one of"),
+@pytest.mark.parametrize("kd, clusters, message", [("sskd", None, "kd must be one of"),
                                                    ("brcd", None, "needs the clusters")])
 def test_student_settings_are_refused_first(tmp_path, kd, clusters, message):
     with pytest.raises(ValueError, match=message):
         _student_run(tmp_path, kd=kd)(clusters)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_crd_trains_its_heads_and_resumes_exactly(tmp_path):
+    """CRD's heads train with the student and its memory banks are part of the resume state: an interrupted run
+    continues as the straight one ran."""
+    _student_run(tmp_path / "straight", kd="crd", epochs=2)(None)
+    _student_run(tmp_path / "resumed", kd="crd", epochs=1)(None)
+    _student_run(tmp_path / "resumed", kd="crd", epochs=2, resume=True)(None)
+    a = torch.load(tmp_path / "straight" / "student_crd.last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "student_crd.last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for part in ("state_dict", "objective"):
+        assert a[part].keys() == b[part].keys()
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), (part, key)
+    first = torch.load(tmp_path / "resumed" / "student_crd.pt", weights_only=True)
+    assert {"kd_loss.memory_student", "kd_loss.embed_student.weight"} <= set(a["objective"])
+    assert len(a["optimizer"]["state"]) == len(list(build_model(STUDENT_DEFAULT, 16, in_chans=1,
+                                                                img_size=16).parameters())) + 4  # + the two heads
+    assert first["config"]["kd"] == "crd"
