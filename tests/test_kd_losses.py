@@ -245,30 +245,42 @@ def crd_by_hand(module, s, t, index, draws):
     return total
 
 
-def crd_case(seed=0, n=40, bits=12, batch=6, negatives=9):
+def crd_case(seed=0, n=40, bits=12, batch=6, negatives=9, device="cpu"):
     torch.manual_seed(seed)
-    module = kd_losses.CRDLoss(bits, bits, n, feat_dim=8, negatives=negatives).double()
-    s, t = codes(batch, bits, seed + 1, signs=True), codes(batch, bits, seed + 2, signs=True)
+    module = kd_losses.CRDLoss(bits, bits, n, feat_dim=8, negatives=negatives).double().to(device)
+    s, t = (codes(batch, bits, seed + k, signs=True, device=device) for k in (1, 2))
     index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:batch]
     return module, s, t, index
 
 
-def draws_after_seed(seed, batch, negatives, n):
-    torch.manual_seed(seed)
-    return torch.randint(n, (batch, negatives)).tolist()
+@pytest.fixture
+def drawn(monkeypatch):
+    """The negatives each CRD call draws, as lists (torch.randint wrapped)."""
+    seen, randint = [], torch.randint
+
+    def recording(*args, **kwargs):
+        out = randint(*args, **kwargs)
+        seen.append(out.tolist())
+        return out
+
+    monkeypatch.setattr(torch, "randint", recording)
+    return seen
 
 
-def test_crd_matches_formula_written_out_and_fixes_its_normalisers():
-    module, s, t, index = crd_case()
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("index_on_device", [False, True], ids=["cpu_index", "device_index"])
+def test_crd_matches_formula_written_out_and_fixes_its_normalisers(drawn, device, index_on_device):
+    module, s, t, index = crd_case(device=device)
+    if index_on_device:
+        index = index.to(device)
     for call in range(3):  # the first call estimates Z; later ones keep it and see the updated memory
-        before = copy.deepcopy(module)
-        want = crd_by_hand(before, s, t, index, draws_after_seed(100 + call, 6, 9, 40))
-        torch.manual_seed(100 + call)
+        before = copy.deepcopy(module).cpu()
         got = module(s, t, index)
-        assert float(got.detach()) == pytest.approx(want, rel=1e-10)
-        assert torch.isfinite(module.normalisers).all()
+        want = crd_by_hand(before, s.cpu(), t.cpu(), index.cpu(), drawn[-1])
+        assert got.device.type == device and float(got.detach()) == pytest.approx(want, rel=1e-10)
+        assert torch.isfinite(module.normalisers).all() and module.memory_student.device.type == device
         if call:
-            assert torch.equal(module.normalisers, before.normalisers)
+            assert torch.equal(module.normalisers.cpu(), before.normalisers)
 
 
 def test_crd_updates_the_memory_of_the_batch_only():
