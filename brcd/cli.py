@@ -76,7 +76,10 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-queries", type=_positive_int, default=500)
     p.add_argument("--test-queries", type=_positive_int, default=1000)
     p.add_argument("--database-size", type=_positive_int, default=10000)
-    p.add_argument("--seed", type=int, default=0, help="the split's (and the run's) seed")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed, and the split's unless --split-seed is given")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="the seed of the data split alone (default: --seed): keep it and vary --seed to repeat a "
+                        "training run on the same images")
     p.add_argument("--device", default="cpu")
 
 
@@ -199,8 +202,12 @@ def _data_and_split(args):
         data = load_fashion_mnist(args.data_dir)
     split = make_split(data.train_labels, data.test_labels, train_per_class=args.train_per_class,
                        val_queries=args.val_queries, test_queries=args.test_queries,
-                       database_size=args.database_size, seed=args.seed)
+                       database_size=args.database_size, seed=_split_seed(args))
     return data, split
+
+
+def _split_seed(args) -> int:
+    return args.seed if args.split_seed is None else args.split_seed
 
 
 def run_evaluate(args) -> dict:

@@ -91,11 +91,14 @@ def render_report(out: Path, args, results: dict, curves: dict, backbones: dict,
     speed_table = "| model | images/s |\n|---|---|\n" + "".join(
         f"| {role} ({name}) | {v:.0f} |\n" for role, name, v in reversed(speed))
     chart = _plot_throughput(out, [f"{role}\n{name}" for role, name, _ in speed], [v for _, _, v in speed])
+    seeds = f"seed {args.seed}"
+    if getattr(args, "split_seed", None) not in (None, args.seed):
+        seeds += f" (split seed {args.split_seed})"
     data = "synthetic" if args.synthetic else _DATASET_NAMES.get(args.dataset, args.dataset)
     if args.dataset == "list" and not args.synthetic:
         data += f" ({args.data_dir})"
     return (
-        f"# brcd {args.command}\n\n{bits}-bit codes, mAP@{args.topk}, data: {data}, seed {args.seed}, "
+        f"# brcd {args.command}\n\n{bits}-bit codes, mAP@{args.topk}, data: {data}, {seeds}, "
         f"device {args.device}, {results['seconds']:.0f} s in all.\n\n## Test results\n\n{table}\n"
         f"## Encoding throughput\n\n{speed_table}\n{chart}\n"
         f"## Precision-recall (test)\n\n{_plot_pr(out, curves)}\n"

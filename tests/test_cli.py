@@ -79,6 +79,15 @@ def test_distillation_objectives_are_checked_by_the_parser(tmp_path, capsys, arg
     assert exc.value.code == 2 and needle in capsys.readouterr().err
 
 
+def test_split_seed_keeps_the_split_while_the_run_seed_varies():
+    parse = lambda *extra: cli.build_parser().parse_args(["evaluate", "--checkpoint", "x.pt", *DATA, *extra])
+    split = lambda *extra: cli._data_and_split(parse(*extra))[1]
+    fixed, default, moved = split("--seed", "1", "--split-seed", "0"), split("--seed", "0"), split("--seed", "1")
+    for part in ("train", "database", "val_queries", "test_queries"):
+        assert torch.equal(getattr(fixed, part), getattr(default, part)), part
+    assert not torch.equal(moved.train, default.train)
+
+
 def test_baselines_from_a_config_file_are_checked(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("baselines: [pkt, nope]\n")
@@ -165,11 +174,12 @@ def test_train_teacher_then_distill_in_steps(tmp_path, capsys):
     assert set(json.loads(capsys.readouterr().out)) == {"student_no_kd"}
     # A KD baseline instead of BRCD: no clusters, its own run name, both paradigms tested.
     assert cli.main(["distill", "--out", str(tmp_path / "r"), "--teacher-checkpoint", str(teacher), "--epochs", "1",
-                     "--kd", "rkd", "--kd-weight", "0.5", *common]) == 0
+                     "--kd", "rkd", "--kd-weight", "0.5", "--seed", "1", "--split-seed", "0", *common]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert set(result) == {"student_rkd"} and set(result["student_rkd"]["test"]) == {"map_symmetric", "map_asymmetric"}
-    assert "| student with RKD |" in (tmp_path / "r" / "report.md").read_text()
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "| student with RKD |" in report and "seed 1 (split seed 0)" in report
     config = torch.load(tmp_path / "r" / "student_rkd.pt", weights_only=True)["config"]
     assert config["kd"] == "rkd" and config["kd_weight"] == 0.5
     assert "with RKD" in captured.err and "k-means" not in captured.err
