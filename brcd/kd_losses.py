@@ -7,6 +7,8 @@ original release): losses between a batch of student codes and the frozen teache
 - ``hinton_kd_loss``: soft targets (Hinton et al., 2015), each code taken as logits over its bits.
 - ``CRDLoss``: Contrastive Representation Distillation (Tian et al., ICLR 2020), a module: trained embedding heads and
   memory banks of the whole training set, indexed by each sample's image.
+- ``sskd_loss``: self-supervision KD (Xu et al., ECCV 2020) as the original release's baseline computes it: how
+  transformed copies (rotations) of the images relate to the batch's untransformed images.
 
 Plain PyTorch, O(B^2) memory (RKD's angle term O(B^3)): baselines at the batch sizes distillation uses, not fused
 kernels. Each docstring gives its formula. Averages are taken as the authors' released code takes them (over every
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["rkd_loss", "pkt_loss", "sp_loss", "hinton_kd_loss", "CRDLoss"]
+__all__ = ["rkd_loss", "pkt_loss", "sp_loss", "hinton_kd_loss", "sskd_loss", "CRDLoss"]
 
 
 def _check_pair(student: Tensor, teacher: Tensor, *, same_bits: bool, min_batch: int) -> Tensor:
@@ -65,7 +67,8 @@ def _relative_distances(x: Tensor) -> Tensor:
 
 
 def _angles(x: Tensor) -> Tensor:
-    """a[j, i, k] = <e_ij, e_kj>, e_ij = (x_i - x_j) / |x_i - x_j| (0 where x_i = x_j): the cosine of the angle at x_j."""
+    """a[j, i, k] = <e_ij, e_kj> with e_ij = (x_i - x_j) / |x_i - x_j| (0 where x_i = x_j): the cosine of the angle
+    at x_j."""
     diff = x[None, :, :] - x[:, None, :]  # [j, i] = x_i - x_j
     e = F.normalize(diff, p=2, dim=2, eps=1e-12)
     return torch.bmm(e, e.transpose(1, 2))
@@ -126,6 +129,33 @@ def hinton_kd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
+def sskd_loss(student_views: Tensor, teacher_views: Tensor, *, temperature: float = 0.5) -> Tensor:
+    """Self-supervision distillation over views [V, B, K] of a batch: view 0 the images, views 1..V-1 transformed
+    copies of them (the trainer gives rotations by 90, 180 and 270 degrees). Each transformed sample's cosines to the
+    batch's untransformed codes, ``c_rj = cos(x_r, x_0j)`` over the B images j, become a distribution
+    ``softmax(c_r / T)``; the loss is ``T^2 * mean over the (V - 1) * B transformed samples of KL(teacher || student)``
+    (T = 0.5, as the original release's baseline; it keeps every sample)."""
+    for name, t in (("student_views", student_views), ("teacher_views", teacher_views)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 3 or t.shape[0] < 2:
+            raise ValueError(f"{name} must be a 3-D tensor [views >= 2, batch, bits], got shape {tuple(t.shape)}")
+    if teacher_views.shape[:2] != student_views.shape[:2]:
+        raise ValueError(f"teacher_views has {tuple(teacher_views.shape[:2])} views x samples but student_views has "
+                         f"{tuple(student_views.shape[:2])}")
+    _check_pair(student_views[0], teacher_views[0], same_bits=False, min_batch=1)
+    temperature = _positive_finite(temperature, "temperature")
+
+    def log_distributions(views: Tensor) -> Tensor:
+        unit = F.normalize(views, p=2, dim=2, eps=1e-8)
+        cosines = unit[1:].reshape(-1, unit.shape[2]) @ unit[0].T  # [(V - 1) * B, B]
+        return F.log_softmax(cosines / temperature, dim=1)
+
+    log_q = log_distributions(student_views)
+    log_p = log_distributions(teacher_views.to(student_views.dtype))
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * temperature ** 2
+
+
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -177,7 +207,8 @@ class CRDLoss(nn.Module):
         bound = 1 / math.sqrt(feat_dim / 3)  # the authors' uniform start: rows of about unit norm
         self.register_buffer("memory_student", (torch.rand(self.dataset_size, feat_dim) * 2 - 1) * bound)
         self.register_buffer("memory_teacher", (torch.rand(self.dataset_size, feat_dim) * 2 - 1) * bound)
-        self.register_buffer("normalisers", torch.full((2,), math.nan))  # Z of each direction, NaN until the first batch
+        # Z of each direction, NaN until the first batch sets it.
+        self.register_buffer("normalisers", torch.full((2,), math.nan))
 
     def forward(self, student: Tensor, teacher: Tensor, index: Tensor) -> Tensor:
         teacher = _check_pair(student, teacher, same_bits=False, min_batch=1)

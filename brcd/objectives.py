@@ -4,10 +4,11 @@
   ``kl_weight`` times the symmetric Bernoulli KL between the views' bit probabilities (CIBHash).
 - ``brcd``: the distilled student: ``cibhash`` on its own views plus ``kd_weight`` times the BRCD loss against the
   frozen teacher's codes (anchor: teacher view 1; structural: teacher view 2), with bit masks, groups and alpha.
-- ``rkd``, ``pkt``, ``sp``, ``hinton``, ``crd``: the KD baselines BRCD is compared with, trained as the original
-  release trains them: ``cibhash`` on the student's own views plus ``kd_weight`` times a loss (brcd.kd_losses) between
-  its view-1 codes and the teacher's. ``crd`` keeps memory banks of the training set: it is built with the set's size
-  and the code length, and called with each sample's position in the set.
+- ``rkd``, ``pkt``, ``sp``, ``hinton``, ``sskd``, ``crd``: the KD baselines BRCD is compared with, trained as the
+  original release trains them: ``cibhash`` on the student's own views plus ``kd_weight`` times a loss (brcd.kd_losses)
+  between its view-1 codes and the teacher's. ``crd`` keeps memory banks of the training set: it is built with the
+  set's size and the code length, and called with each sample's position in the set; ``sskd`` is called with both
+  models' codes of rotated copies of the images.
 
 >>> objective = make_objective("cibhash", temperature=0.3)
 >>> loss = objective(probs1, codes1, probs2, codes2)
@@ -15,15 +16,16 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
-from .kd_losses import CRDLoss, hinton_kd_loss, pkt_loss, rkd_loss, sp_loss
+from .kd_losses import CRDLoss, hinton_kd_loss, pkt_loss, rkd_loss, sp_loss, sskd_loss
 from .ops import brcd_loss, ntxent_loss
 
-__all__ = ["OBJECTIVES", "LABELS", "DISTILLATION_OBJECTIVES", "DATASET_OBJECTIVES", "register_objective", "make_objective",
-           "symmetric_bernoulli_kl", "CIBHashObjective", "BRCDObjective", "KDBaselineObjective"]
+__all__ = ["OBJECTIVES", "LABELS", "DISTILLATION_OBJECTIVES", "DATASET_OBJECTIVES", "register_objective",
+           "make_objective", "symmetric_bernoulli_kl", "CIBHashObjective", "BRCDObjective", "KDBaselineObjective"]
 
 OBJECTIVES: Dict[str, Callable[..., nn.Module]] = {}
 # How reports name each objective's model ("student with BRCD"); which objectives distil (their modules take the
@@ -98,36 +100,49 @@ class BRCDObjective(nn.Module):
 
 class KDBaselineObjective(nn.Module):
     """A KD baseline as the original release trains one: the student's own CIBHash objective plus ``kd_weight`` times
-    ``kd_loss(student view-1 codes, teacher view-1 codes)``, with the batch's positions in the training set as a
-    third argument where ``takes_index``; the teacher's codes are a fixed target. A kd_loss that is a module (CRD's
-    heads and memory banks) is a submodule: its parameters train with the student, its buffers are in the state dict.
+    ``kd_loss`` between the student's view-1 codes and the teacher's; the teacher's codes are a fixed target. Some
+    losses take more (``extra_input``): "index", the batch's positions in the training set (CRD's memory banks), or
+    "rotations", both models' codes of the view-1 images rotated by 90, 180 and 270 degrees (SSKD). A kd_loss that is
+    a module is a submodule: its parameters train with the student, its buffers are in the state dict.
     """
 
     needs_clusters = False
+    EXTRA_INPUTS = (None, "index", "rotations")
 
     def __init__(self, kd_loss: Callable[..., Tensor], temperature: float = 0.3, kl_weight: float = 0.001,
-                 kd_weight: float = 1.0, takes_index: bool = False):
+                 kd_weight: float = 1.0, extra_input: Optional[str] = None):
         super().__init__()
+        if extra_input not in self.EXTRA_INPUTS:
+            raise ValueError(f"extra_input must be one of {self.EXTRA_INPUTS}, got {extra_input!r}")
         self.own = CIBHashObjective(temperature, kl_weight)
         self.kd_loss = kd_loss
         self.kd_weight = kd_weight
-        self.takes_index = takes_index
+        self.extra_input = extra_input
 
-    def forward(self, probs1: Tensor, codes1: Tensor, probs2: Tensor, codes2: Tensor, teacher_codes1: Tensor,
-                index: Optional[Tensor] = None) -> Tensor:
+    def forward(self, probs1: Tensor, codes1: Tensor, probs2: Tensor, codes2: Tensor, teacher_codes1: Tensor, *,
+                index: Optional[Tensor] = None, rotated: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """index: [B] positions in the training set; rotated: (student codes, teacher codes) of the rotated images,
+        [3B, K] each, all images rotated by 90 degrees, then by 180, then by 270."""
         target = teacher_codes1.detach()
-        if self.takes_index:
+        if self.extra_input == "index":
             if index is None:
                 raise ValueError("index (the batch's positions in the training set) is required by this objective")
             kd = self.kd_loss(codes1, target, index)
+        elif self.extra_input == "rotations":
+            if rotated is None:
+                raise ValueError("rotated (both models' codes of the rotated images) is required by this objective")
+            student_rotated, teacher_rotated = rotated
+            views = lambda first, rest: torch.cat([first, rest]).view(-1, *first.shape)
+            kd = self.kd_loss(views(codes1, student_rotated), views(target, teacher_rotated.detach()))
         else:
             kd = self.kd_loss(codes1, target)
         return self.own(probs1, codes1, probs2, codes2) + self.kd_weight * kd
 
 
-for _name, _loss, _label in (("rkd", rkd_loss, "RKD"), ("pkt", pkt_loss, "PKT"), ("sp", sp_loss, "SP"),
-                             ("hinton", hinton_kd_loss, "Hinton KD")):
-    register_objective(_name, _label, distills=True)(functools.partial(KDBaselineObjective, _loss))
+for _name, _loss, _label, _extra in (("rkd", rkd_loss, "RKD", None), ("pkt", pkt_loss, "PKT", None),
+                                     ("sp", sp_loss, "SP", None), ("hinton", hinton_kd_loss, "Hinton KD", None),
+                                     ("sskd", sskd_loss, "SSKD", "rotations")):
+    register_objective(_name, _label, distills=True)(functools.partial(KDBaselineObjective, _loss, extra_input=_extra))
 
 
 @register_objective("crd", "CRD", distills=True, per_dataset=True)
@@ -138,4 +153,4 @@ def crd_objective(temperature: float = 0.3, kl_weight: float = 0.001, kd_weight:
     with memory banks of ``dataset_size`` images (``crd_temperature`` is its own; ``temperature`` is NT-Xent's)."""
     crd = CRDLoss(bits, bits, dataset_size, feat_dim=feat_dim, negatives=negatives, temperature=crd_temperature,
                   momentum=momentum)
-    return KDBaselineObjective(crd, temperature, kl_weight, kd_weight, takes_index=True)
+    return KDBaselineObjective(crd, temperature, kl_weight, kd_weight, extra_input="index")

@@ -1,5 +1,5 @@
-"""Training loops: the CIBHash teacher, the students (without KD, with BRCD or a KD baseline), validation in both paradigms,
-best checkpoints written atomically, early stopping, a JSON-lines metrics log, and NaN detection.
+"""Training loops: the CIBHash teacher, the students (without KD, with BRCD or a KD baseline), validation in both
+paradigms, best checkpoints written atomically, early stopping, a JSON-lines metrics log, and NaN detection.
 """
 from __future__ import annotations
 
@@ -310,14 +310,21 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clust
                              row_groups=rows, col_groups=cols, check_alpha=False)
     else:
         def step(v1, v2, idx):
+            extra = {}
+            if objective.extra_input == "index":  # positions in the training set, on the CPU as the loader gives them
+                extra["index"] = idx
             with _forward_precision(cfg):
                 with torch.no_grad():
                     _, t1 = teacher(v1)  # a baseline compares view 1 only: no teacher pass over view 2
                 p1, s1 = model(v1)
                 p2, s2 = model(v2)
-            if objective.takes_index:  # positions in the training set, on the CPU as the loader gives them
-                return objective(*(x.float() for x in (p1, s1, p2, s2, t1)), index=idx)
-            return objective(*(x.float() for x in (p1, s1, p2, s2, t1)))
+                if objective.extra_input == "rotations":  # view 1 turned by 90, 180 and 270 degrees, through both
+                    rotated = torch.cat([torch.rot90(v1, k, dims=(-2, -1)) for k in (1, 2, 3)])
+                    with torch.no_grad():
+                        _, teacher_rotated = teacher(rotated)
+                    _, student_rotated = model(rotated)
+                    extra["rotated"] = (student_rotated.float(), teacher_rotated.float())
+            return objective(*(x.float() for x in (p1, s1, p2, s2, t1)), **extra)
 
     def validate():
         q = encode(model, val_queries, device=cfg.device)

@@ -67,7 +67,7 @@ def test_bad_numbers_are_rejected_by_the_parser(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["distill", "--teacher-checkpoint", "t.pt", "--kd", "rkd", "--no-kd"], "not allowed with argument"),
-    (["distill", "--teacher-checkpoint", "t.pt", "--kd", "sskd"], "invalid choice: 'sskd'"),
+    (["distill", "--teacher-checkpoint", "t.pt", "--kd", "crcd"], "invalid choice: 'crcd'"),
     (["demo", "--baselines", "brcd"], "invalid choice: 'brcd'"),
     (["distill", "--teacher-checkpoint", "t.pt", "--kd-weight", "-1"], "expected a finite number >= 0, got -1.0"),
     (["demo", "--kd-weight", "nan"], "expected a finite number >= 0, got nan"),

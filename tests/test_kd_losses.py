@@ -210,7 +210,7 @@ def test_baseline_objectives_are_cibhash_plus_weighted_kd(name):
 
 
 def test_module_exports_what_it_documents():
-    assert set(kd_losses.__all__) == {"rkd_loss", "pkt_loss", "sp_loss", "hinton_kd_loss", "CRDLoss"}
+    assert set(kd_losses.__all__) == {"rkd_loss", "pkt_loss", "sp_loss", "hinton_kd_loss", "sskd_loss", "CRDLoss"}
 
 
 # --- CRD --------------------------------------------------------------------------------------------------------
@@ -365,4 +365,76 @@ def test_crd_objective_takes_the_index():
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10)
     assert len(list(objective.parameters())) == 4 and "kd_loss.memory_student" in objective.state_dict()
     with pytest.raises(ValueError, match="index"):
+        objective(p1, c1, p2, c2, t1)
+
+
+# --- SSKD -------------------------------------------------------------------------------------------------------
+
+def sskd_by_hand(sv, tv, temperature=0.5):
+    def distributions(views):
+        views = views.double().tolist()
+        unit = [[[v / math.sqrt(sum(w * w for w in r)) for v in r] for r in view] for view in views]
+        out = []
+        for view in unit[1:]:
+            for r in view:
+                logits = [sum(a * b for a, b in zip(r, o)) / temperature for o in unit[0]]
+                z = sum(math.exp(x) for x in logits)
+                out.append([math.exp(x) / z for x in logits])
+        return out
+
+    q, p = distributions(sv), distributions(tv)
+    kl = sum(pi * math.log(pi / qi) for prow, qrow in zip(p, q) for pi, qi in zip(prow, qrow))
+    return kl / len(p) * temperature ** 2
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("shape", [(2, 1, 3), (4, 5, 7), (3, 6, 16)])
+def test_sskd_matches_formula_written_out(device, shape):
+    g = torch.Generator().manual_seed(31)
+    sv, tv = (torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(2))
+    got = kd_losses.sskd_loss(sv.to(device), tv.to(device))
+    assert got.device.type == device and float(got) == pytest.approx(sskd_by_hand(sv, tv), rel=1e-10)
+    assert float(kd_losses.sskd_loss(sv, tv, temperature=2.0)) == pytest.approx(sskd_by_hand(sv, tv, 2.0), rel=1e-10)
+
+
+def test_sskd_zero_invariance_gradients_and_nan():
+    g = torch.Generator().manual_seed(32)
+    sv, tv = (torch.randn(4, 6, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    assert float(kd_losses.sskd_loss(tv.clone(), tv)) == pytest.approx(0.0, abs=1e-12)
+    scale = torch.rand(4, 6, 1, generator=g, dtype=torch.float64) + 0.5  # cosines: each code's scale is free
+    assert float(kd_losses.sskd_loss(scale * sv, tv)) == pytest.approx(float(kd_losses.sskd_loss(sv, tv)), rel=1e-10)
+    assert torch.autograd.gradcheck(lambda x: kd_losses.sskd_loss(x, tv), (sv.clone().requires_grad_(),))
+    sv[2, 1, 3] = math.nan
+    assert math.isnan(float(kd_losses.sskd_loss(sv, tv)))
+
+
+def test_sskd_bad_input_names_the_argument():
+    sv, tv = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
+    with pytest.raises(ValueError, match=r"student_views must be a 3-D tensor \[views >= 2"):
+        kd_losses.sskd_loss(sv[0], tv)
+    with pytest.raises(ValueError, match=r"teacher_views must be a 3-D tensor \[views >= 2"):
+        kd_losses.sskd_loss(sv, tv[:1])
+    with pytest.raises(ValueError, match="teacher_views has"):
+        kd_losses.sskd_loss(sv, tv[:3])
+    with pytest.raises(TypeError, match="teacher must be a floating-point"):
+        kd_losses.sskd_loss(sv, tv.long())
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        kd_losses.sskd_loss(sv, tv, temperature=0)
+
+
+def test_sskd_objective_takes_the_rotated_codes():
+    g = torch.Generator().manual_seed(33)
+    B, K = 5, 16
+    p1, p2 = (torch.rand(B, K, generator=g, dtype=torch.float64) for _ in range(2))
+    c1, c2 = (p * 2 - 1 for p in (p1, p2))
+    t1 = torch.randn(B, K, generator=g, dtype=torch.float64).sign()
+    s_rot, t_rot = (torch.randn(3 * B, K, generator=g, dtype=torch.float64) for _ in range(2))
+    objective = make_objective("sskd", kd_weight=2.0)
+    got = objective(p1, c1, p2, c2, t1, rotated=(s_rot, t_rot))
+    views = lambda first, rest: torch.stack([first, *rest.split(B)])
+    want = (ref.ntxent_loss(c1, c2, temperature=0.3) + 0.001 * symmetric_bernoulli_kl(p1, p2)
+            + 2.0 * kd_losses.sskd_loss(views(c1, s_rot), views(t1, t_rot)))
+    assert float(got) == pytest.approx(float(want), rel=1e-10)
+    assert LABELS["sskd"] == "SSKD" and "sskd" in DISTILLATION_OBJECTIVES
+    with pytest.raises(ValueError, match="rotated"):
         objective(p1, c1, p2, c2, t1)

@@ -96,7 +96,7 @@ def test_a_kd_baseline_trains_without_clusters_under_its_own_name(tmp_path):
     assert {r["model"] for r in log} == {"student_pkt"} and all(math.isfinite(r["loss"]) for r in log)
 
 
-@pytest.mark.parametrize("kd, clusters, message", [("sskd", None, "kd must be one of"),
+@pytest.mark.parametrize("kd, clusters, message", [("crcd", None, "kd must be one of"),
                                                    ("brcd", None, "needs the clusters")])
 def test_student_settings_are_refused_first(tmp_path, kd, clusters, message):
     with pytest.raises(ValueError, match=message):
@@ -122,3 +122,19 @@ def test_crd_trains_its_heads_and_resumes_exactly(tmp_path):
     assert len(a["optimizer"]["state"]) == len(list(build_model(STUDENT_DEFAULT, 16, in_chans=1,
                                                                 img_size=16).parameters())) + 4  # + the two heads
     assert first["config"]["kd"] == "crd"
+
+
+def test_sskd_gets_both_models_codes_of_the_rotated_batch(tmp_path, monkeypatch):
+    from brcd.objectives import KDBaselineObjective
+
+    seen = []
+    forward = KDBaselineObjective.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append({k: tuple(tuple(t.shape) for t in v) for k, v in kwargs.items()})
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(KDBaselineObjective, "forward", spy)
+    scores = _student_run(tmp_path, kd="sskd")(None)
+    assert set(scores) == {"val_map_symmetric", "val_map_asymmetric"} and (tmp_path / "student_sskd.pt").exists()
+    assert seen and all(call == {"rotated": ((48, 16), (48, 16))} for call in seen)  # 3 x batch 16, 16 bits
