@@ -27,9 +27,11 @@ from torch import Tensor, nn
 __all__ = ["rkd_loss", "pkt_loss", "sp_loss", "hinton_kd_loss", "sskd_loss", "CRDLoss"]
 
 
-def _check_pair(student: Tensor, teacher: Tensor, *, same_bits: bool, min_batch: int) -> Tensor:
-    """Checks the two code batches; returns the teacher in the student's dtype."""
-    for name, t in (("student", student), ("teacher", teacher)):
+def _check_pair(student: Tensor, teacher: Tensor, *, same_bits: bool, min_batch: int,
+                names: tuple = ("student", "teacher")) -> Tensor:
+    """Checks the two code batches (named `names` in the messages); returns the teacher in the student's dtype."""
+    student_name, teacher_name = names
+    for name, t in ((student_name, student), (teacher_name, teacher)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 2:
@@ -37,14 +39,14 @@ def _check_pair(student: Tensor, teacher: Tensor, *, same_bits: bool, min_batch:
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if teacher.shape[0] != student.shape[0]:
-        raise ValueError(f"teacher has {teacher.shape[0]} rows but student has {student.shape[0]}: one code per image "
-                         "of the batch in each")
+        raise ValueError(f"{teacher_name} has {teacher.shape[0]} rows but {student_name} has {student.shape[0]}: one "
+                         "code per image of the batch in each")
     if same_bits and teacher.shape[1] != student.shape[1]:
-        raise ValueError(f"teacher has {teacher.shape[1]} bits but student has {student.shape[1]}")
+        raise ValueError(f"{teacher_name} has {teacher.shape[1]} bits but {student_name} has {student.shape[1]}")
     if teacher.device != student.device:
-        raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
+        raise ValueError(f"{teacher_name} is on {teacher.device} but {student_name} is on {student.device}")
     if student.shape[0] < min_batch:
-        raise ValueError(f"student must have at least {min_batch} rows (the loss compares samples of a batch), "
+        raise ValueError(f"{student_name} must have at least {min_batch} rows (the loss compares samples of a batch), "
                          f"got {student.shape[0]}")
     return teacher.to(student.dtype)
 
@@ -143,7 +145,8 @@ def sskd_loss(student_views: Tensor, teacher_views: Tensor, *, temperature: floa
     if teacher_views.shape[:2] != student_views.shape[:2]:
         raise ValueError(f"teacher_views has {tuple(teacher_views.shape[:2])} views x samples but student_views has "
                          f"{tuple(student_views.shape[:2])}")
-    _check_pair(student_views[0], teacher_views[0], same_bits=False, min_batch=1)
+    _check_pair(student_views[0], teacher_views[0], same_bits=False, min_batch=1,
+                names=("student_views", "teacher_views"))
     temperature = _positive_finite(temperature, "temperature")
 
     def log_distributions(views: Tensor) -> Tensor:

@@ -416,7 +416,7 @@ def test_sskd_bad_input_names_the_argument():
         kd_losses.sskd_loss(sv, tv[:1])
     with pytest.raises(ValueError, match="teacher_views has"):
         kd_losses.sskd_loss(sv, tv[:3])
-    with pytest.raises(TypeError, match="teacher must be a floating-point"):
+    with pytest.raises(TypeError, match="teacher_views must be a floating-point"):
         kd_losses.sskd_loss(sv, tv.long())
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         kd_losses.sskd_loss(sv, tv, temperature=0)
