@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ops import _require_tensor
+
 __all__ = ["rkd_loss", "pkt_loss", "sp_loss", "hinton_kd_loss", "sskd_loss", "CRDLoss"]
 
 
@@ -32,8 +34,7 @@ def _check_pair(student: Tensor, teacher: Tensor, *, same_bits: bool, min_batch:
     """Checks the two code batches (named `names` in the messages); returns the teacher in the student's dtype."""
     student_name, teacher_name = names
     for name, t in ((student_name, student), (teacher_name, teacher)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        _require_tensor(t, name)
         if t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor [batch, bits], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
@@ -123,9 +124,7 @@ def hinton_kd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0
     """Soft-target distillation: ``T^2 * mean over samples of KL(softmax(t / T) || softmax(s / T))``, the softmax
     taken over the bits of each code (T = 4 in the original release's baseline)."""
     teacher = _check_pair(student, teacher, same_bits=True, min_batch=1)
-    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
-            or not (temperature > 0 and math.isfinite(temperature))):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    temperature = _positive_finite(temperature, "temperature")
     log_p_s = F.log_softmax(student / temperature, dim=1)
     log_p_t = F.log_softmax(teacher / temperature, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
@@ -138,8 +137,7 @@ def sskd_loss(student_views: Tensor, teacher_views: Tensor, *, temperature: floa
     ``softmax(c_r / T)``; the loss is ``T^2 * mean over the (V - 1) * B transformed samples of KL(teacher || student)``
     (T = 0.5, as the original release's baseline; it keeps every sample)."""
     for name, t in (("student_views", student_views), ("teacher_views", teacher_views)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        _require_tensor(t, name)
         if t.dim() != 3 or t.shape[0] < 2:
             raise ValueError(f"{name} must be a 3-D tensor [views >= 2, batch, bits], got shape {tuple(t.shape)}")
     if teacher_views.shape[:2] != student_views.shape[:2]:

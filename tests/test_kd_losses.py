@@ -173,7 +173,7 @@ def test_bad_input_names_the_argument(name):
         fn(s, t.long())
     with pytest.raises(ValueError, match="teacher has 5 rows but student has 6"):
         fn(s, t[:5])
-    with pytest.raises(TypeError, match="student must be a tensor"):
+    with pytest.raises(TypeError, match="student must be a torch.Tensor"):
         fn(s.tolist(), t)
 
 
