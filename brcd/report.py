@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .objectives import DISTILLATION_OBJECTIVES, LABELS
+from .train import student_run_name
 
 
 def _pyplot():
@@ -71,7 +72,7 @@ _DATASET_NAMES = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "list
 
 # Models a report may hold, in the order of its tables: the run names of train.py and cli.py.
 _ROLES = {"teacher": "teacher", "student_no_kd": "student without KD",
-          **{f"student_{name}": f"student with {LABELS[name]}" for name in DISTILLATION_OBJECTIVES}}
+          **{student_run_name(name): f"student with {LABELS[name]}" for name in DISTILLATION_OBJECTIVES}}
 
 
 def render_report(out: Path, args, results: dict, curves: dict, backbones: dict, bits: int) -> str:

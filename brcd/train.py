@@ -22,7 +22,7 @@ from .models import HashModel
 from .objectives import DATASET_OBJECTIVES, DISTILLATION_OBJECTIVES, make_objective
 
 __all__ = ["TrainConfig", "TrainingError", "checkpoint_path", "encode", "train_teacher", "fit_clusters",
-           "train_student", "Clusters", "throughput", "PRECISIONS"]
+           "train_student", "student_run_name", "Clusters", "throughput", "PRECISIONS"]
 
 # The precisions of the training steps' forward passes: float32, or bfloat16 under torch.autocast.
 PRECISIONS = ("fp32", "bf16")
@@ -113,6 +113,11 @@ def _loader(images: Tensor, cfg: TrainConfig, gen: torch.Generator):
     return torch.utils.data.DataLoader(TwoViewDataset(images, two_view_transform(size, channels)),
                                        batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen,
                                        num_workers=cfg.workers, pin_memory=cfg.device_type == "cuda")
+
+
+def student_run_name(objective: str) -> str:
+    """The run (checkpoints, log records, report rows) of a student distilled with `objective`."""
+    return f"student_{objective}"
 
 
 def checkpoint_path(out_dir: Path, name: str, paradigm: str = "symmetric", fmt: str = "pt") -> Path:
@@ -282,7 +287,7 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clust
                                **per_dataset)
     if objective.needs_clusters and clusters is None:
         raise ValueError(f"the {cfg.kd} objective needs the clusters of the teacher's codes (fit_clusters)")
-    name = name or f"student_{cfg.kd}"
+    name = name or student_run_name(cfg.kd)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

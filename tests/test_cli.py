@@ -88,6 +88,16 @@ def test_split_seed_keeps_the_split_while_the_run_seed_varies():
     assert not torch.equal(moved.train, default.train)
 
 
+def test_a_distillation_objective_from_a_config_file_is_checked_before_training(demo_run, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("kd: nope\n")
+    out = tmp_path / "run"
+    assert cli.main(["distill", "--out", str(out), "--teacher-checkpoint", str(demo_run / "teacher.pt"),
+                     "--config", str(config), *DATA, "--no-progress"]) == 2
+    assert "kd must be one of" in capsys.readouterr().err
+    assert not (out / "metrics.jsonl").exists() and not list(out.glob("student_*"))
+
+
 def test_baselines_from_a_config_file_are_checked(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("baselines: [pkt, nope]\n")
