@@ -191,17 +191,26 @@ def test_bad_input_of_single_losses():
             hinton_kd_loss(s, t, temperature=bad)
 
 
+def objective_inputs(seed: int, B: int, K: int, grad: bool = False):
+    """A student's bit probabilities and codes of two views and the teacher's view-1 codes (float64), and the
+    generator for whatever else a test draws: (p1, c1, p2, c2, t1, generator)."""
+    g = torch.Generator().manual_seed(seed)
+    p1, p2 = (torch.rand(B, K, generator=g, dtype=torch.float64).requires_grad_(grad) for _ in range(2))
+    t1 = torch.randn(B, K, generator=g, dtype=torch.float64).sign().requires_grad_(grad)
+    return p1, p1 * 2 - 1, p2, p2 * 2 - 1, t1, g
+
+
+def cibhash_reference(p1, c1, p2, c2):
+    """The student's own objective in every baseline: CIBHash at the objectives' defaults, from the references."""
+    return ref.ntxent_loss(c1, c2, temperature=0.3) + 0.001 * symmetric_bernoulli_kl(p1, p2)
+
+
 @pytest.mark.parametrize("name", ["rkd", "pkt", "sp", "hinton"])
 def test_baseline_objectives_are_cibhash_plus_weighted_kd(name):
-    g = torch.Generator().manual_seed(22)
-    B, K = 16, 32
-    p1, p2 = (torch.rand(B, K, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
-    c1, c2 = (p * 2 - 1 for p in (p1, p2))
-    t1 = torch.randn(B, K, generator=g, dtype=torch.float64).sign().requires_grad_()
+    p1, c1, p2, c2, t1, _ = objective_inputs(22, 16, 32, grad=True)
     objective = make_objective(name, temperature=0.3, kl_weight=0.001, kd_weight=2.0)
     got = objective(p1, c1, p2, c2, t1)
-    want = (ref.ntxent_loss(c1, c2, temperature=0.3) + 0.001 * symmetric_bernoulli_kl(p1, p2)
-            + 2.0 * LOSSES[name](c1, t1))
+    want = cibhash_reference(p1, c1, p2, c2) + 2.0 * LOSSES[name](c1, t1)
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10)
     got.backward()
     assert p1.grad is not None and t1.grad is None  # the teacher's codes are a target
@@ -349,11 +358,8 @@ def test_crd_bad_input_names_the_argument():
 
 
 def test_crd_objective_takes_the_index():
-    g = torch.Generator().manual_seed(23)
     B, K = 8, 16
-    p1, p2 = (torch.rand(B, K, generator=g, dtype=torch.float64) for _ in range(2))
-    c1, c2 = (p * 2 - 1 for p in (p1, p2))
-    t1 = torch.randn(B, K, generator=g, dtype=torch.float64).sign()
+    p1, c1, p2, c2, t1, _ = objective_inputs(23, B, K)
     index = torch.arange(B)
     torch.manual_seed(0)
     objective = make_objective("crd", kd_weight=0.5, dataset_size=30, bits=K, negatives=7).double()
@@ -361,7 +367,7 @@ def test_crd_objective_takes_the_index():
     torch.manual_seed(1)
     got = objective(p1, c1, p2, c2, t1, index=index)
     torch.manual_seed(1)
-    want = ref.ntxent_loss(c1, c2, temperature=0.3) + 0.001 * symmetric_bernoulli_kl(p1, p2) + 0.5 * crd(c1, t1, index)
+    want = cibhash_reference(p1, c1, p2, c2) + 0.5 * crd(c1, t1, index)
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10)
     assert len(list(objective.parameters())) == 4 and "kd_loss.memory_student" in objective.state_dict()
     with pytest.raises(ValueError, match="index"):
@@ -423,17 +429,13 @@ def test_sskd_bad_input_names_the_argument():
 
 
 def test_sskd_objective_takes_the_rotated_codes():
-    g = torch.Generator().manual_seed(33)
     B, K = 5, 16
-    p1, p2 = (torch.rand(B, K, generator=g, dtype=torch.float64) for _ in range(2))
-    c1, c2 = (p * 2 - 1 for p in (p1, p2))
-    t1 = torch.randn(B, K, generator=g, dtype=torch.float64).sign()
+    p1, c1, p2, c2, t1, g = objective_inputs(33, B, K)
     s_rot, t_rot = (torch.randn(3 * B, K, generator=g, dtype=torch.float64) for _ in range(2))
     objective = make_objective("sskd", kd_weight=2.0)
     got = objective(p1, c1, p2, c2, t1, rotated=(s_rot, t_rot))
     views = lambda first, rest: torch.stack([first, *rest.split(B)])
-    want = (ref.ntxent_loss(c1, c2, temperature=0.3) + 0.001 * symmetric_bernoulli_kl(p1, p2)
-            + 2.0 * kd_losses.sskd_loss(views(c1, s_rot), views(t1, t_rot)))
+    want = cibhash_reference(p1, c1, p2, c2) + 2.0 * kd_losses.sskd_loss(views(c1, s_rot), views(t1, t_rot))
     assert float(got) == pytest.approx(float(want), rel=1e-10)
     assert LABELS["sskd"] == "SSKD" and "sskd" in DISTILLATION_OBJECTIVES
     with pytest.raises(ValueError, match="rotated"):
