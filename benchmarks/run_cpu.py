@@ -2,12 +2,14 @@
 
   topk  brcd.hamming_topk against faiss IndexBinaryFlat (same data, same threads): N = 1,000,000, Q = 1,000,
         64 and 256 bits, k = 10 and 1000.
+  range brcd.hamming_range_search against faiss IndexBinaryFlat.range_search: N = 1,000,000, Q = 1,000, 64 and
+        256 bits, radii for about 10 and 1000 results per query.
   map   brcd mAP@1000 (5,000 queries over 50,000 codes) against the original evaluation loop (one NumPy argsort
         per query).
   loss  fused BRCD loss forward + backward against the eager PyTorch reference and torch.compile of it, with the
         peak extra memory of each (measured in a fresh process per case).
 
-Usage: python benchmarks/run_cpu.py [--only topk map loss] [--quick]
+Usage: python benchmarks/run_cpu.py [--only topk range map loss] [--quick]
 """
 from __future__ import annotations
 
@@ -67,6 +69,54 @@ def bench_topk(n: int, q_count: int, bit_list, ks, small_queries=(1, 10)) -> str
                   "same distances"], rows) + (
         f"\n\nBoth on {threads} threads; faiss-cpu {faiss.__version__}. Times are medians (3 runs for the batches of "
         "1000 queries, 30 for the small batches).")
+
+
+# ------------------------------------------------------------------------------------------------- range search
+def same_balls(lims, dist, idx, ours) -> bool:
+    """faiss's range results (each query's in database order) hold the codes ours do, in (distance, index) order."""
+    if not np.array_equal(lims, ours[0].numpy()):
+        return False
+    for i in range(len(lims) - 1):
+        a, b = lims[i], lims[i + 1]
+        order = np.lexsort((idx[a:b], dist[a:b]))
+        if not (np.array_equal(dist[a:b][order], ours[1][a:b].numpy())
+                and np.array_equal(idx[a:b][order], ours[2][a:b].numpy())):
+            return False
+    return True
+
+
+def bench_range(n: int, q_count: int, cases, small_queries=(1, 10)) -> str:
+    """brcd.hamming_range_search (distance <= r) against faiss IndexBinaryFlat.range_search (distance < r + 1) on
+    uniformly random codes; radii chosen for about 10 and about 1000 results per query of a million codes."""
+    import faiss
+
+    threads = torch.get_num_threads()
+    faiss.omp_set_num_threads(threads)
+    rows = []
+    rng = np.random.default_rng(0)
+    for nbits, radii in cases:
+        db = torch.from_numpy(rng.integers(0, 256, size=(n, nbits // 8), dtype=np.uint8))
+        index = faiss.IndexBinaryFlat(nbits)
+        index.add(db.numpy())
+        for qc in (q_count, *small_queries):
+            q = torch.from_numpy(rng.integers(0, 256, size=(qc, nbits // 8), dtype=np.uint8))
+            repeat = 3 if qc >= 100 else 30
+            for r in radii:
+                time.sleep(0.5)  # as in bench_topk: neither library timed against the other's spinning threads
+                t_faiss = time_cpu(lambda: index.range_search(q.numpy(), r + 1), repeat=repeat)
+                time.sleep(0.5)
+                t_brcd = time_cpu(lambda: brcd.hamming_range_search(q, db, r), repeat=repeat)
+                ours = brcd.hamming_range_search(q, db, r)
+                same = same_balls(*index.range_search(q.numpy(), r + 1), ours)
+                rows.append([nbits, f"{qc}x{n:,}", r, int(ours[0][-1]) / qc, t_brcd, t_faiss, t_faiss / t_brcd,
+                             n * qc / t_brcd / 1e9, "yes" if same else "NO"])
+                print(rows[-1], flush=True)
+    return table(["bits", "queries x db", "radius", "results per query", "brcd s", "faiss s", "speed-up",
+                  "brcd G pairs/s", "same results"], rows) + (
+        f"\n\nBoth on {threads} threads; faiss-cpu {faiss.__version__}, whose radius is exclusive (`range_search(x, "
+        "r + 1)` is brcd's radius r). Times are medians (3 runs for the batches of 1000 queries, 30 for the small "
+        "batches); brcd's include ordering each query's results by (distance, index), faiss's leave them in database "
+        "order.")
 
 
 # ------------------------------------------------------------------------------------------------- mAP
@@ -223,7 +273,7 @@ def bench_loss(sizes, eager_max: int, compile_max: int, rounds: int = 3) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*", default=["topk", "map", "loss"])
+    ap.add_argument("--only", nargs="*", default=["topk", "range", "map", "loss"])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the script)")
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks-cpu.md")
     ap.add_argument("--loss-worker", nargs=3, help=argparse.SUPPRESS)
@@ -237,6 +287,10 @@ def main():
     if "topk" in args.only:
         n, q = (100_000, 100) if args.quick else (1_000_000, 1000)
         parts.append("## Hamming top-k against faiss IndexBinaryFlat\n\n" + bench_topk(n, q, [64, 256], [10, 1000]))
+    if "range" in args.only:
+        n, q = (100_000, 100) if args.quick else (1_000_000, 1000)
+        parts.append("## Hamming range search against faiss IndexBinaryFlat\n\n" +
+                     bench_range(n, q, [(64, (15, 19)), (256, (94, 103))]))
     if "map" in args.only:
         q, n = (500, 5000) if args.quick else (5000, 50_000)
         parts.append("## mAP@1000 against the original evaluation loop\n\n" + bench_map(q, n))
@@ -246,7 +300,7 @@ def main():
     text = "\n\n".join(parts) + "\n"
     print(text)
     # Only a full run replaces the tables in docs/ (a partial one would drop the other sections).
-    if not args.quick and set(args.only) >= {"topk", "map", "loss"}:
+    if not args.quick and set(args.only) >= {"topk", "range", "map", "loss"}:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
 

@@ -84,6 +84,45 @@ def test_hamming_topk(benchmark, device, nbits, k, impl):
     benchmark(timed(lambda: brcd.hamming_topk(qp, dp, k), device))
 
 
+# ------------------------------------------------------------------------------------------------- range search
+def balls_by_matmul(qs: torch.Tensor, ds: torch.Tensor, nbits: int, radius: int):
+    """The eager baseline of a range search: distances from a ±1 matmul, the pairs within the radius, a stable sort
+    of each query's by distance. Same layout as brcd.hamming_range_search."""
+    dist = ((nbits - qs @ ds.T) / 2).round().long()
+    row, col = (dist <= radius).nonzero(as_tuple=True)
+    d = dist[row, col]
+    order = torch.sort(row * (nbits + 1) + d, stable=True).indices
+    lims = torch.cat([row.new_zeros(1), torch.bincount(row, minlength=qs.shape[0]).cumsum(0)])
+    return lims, d[order].int(), col[order]
+
+
+@pytest.mark.parametrize("nbits,radius", [(64, 15), (64, 19), (256, 103)], ids=lambda v: str(v))
+@pytest.mark.parametrize("impl", ["brcd", "faiss", "torch"])
+def test_hamming_range_search(benchmark, device, nbits, radius, impl):
+    """Radii of about 10 and 1000 codes per query of a million uniformly random ones (64 bits), 1000 of 256 bits."""
+    q, n = size((100, 1_000_000), (4, 5000))
+    qp, dp = packed_codes(q, nbits, seed=3), packed_codes(n, nbits, seed=4)
+    benchmark.group = f"hamming_range_search, {q} x {n:,}, {nbits} bits, radius {radius}, {device}"
+    benchmark.extra_info["pairs"] = q * n
+    if impl == "faiss":
+        if device != "cpu":
+            pytest.skip("faiss-cpu runs on the CPU (the GPU machine has no faiss)")
+        faiss = pytest.importorskip("faiss")
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index = faiss.IndexBinaryFlat(nbits)
+        index.add(dp.numpy())
+        benchmark(lambda: index.range_search(qp.numpy(), radius + 1))  # faiss's radius is exclusive
+        return
+    qp, dp = qp.to(device), dp.to(device)
+    qs, ds = pm1(qp, nbits), pm1(dp, nbits)
+    if impl == "torch":
+        benchmark(timed(lambda: balls_by_matmul(qs, ds, nbits, radius), device))
+        return
+    for got, expected in zip(brcd.hamming_range_search(qp, dp, radius), balls_by_matmul(qs, ds, nbits, radius)):
+        assert torch.equal(got, expected)
+    benchmark(timed(lambda: brcd.hamming_range_search(qp, dp, radius), device))
+
+
 # ------------------------------------------------------------------------------------------------- index
 @pytest.mark.parametrize("impl", ["brcd", "faiss"])
 def test_index_add_in_batches(benchmark, device, impl):

@@ -3,7 +3,8 @@
 `brcd demo` runs the whole chain on Fashion-MNIST (teacher, clusters, a student without KD and a BRCD student, both
 search paradigms; --baselines adds students distilled with KD baselines) and writes DIR/report.md and DIR/metrics.json.
 `brcd distill --kd rkd` trains one student with a baseline instead of BRCD. `brcd evaluate` tests a checkpoint,
-`brcd encode` writes the database's codes to a HammingIndex file, and `brcd index` searches one.
+`brcd encode` writes the database's codes to a HammingIndex file, and `brcd index` searches one (the k nearest codes,
+or every code within `--radius`).
 
 Errors in the input (missing or corrupt data, unknown model names, bad numbers) print one line on stderr and exit
 with status 2; a failed run (a NaN loss) exits with status 1. No traceback.
@@ -181,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--index", type=Path, required=True)
     index.add_argument("--checkpoint", type=Path, required=True)
     index.add_argument("--queries", type=_positive_int, default=5, help="how many test images to search with")
-    index.add_argument("-k", type=_positive_int, default=10)
+    found = index.add_mutually_exclusive_group()
+    found.add_argument("-k", type=_positive_int, default=10, help="the k nearest codes of each query (default 10)")
+    found.add_argument("--radius", type=_nonnegative_int, default=None,
+                       help="instead of the k nearest, every code within this Hamming distance (a hash lookup)")
     _data_args(index)
     return parser
 
@@ -243,9 +247,16 @@ def run_index(args) -> dict:
         raise ValueError(f"{args.checkpoint} makes {model.bits}-bit codes but {args.index} holds {index.nbits}-bit "
                          "ones")
     chosen = split.test_queries[: args.queries]
-    dist, ids = index.search(encode(model, data.test_images[chosen], device=args.device), min(args.k, len(index)))
+    codes = encode(model, data.test_images[chosen], device=args.device)
+    if args.radius is not None:
+        lims, dist, ids = index.range_search(codes, args.radius)
+        bounds = lims.tolist()
+        found = [(ids[a:b], dist[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    else:
+        dist, ids = index.search(codes, min(args.k, len(index)))
+        found = list(zip(ids, dist))
     return {"queries": [{"test_image": int(t), "ids": i.tolist(), "distances": d.tolist()}
-                        for t, i, d in zip(chosen, ids, dist)]}
+                        for t, (i, d) in zip(chosen, found)]}
 
 
 @dataclass

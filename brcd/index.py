@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .ops import hamming_topk, pack_codes
+from .ops import hamming_range_search, hamming_topk, pack_codes
 
 MAGIC = b"BRCDHIX\0"
 VERSION = 1
@@ -67,6 +67,7 @@ class HammingIndex:
     >>> index = HammingIndex(64)
     >>> ids = index.add(torch.randn(1000, 64))          # real codes: bit = code > 0
     >>> dist, ids = index.search(torch.randn(5, 64), k=10)
+    >>> lims, dist, ids = index.range_search(torch.randn(5, 64), radius=20)   # query i: ids[lims[i]:lims[i + 1]]
     >>> index.save("codes.bhi"); index = HammingIndex.load("codes.bhi")
 
     ``add``/``search`` take real-valued (±1, logits, ...) codes [m, nbits]; ``add_packed``/``search_packed`` take
@@ -152,6 +153,20 @@ class HammingIndex:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= len(self):
             raise ValueError(f"k must be an integer between 1 and the index size {len(self)}, got {k!r}")
         return hamming_topk(packed.to(self.device), self.packed_codes, int(k))
+
+    def range_search(self, codes: Tensor, radius: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """Every stored code within Hamming distance ``radius`` of each query: (lims int64 [q + 1], distances int32,
+        ids int64), query i's results at ``lims[i]:lims[i + 1]``, sorted by (distance, id). See
+        :func:`brcd.hamming_range_search`."""
+        return self.range_search_packed(pack_codes(self._check_real(codes, "codes")), radius)
+
+    def range_search_packed(self, packed: Tensor, radius: int) -> Tuple[Tensor, Tensor, Tensor]:
+        packed = self._check_packed(packed, "packed")
+        if len(self) == 0:
+            raise ValueError("the index is empty: add codes before searching")
+        if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 0:
+            raise ValueError(f"radius must be a non-negative integer, got {radius!r}")
+        return hamming_range_search(packed.to(self.device), self.packed_codes, int(radius))
 
     def to(self, device: Union[str, torch.device]) -> "HammingIndex":
         """Move the stored codes to `device` (in place); returns self."""

@@ -18,6 +18,7 @@ __all__ = [
     "unpack_codes",
     "hamming_distance",
     "hamming_topk",
+    "hamming_range_search",
     "brcd_loss",
     "ntxent_loss",
 ]
@@ -105,6 +106,64 @@ def hamming_topk(query_packed: Tensor, db_packed: Tensor, k: int) -> Tuple[Tenso
     return _ops.hamming_topk(query_packed, db_packed, int(k))
 
 
+def hamming_range_search(query_packed: Tensor, db_packed: Tensor, radius: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Every database code within Hamming distance ``radius`` of each query (a Hamming-ball lookup, exact).
+
+    Returns ``(lims, distances, indices)`` in faiss's ``RangeSearchResult`` layout: query i's results are entries
+    ``lims[i]:lims[i + 1]`` of ``distances`` (int32) and ``indices`` (int64); ``lims`` is int64 [q + 1]. Each
+    query's results are sorted by (distance, index), so they are the first ``lims[i + 1] - lims[i]`` results of
+    :func:`hamming_topk` with that k. A radius of nbits or more returns the whole database for every query: the
+    output holds q x n entries then (12 bytes each).
+
+    On the CPU one scan collects each query's codes without a branch per hit and a counting sort orders them. On CUDA
+    the distances of a chunk of queries (at most 2^26 query-code pairs at a time) come from :func:`hamming_distance`
+    and torch ops keep and order those within the radius; it waits for the GPU once per chunk (the results' size is
+    known only then).
+
+    Example::
+
+        >>> lims, dist, idx = brcd.hamming_range_search(q, db, radius=2)
+        >>> idx[lims[0]:lims[1]]                      # the database codes within distance 2 of query 0
+    """
+    _require_tensor(query_packed, "query_packed")
+    _require_tensor(db_packed, "db_packed")
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral):
+        raise TypeError(f"radius must be an int, got {type(radius).__name__}")
+    return _ops.hamming_range_search(query_packed, db_packed, int(radius))
+
+
+# Query-code pairs whose distances the composed range search holds at once (256 MiB of int32, plus a byte each).
+_RANGE_CHUNK_PAIRS = 1 << 26
+
+
+def _range_search_by_ops(query_packed: Tensor, db_packed: Tensor, radius: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """hamming_range_search from hamming_distance over chunks of queries and torch ops: the CUDA kernel of the op.
+
+    Device-agnostic, so the tests run it on the CPU against the CPU kernel. The first chunk always calls
+    hamming_distance, even for no queries, so that its checks of the two tensors run.
+    """
+    if radius < 0:
+        raise ValueError(f"radius must be a non-negative Hamming distance, got {radius}")
+    q = query_packed.shape[0]
+    rows = max(1, _RANGE_CHUNK_PAIRS // max(1, db_packed.shape[0]))
+    bound = min(radius, 8 * db_packed.shape[1])  # no distance exceeds the bits of a code's bytes
+    counts, dists, idxs = [], [], []
+    for q0 in range(0, max(q, 1), rows):
+        dist = _ops.hamming_distance(query_packed[q0 : q0 + rows], db_packed)
+        hit_row, hit_col = (dist <= bound).nonzero(as_tuple=True)  # row-major: index order within each row
+        hit_dist = dist[hit_row, hit_col]
+        # A stable sort by (row, distance) keeps index order among equal distances.
+        order = torch.sort(hit_row * (bound + 1) + hit_dist, stable=True).indices
+        counts.append(torch.bincount(hit_row, minlength=dist.shape[0]))
+        dists.append(hit_dist[order])
+        idxs.append(hit_col[order])
+    lims = torch.cat([counts[0].new_zeros(1), torch.cumsum(torch.cat(counts), 0)])
+    return lims, torch.cat(dists), torch.cat(idxs)
+
+
+torch.library.register_kernel("brcd::hamming_range_search", "cuda", _range_search_by_ops)
+
+
 @torch.library.register_fake("brcd::pack_codes")
 def _pack_codes_fake(codes):
     torch._check(codes.dim() == 2, lambda: "codes must be a 2-D tensor")
@@ -122,6 +181,16 @@ def _hamming_topk_fake(query_packed, db_packed, k):
     return (
         query_packed.new_empty((q, k), dtype=torch.int32),
         query_packed.new_empty((q, k), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("brcd::hamming_range_search")
+def _hamming_range_search_fake(query_packed, db_packed, radius):
+    total = torch.library.get_ctx().new_dynamic_size()  # known only once the codes are compared
+    return (
+        query_packed.new_empty((query_packed.shape[0] + 1,), dtype=torch.int64),
+        query_packed.new_empty((total,), dtype=torch.int32),
+        query_packed.new_empty((total,), dtype=torch.int64),
     )
 
 

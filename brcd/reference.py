@@ -32,6 +32,18 @@ def hamming_topk(query_packed: Tensor, db_packed: Tensor, k: int) -> Tuple[Tenso
     return torch.gather(dist, 1, order).to(torch.int32), order
 
 
+def hamming_range_search(query_packed: Tensor, db_packed: Tensor, radius: int) -> Tuple[Tensor, Tensor, Tensor]:
+    dist = hamming_distance(query_packed, db_packed)
+    lims, dists, idxs = [0], [], []
+    for row in dist.tolist():
+        hits = sorted((d, j) for j, d in enumerate(row) if d <= radius)
+        lims.append(lims[-1] + len(hits))
+        dists += [d for d, _ in hits]
+        idxs += [j for _, j in hits]
+    return (torch.tensor(lims, dtype=torch.int64), torch.tensor(dists, dtype=torch.int32),
+            torch.tensor(idxs, dtype=torch.int64))
+
+
 def _cos_matrix(z: Tensor) -> Tensor:
     zn = z / z.norm(dim=1, keepdim=True).clamp_min(EPS)
     return zn @ zn.T

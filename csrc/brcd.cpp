@@ -11,6 +11,7 @@ TORCH_LIBRARY(brcd, m) {
   m.def("pack_codes(Tensor codes) -> Tensor");
   m.def("hamming_distance(Tensor query_packed, Tensor db_packed) -> Tensor");
   m.def("hamming_topk(Tensor query_packed, Tensor db_packed, int k) -> (Tensor, Tensor)");
+  m.def("hamming_range_search(Tensor query_packed, Tensor db_packed, int radius) -> (Tensor, Tensor, Tensor)");
   m.def("average_precision(Tensor query_packed, Tensor db_packed, Tensor query_labels, Tensor db_labels, int k) -> Tensor");
   m.def(
       "distance_histograms(Tensor query_packed, Tensor db_packed, Tensor query_labels, Tensor db_labels) -> "

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from brcd import cli
+from brcd.index import HammingIndex
 from brcd.objectives import CIBHashObjective
 from conftest import device_params
 
@@ -132,6 +133,24 @@ def test_evaluate_encode_and_index_from_the_demo_checkpoints(demo_run, tmp_path,
                      *DATA]) == 0
     found = json.loads(capsys.readouterr().out)["queries"]
     assert len(found) == 3 and all(len(q["ids"]) == 7 and q["distances"] == sorted(q["distances"]) for q in found)
+    # Every code within a radius instead: the 7 nearest that lie within it come first, and there are more only where
+    # all 7 do; a radius of every bit returns the whole database.
+    nbits = HammingIndex.load(index_file).nbits
+    for radius in (0, nbits // 4, nbits // 2, nbits):
+        assert cli.main(["index", "--index", str(index_file), "--checkpoint", str(student), "--queries", "3",
+                         "--radius", str(radius), *DATA]) == 0
+        in_ball = json.loads(capsys.readouterr().out)["queries"]
+        assert [q["test_image"] for q in in_ball] == [q["test_image"] for q in found]
+        for near, ball in zip(found, in_ball):
+            inside = [(i, d) for i, d in zip(near["ids"], near["distances"]) if d <= radius]
+            assert list(zip(ball["ids"], ball["distances"]))[: len(inside)] == inside
+            assert len(ball["ids"]) == len(inside) if len(inside) < 7 else len(ball["ids"]) >= 7
+            assert all(d <= radius for d in ball["distances"]) and ball["distances"] == sorted(ball["distances"])
+        if radius == nbits:
+            assert all(sorted(q["ids"]) == list(range(200)) for q in in_ball)
+    with pytest.raises(SystemExit):  # argparse's refusal: one or the other
+        cli.main(["index", "--index", str(index_file), "--checkpoint", str(student), "-k", "3", "--radius", "2", *DATA])
+    assert "not allowed with" in capsys.readouterr().err
 
 
 def test_a_file_that_is_not_a_checkpoint(tmp_path, capsys):

@@ -16,6 +16,8 @@ def test_opcheck_hamming(device):
     db = brcd.pack_codes(torch.randn(50, 70, device=device))
     torch.library.opcheck(ops.hamming_distance.default, (q, db))
     torch.library.opcheck(ops.hamming_topk.default, (q, db, 7))
+    for radius in (0, 30, 70):
+        torch.library.opcheck(ops.hamming_range_search.default, (q, db, radius))
 
 
 def test_opcheck_average_precision():

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <string>
 
@@ -294,6 +295,14 @@ int64_t TopkState::finish(int32_t* out_dist, int64_t* out_idx) {
                          static_cast<int64_t>(count_.size()), out_dist, out_idx);
 }
 
+int64_t TopkState::finish(std::vector<int32_t>& dist, std::vector<int64_t>& idx) {
+  compact();
+  const size_t at = dist.size(), n = static_cast<size_t>(std::min(size_, k_));
+  dist.resize(at + n);
+  idx.resize(at + n);
+  return finish(dist.data() + at, idx.data() + at);
+}
+
 // ---------------------------------------------------------------- entry points
 void hamming_distance(const PackedCodes& queries, const PackedCodes& db, int32_t* out) {
   if (queries.rows == 0 || db.rows == 0) return;
@@ -549,6 +558,154 @@ void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, 
       TopkState again(k, nbits, nbits);  // the guess was too tight for this query: scan everything
       kern.topk(blocked, q, qi, qi + 1, 0, blocked.blocks, &again);
       again.finish(out_dist + qi * k, out_idx + qi * k);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- range search
+namespace {
+// A query's hits in one shard of the database: in index order, or sorted by distance and in index order among equal
+// distances, chunk after chunk; either way a stable sort by distance puts them in (distance, index) order.
+struct Hits {
+  std::vector<int32_t> dist;
+  std::vector<int64_t> idx;
+};
+
+// The share of query-code pairs closer than `limit`, from up to 64 evenly strided queries and 4096 evenly strided codes.
+double sampled_hit_share(const PackedCodes& db, const QueryWords& q, const ScanKernels& kern, int32_t limit) {
+  const int64_t rows = std::min<int64_t>(db.rows, 4096), step = db.rows / rows;
+  std::vector<uint8_t> bytes(static_cast<size_t>(rows * db.bytes_per_row));
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(bytes.data() + r * db.bytes_per_row, db.data + r * step * db.row_stride,
+                static_cast<size_t>(db.bytes_per_row));
+  const BlockedCodes sample = to_blocked({bytes.data(), rows, db.bytes_per_row, db.bytes_per_row});
+  QueryWords some;
+  some.words = q.words;
+  some.rows = std::min<int64_t>(q.rows, 64);
+  const int64_t qstep = q.rows / some.rows;
+  for (int64_t r = 0; r < some.rows; ++r) some.data.insert(some.data.end(), q.row(r * qstep), q.row(r * qstep) + q.words);
+  std::vector<int32_t> dist(static_cast<size_t>(some.rows * rows));
+  kern.distance(sample, some, 0, some.rows, 0, sample.blocks, dist.data(), rows);
+  const auto hits = std::count_if(dist.begin(), dist.end(), [&](int32_t d) { return d < limit; });
+  return static_cast<double>(hits) / static_cast<double>(dist.size());
+}
+
+// Above this share of the database per query, hits are dense enough for the branch-free candidate lists to beat the
+// threshold scan, whose branchy bookkeeping per hit stalls (1M uniformly random 64-bit codes, 200 queries, on the
+// 2-core EPYC: 9.2 against 13.9 ms at 0.08 %, even at 0.4 %, 41 against 19 ms at 1.6 %).
+constexpr double kDenseHitShare = 0.004;
+
+// Appends to hits[(qi - q0) * stride] every code of blocks [b0, b1) of db closer than `limit` to query qi, for the
+// queries [q0, q1).
+void scan_hits(const BlockedCodes& db, const QueryWords& q, const ScanKernels& kern, int32_t limit, bool dense,
+               int64_t q0, int64_t q1, int64_t b0, int64_t b1, Hits* hits, int64_t stride) {
+  if (dense) {
+    std::vector<Candidates> cands(static_cast<size_t>(q1 - q0));
+    for (Candidates& c : cands) c.reset(limit);
+    kern.collect(db, q, q0, q1, b0, b1, cands.data());
+    for (int64_t qi = q0; qi < q1; ++qi) {
+      Candidates& c = cands[qi - q0];
+      c.unpack_keys();
+      Hits& h = hits[(qi - q0) * stride];
+      h.dist.insert(h.dist.end(), c.dist.get(), c.dist.get() + c.size);
+      h.idx.insert(h.idx.end(), c.idx.get(), c.idx.get() + c.size);
+    }
+    return;
+  }
+  // The top-k scan with k = every code: its threshold never tightens below the radius, and it visits the codes
+  // of a block only where the block has a hit.
+  std::vector<TopkState> states;
+  states.reserve(static_cast<size_t>(q1 - q0));
+  for (int64_t qi = q0; qi < q1; ++qi) states.emplace_back(db.rows, db.words * 64, limit - 1);
+  kern.topk(db, q, q0, q1, b0, b1, states.data());
+  for (int64_t qi = q0; qi < q1; ++qi) {
+    Hits& h = hits[(qi - q0) * stride];
+    states[qi - q0].finish(h.dist, h.idx);
+  }
+}
+
+// Runs task(t) for t in [0, tasks) on the OpenMP threads and rethrows the first exception a task threw: the number
+// of hits is the caller's to bound (a radius near nbits returns the whole database per query), and a failed
+// allocation must reach Python as an exception, not terminate the process from inside a parallel region.
+template <class Task>
+void parallel_tasks(int64_t tasks, Task&& task) {
+  std::exception_ptr failure;
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t t = 0; t < tasks; ++t) {
+    try {
+      task(t);
+    } catch (...) {
+#pragma omp critical(brcd_parallel_tasks_failure)
+      if (!failure) failure = std::current_exception();
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+}  // namespace
+
+void hamming_range_search(const PackedCodes& queries, const PackedCodes& db, int64_t radius, int64_t* lims,
+                          const std::function<RangeOutput(int64_t total)>& allocate) {
+  lims[0] = 0;
+  if (queries.rows == 0) {
+    allocate(0);
+    return;
+  }
+  const QueryWords q = to_words(queries);
+  const ScanKernels& kern = kernels();
+  const BlockedCodes shape = blocked_shape(db);
+  const int32_t limit = static_cast<int32_t>(std::min(radius, shape.words * 64) + 1);  // accept d < limit
+  const int64_t qblocks = (q.rows + kQueryBlock - 1) / kQueryBlock;
+  const int64_t shards = shard_count(qblocks, shape.blocks);
+  const bool dense = sampled_hit_share(db, q, kern, limit) > kDenseHitShare;
+  // hits[qi * shards + s]: query qi's hits in shard s.
+  std::vector<Hits> hits(static_cast<size_t>(q.rows * shards));
+  if (shards == 1) {
+    const BlockedCodes blocked = to_blocked(db);
+    parallel_tasks(qblocks, [&](int64_t qb) {
+      const int64_t q0 = qb * kQueryBlock, q1 = std::min(q.rows, q0 + kQueryBlock);
+      scan_hits(blocked, q, kern, limit, dense, q0, q1, 0, blocked.blocks, hits.data() + q0, 1);
+    });
+  } else {
+    // Few queries over a large database: each task scans a shard for every query, re-laying it one cache-sized chunk
+    // at a time (for a handful of queries a whole re-laid copy of the database costs more than the scan).
+    const int64_t shard_len = (shape.blocks + shards - 1) / shards, chunk = chunk_blocks(shape.words);
+    parallel_tasks(shards, [&](int64_t s) {
+      const int64_t b0 = s * shard_len, b1 = std::min(shape.blocks, b0 + shard_len);
+      BlockedCodes part = blocked_shape(db);
+      part.data.reset(new uint64_t[static_cast<size_t>(chunk * part.words * kLanes)]);
+      for (int64_t c0 = b0; c0 < b1; c0 += chunk) {
+        const int64_t c1 = std::min(b1, c0 + chunk);
+        relayout_blocks(db, part.words, c0, c1, part.data.get());
+        part.first_block = c0;
+        scan_hits(part, q, kern, limit, dense, 0, q.rows, c0, c1, hits.data() + s, shards);
+      }
+    });
+  }
+  for (int64_t qi = 0; qi < q.rows; ++qi) {
+    int64_t n = 0;
+    for (int64_t s = 0; s < shards; ++s) n += static_cast<int64_t>(hits[static_cast<size_t>(qi * shards + s)].idx.size());
+    lims[qi + 1] = lims[qi] + n;
+  }
+  const RangeOutput out = allocate(lims[q.rows]);
+  // Per query, a stable counting sort by distance of its hits, shard after shard: ties end in index order.
+#pragma omp parallel
+  {
+    std::vector<int64_t> start(static_cast<size_t>(limit) + 1);
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t qi = 0; qi < q.rows; ++qi) {
+      std::fill(start.begin(), start.end(), 0);
+      for (int64_t s = 0; s < shards; ++s)
+        for (const int32_t d : hits[static_cast<size_t>(qi * shards + s)].dist) ++start[d + 1];
+      start[0] = lims[qi];
+      for (int32_t d = 0; d < limit; ++d) start[d + 1] += start[d];  // start[d]: where distance d begins
+      for (int64_t s = 0; s < shards; ++s) {
+        const Hits& h = hits[static_cast<size_t>(qi * shards + s)];
+        for (size_t r = 0; r < h.dist.size(); ++r) {
+          const int64_t pos = start[h.dist[r]]++;
+          out.dist[pos] = h.dist[r];
+          out.idx[pos] = h.idx[r];
+        }
+      }
     }
   }
 }

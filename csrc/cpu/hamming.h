@@ -4,6 +4,7 @@
 // Padding bits beyond nbits are zero in every code, so distances need no bit count.
 #pragma once
 #include <cstdint>
+#include <functional>
 
 namespace brcd::cpu {
 
@@ -41,6 +42,19 @@ void hamming_distance(const PackedCodes& queries, const PackedCodes& db, int32_t
 // out_dist and out_idx: queries.rows x k, contiguous.
 void hamming_topk(const PackedCodes& queries, const PackedCodes& db, int64_t k, int32_t* out_dist,
                   int64_t* out_idx);
+
+// Where a range search writes its results, once their number is known.
+struct RangeOutput {
+  int32_t* dist;
+  int64_t* idx;
+};
+
+// Every database code within Hamming distance `radius` (>= 0) of each query, sorted by (distance, index): query
+// qi's results are entries lims[qi] .. lims[qi + 1] - 1 of the outputs (faiss's RangeSearchResult layout). lims:
+// queries.rows + 1 entries. The number of results is known only after the scan: allocate(total) is called once,
+// outside any parallel region, and returns where to write them. db.rows < 2^31.
+void hamming_range_search(const PackedCodes& queries, const PackedCodes& db, int64_t radius, int64_t* lims,
+                          const std::function<RangeOutput(int64_t total)>& allocate);
 
 // Labels of the items of a ranking: class ids (relevant when equal) or label bitsets of `words` uint64 per item
 // (relevant when they share a bit). Exactly one of ids and bits is set.

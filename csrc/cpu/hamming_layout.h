@@ -50,6 +50,8 @@ class TopkState {
   void push_batch(const int32_t* dist, const int64_t* idx, int64_t n, int64_t rows);
   // Writes the best min(k, accepted) candidates sorted by (distance, index); returns how many.
   int64_t finish(int32_t* out_dist, int64_t* out_idx);
+  // As finish, appending the results to dist and idx (sized to fit): a range search's hits, with k the database size.
+  int64_t finish(std::vector<int32_t>& dist, std::vector<int64_t>& idx);
 
  private:
   void compact();

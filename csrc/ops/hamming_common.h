@@ -36,4 +36,8 @@ inline void check_k(int64_t k, const at::Tensor& db) {
   TORCH_CHECK_VALUE(k >= 1 && k <= db.size(0), "k must be between 1 and the database size ", db.size(0), ", got ", k);
 }
 
+inline void check_radius(int64_t radius) {
+  TORCH_CHECK_VALUE(radius >= 0, "radius must be a non-negative Hamming distance, got ", radius);
+}
+
 }  // namespace brcd::ops

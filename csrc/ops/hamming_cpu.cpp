@@ -54,6 +54,24 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& query_pack
   return {dist, idx};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hamming_range_search_cpu(const at::Tensor& query_packed,
+                                                                        const at::Tensor& db_packed, int64_t radius) {
+  const at::Tensor q = check_packed(query_packed, "query_packed");
+  const at::Tensor db = check_packed(db_packed, "db_packed");
+  check_pair(q, db);
+  check_radius(radius);
+  TORCH_CHECK_VALUE(db.size(0) < std::numeric_limits<int32_t>::max(), "db_packed has ", db.size(0),
+                    " codes; hamming_range_search handles fewer than 2^31");
+  at::Tensor lims = at::empty({q.size(0) + 1}, q.options().dtype(at::kLong));
+  at::Tensor dist, idx;
+  cpu::hamming_range_search(view(q), view(db), radius, lims.data_ptr<int64_t>(), [&](int64_t total) {
+    dist = at::empty({total}, q.options().dtype(at::kInt));
+    idx = at::empty({total}, q.options().dtype(at::kLong));
+    return cpu::RangeOutput{dist.data_ptr<int32_t>(), idx.data_ptr<int64_t>()};
+  });
+  return {lims, dist, idx};
+}
+
 // Class ids [n] as int64, or multi-hot labels [n, C] (an entry > 0 is a label) as bitsets of ceil(C / 64) words.
 struct LabelStorage {
   at::Tensor ids;
@@ -136,6 +154,7 @@ TORCH_LIBRARY_IMPL(brcd, CPU, m) {
   m.impl("pack_codes", &pack_codes_cpu);
   m.impl("hamming_distance", &hamming_distance_cpu);
   m.impl("hamming_topk", &hamming_topk_cpu);
+  m.impl("hamming_range_search", &hamming_range_search_cpu);
 }
 
 }  // namespace brcd::ops
