@@ -28,12 +28,8 @@ def size(default, smoke):
     return smoke if SMOKE else default
 
 
-def _has_cuda() -> bool:
-    return torch.cuda.is_available() and brcd.build_info()["cuda"]
-
-
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not _has_cuda(), reason="needs a CUDA device and a CUDA build of brcd"))])
+    not brcd.cuda_available(), reason="needs a CUDA device and a CUDA build of brcd"))])
 def device(request) -> str:
     return request.param
 

@@ -11,7 +11,7 @@ Quick start::
     index.add(torch.randn(1000, 64).sign())
     dist, ids = index.search(torch.randn(3, 64), k=10)
 """
-from ._ext import build_info
+from ._ext import build_info, cuda_available
 from . import ops
 from .ops import *  # noqa: F401,F403  (the ops named in ops.__all__)
 from .index import HammingIndex, IndexFileError
@@ -19,4 +19,4 @@ from . import metrics
 
 __version__ = build_info()["version"]  # pyproject.toml's, compiled into the extension
 
-__all__ = ["build_info", *ops.__all__, "HammingIndex", "IndexFileError", "metrics"]
+__all__ = ["build_info", "cuda_available", *ops.__all__, "HammingIndex", "IndexFileError", "metrics"]

@@ -17,3 +17,8 @@ def build_info() -> dict:
     "simd" is the popcount path chosen at run time for this processor (BRCD_SIMD=scalar|avx2 caps it).
     """
     return dict(_C.build_info())
+
+
+def cuda_available() -> bool:
+    """Whether brcd's CUDA kernels can run here: this build has them and torch sees a GPU."""
+    return bool(_C.build_info()["cuda"]) and torch.cuda.is_available()

@@ -348,8 +348,9 @@ def _train_students(run: _Run, teacher, name: str, epochs: int, kd=("brcd",), pl
 
 
 def _final_test(run: _Run, teacher, students: dict):
-    """Test mAP@topk of the teacher (symmetric) and of every student in both paradigms, precision-recall curves, and
-    the encoding throughput of the teacher and of the (first) student. Returns (results, curves)."""
+    """Test mAP@topk of the teacher (symmetric) and of every student in both paradigms, their curves (precision-recall
+    of Hamming-ball retrieval, and precision@N up to topk), and the encoding throughput of the teacher and of the
+    (first) student. Returns (results, curves): curves[model] = {"ball": ..., "top_n": ...}."""
     args = run.args
     data, split = run.data
     db_images, db_labels = data.train_images[split.database], data.train_labels[split.database]
@@ -358,7 +359,8 @@ def _final_test(run: _Run, teacher, students: dict):
     enc = lambda model, images: encode(model, images, device=args.device, desc="encoding test sets",
                                        progress=not args.no_progress)
     mean_ap = lambda q, db: metrics.mean_average_precision(q, db, test_ql, db_labels, args.topk)
-    curve = lambda q, db: metrics.precision_recall_curve(q, db, test_ql, db_labels)
+    curve = lambda q, db: {"ball": metrics.precision_recall_curve(q, db, test_ql, db_labels),
+                           "top_n": metrics.precision_recall_at_k(q, db, test_ql, db_labels, args.topk)}
     teacher_db, teacher_q = enc(teacher, db_images), enc(teacher, test_q)
     results = {"teacher": {"map_symmetric": mean_ap(teacher_q, teacher_db)}}
     curves = {"teacher": curve(teacher_q, teacher_db)}

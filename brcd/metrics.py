@@ -21,6 +21,7 @@ __all__ = [
     "mean_average_precision",
     "average_precisions",
     "precision_at_k",
+    "precision_recall_at_k",
     "precision_recall_curve",
     "precision_within_radius",
     "evaluate_paradigms",
@@ -122,10 +123,62 @@ def mean_average_precision(query_codes, db_codes, query_labels, db_labels, topk:
 def precision_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> float:
     """Mean over queries of the fraction of relevant items among the top k."""
     qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dp.shape[0]:
-        raise ValueError(f"k must be an integer between 1 and the database size {dp.shape[0]}, got {k!r}")
-    total = sum(float(rel.double().mean(dim=1).sum()) for _, rel in _ranked_chunks(qp, dp, ql, dl, k))
-    return total / qp.shape[0]
+    _check_cutoff(k, dp.shape[0], "k")
+    precision, _ = _precision_recall_sums(qp, dp, ql, dl, k, with_recall=False)
+    return float(precision[k - 1]) / qp.shape[0]
+
+
+def precision_recall_at_k(query_codes, db_codes, query_labels, db_labels, max_k: int = 1000) -> Dict[str, Tensor]:
+    """Precision@N and recall@N of the Hamming ranking (ties to the smaller index) for every N from 1 to max_k (at
+    most the database size): the "precision@top-N" curves of hashing papers.
+
+    Returns {"k", "precision", "recall"} (k int64, the others float64, [min(max_k, n)]). Precision@N averages over
+    every query the share of relevant items among its top N; recall@N the share of its relevant database items found
+    in its top N, over the queries that have one in the database.
+    """
+    qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
+    _check_cutoff(max_k, None, "max_k")
+    k = min(max_k, dp.shape[0])
+    precision, (recall, with_relevant) = _precision_recall_sums(qp, dp, ql, dl, k, with_recall=True)
+    return {"k": torch.arange(1, k + 1), "precision": (precision / max(qp.shape[0], 1)).cpu(),
+            "recall": (recall / max(with_relevant, 1)).cpu()}
+
+
+def _check_cutoff(k, n: Optional[int], name: str) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or (n is not None and k > n):
+        bound = "a positive integer" if n is None else f"an integer between 1 and the database size {n}"
+        raise ValueError(f"{name} must be {bound}, got {k!r}")
+
+
+def _precision_recall_sums(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int, with_recall: bool):
+    """Sums over queries of precision@N for N = 1..k (float64 [k]) and, with_recall, (the sums of recall@N over the
+    queries with a relevant database item, how many those are)."""
+    cutoffs = torch.arange(1, k + 1, dtype=torch.float64, device=dp.device)
+    precision = torch.zeros(k, dtype=torch.float64, device=dp.device)
+    recall = torch.zeros_like(precision)
+    with_relevant = 0
+    q0 = 0
+    for _, rel in _ranked_chunks(qp, dp, ql, dl, k):
+        hits = torch.cumsum(rel, dim=1, dtype=torch.int64).double()
+        precision += (hits / cutoffs).sum(0)
+        if with_recall:
+            relevant = _relevant_counts(ql[q0 : q0 + rel.shape[0]], dl).double()
+            found = relevant > 0
+            recall += (hits[found] / relevant[found, None]).sum(0)
+            with_relevant += int(found.sum())
+        q0 += rel.shape[0]
+    return precision, (recall, with_relevant)
+
+
+def _relevant_counts(ql: Tensor, dl: Tensor) -> Tensor:
+    """How many database items are relevant to each query (int64 [q]), over chunks of queries."""
+    per_query = dl.shape[0] * (dl.shape[1] if dl.dim() == 2 else 1)
+    step = max(1, _CHUNK_BYTES // max(per_query, 1))
+    counts = [torch.zeros(0, dtype=torch.int64, device=dl.device)]
+    for q0 in range(0, ql.shape[0], step):
+        chunk = ql[q0 : q0 + step]
+        counts.append(_relevance(chunk, dl.unsqueeze(0).expand(chunk.shape[0], *dl.shape)).sum(1))
+    return torch.cat(counts)
 
 
 def _radius_histograms(qp, dp, ql, dl) -> Tuple[Tensor, Tensor, int]:

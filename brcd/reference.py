@@ -113,3 +113,27 @@ def mean_average_precision(query_codes: Tensor, db_codes: Tensor, query_labels: 
         pos = torch.arange(1, k + 1, dtype=torch.float64)
         aps.append(float((ranks / pos * r).sum() / hits))
     return float(np.mean(aps))
+
+
+def precision_recall_at_k(query_codes: Tensor, db_codes: Tensor, query_labels: Tensor, db_labels: Tensor,
+                          max_k: int) -> Tuple[Tensor, Tensor]:
+    """Precision@N and recall@N for N = 1..min(max_k, n), query by query in Python floats: precision over every query,
+    recall over the queries with a relevant database item."""
+    qp, dp = pack_codes(query_codes), pack_codes(db_codes)
+    k = min(max_k, dp.shape[0])
+    _, idx = hamming_topk(qp, dp, k)
+    rel = relevance(query_labels.cpu(), db_labels.cpu())
+    precision, recall, counted = [0.0] * k, [0.0] * k, 0
+    for qi in range(qp.shape[0]):
+        ranked = rel[qi, idx[qi]].tolist()
+        total = int(rel[qi].sum())
+        counted += total > 0
+        hits = 0
+        for n in range(k):
+            hits += ranked[n]
+            precision[n] += hits / (n + 1)
+            if total:
+                recall[n] += hits / total
+    q = max(qp.shape[0], 1)
+    return (torch.tensor(precision, dtype=torch.float64) / q,
+            torch.tensor(recall, dtype=torch.float64) / max(counted, 1))

@@ -1,5 +1,5 @@
 """The run report in Markdown: the results table, encoding throughput (a table and a bar chart), precision-recall
-curves and mAP over epochs (plots)."""
+and precision@N curves and mAP over epochs (plots)."""
 from __future__ import annotations
 
 import json
@@ -46,14 +46,26 @@ def _plot_curves(out: Path) -> str:
 def _plot_pr(out: Path, curves: dict) -> str:
     fig, ax = _pyplot().subplots(figsize=(5, 4))
     for name, c in curves.items():
-        seen = c["recall"] > 0  # radii at which some query retrieves something
-        ax.plot(c["recall"][seen].numpy(), c["precision"][seen].numpy(), marker=".", label=name)
+        ball = c["ball"]
+        seen = ball["recall"] > 0  # radii at which some query retrieves something
+        ax.plot(ball["recall"][seen].numpy(), ball["precision"][seen].numpy(), marker=".", label=name)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_title("Hamming-ball retrieval, radius 0 .. bits")
     ax.legend(fontsize=7)
     _save(fig, out / "pr_curves.png")
     return "![precision-recall curves](pr_curves.png)\n"
+
+
+def _plot_top_n(out: Path, curves: dict) -> str:
+    fig, ax = _pyplot().subplots(figsize=(5, 4))
+    for name, c in curves.items():
+        ax.plot(c["top_n"]["k"].numpy(), c["top_n"]["precision"].numpy(), label=name)
+    ax.set_xlabel("N (top N of the Hamming ranking)")
+    ax.set_ylabel("precision@N")
+    ax.legend(fontsize=7)
+    _save(fig, out / "precision_at_n.png")
+    return "![precision@N curves](precision_at_n.png)\n"
 
 
 def _plot_throughput(out: Path, names: list, values: list) -> str:
@@ -78,7 +90,8 @@ _ROLES = {"teacher": "teacher", "student_no_kd": "student without KD",
 def render_report(out: Path, args, results: dict, curves: dict, backbones: dict, bits: int) -> str:
     """report.md of a run directory (demo, train-teacher or distill). results: {model: {"map_symmetric", and for
     students "map_asymmetric"}, "throughput_images_per_s": {"teacher", optional "student"}, "seconds"}; backbones:
-    {model: timm name}. Writes the plots beside it."""
+    {model: timm name}; curves: {model: {"ball": precision_recall_curve's, "top_n": precision_recall_at_k's}}. Writes
+    the plots beside it."""
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
     models = [m for m in _ROLES if m in results]
     table = "| model | backbone | mAP symmetric | mAP asymmetric (teacher database) |\n|---|---|---|---|\n"
@@ -103,5 +116,6 @@ def render_report(out: Path, args, results: dict, curves: dict, backbones: dict,
         f"device {args.device}, {results['seconds']:.0f} s in all.\n\n## Test results\n\n{table}\n"
         f"## Encoding throughput\n\n{speed_table}\n{chart}\n"
         f"## Precision-recall (test)\n\n{_plot_pr(out, curves)}\n"
+        f"## Precision@N (test)\n\n{_plot_top_n(out, curves)}\n"
         f"## Validation during training\n\n{_plot_curves(out)}"
     )

@@ -8,15 +8,12 @@ import brcd
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and brcd.build_info()["cuda"] else [])
-
 
 def device_params():
     """pytest params for every device; CUDA is marked and skipped where there is none."""
     params = [pytest.param("cpu", id="cpu")]
-    has_cuda = torch.cuda.is_available() and brcd.build_info()["cuda"]
     params.append(pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not has_cuda, reason="needs a CUDA device and a CUDA build of brcd")]))
+        not brcd.cuda_available(), reason="needs a CUDA device and a CUDA build of brcd")]))
     return params
 
 

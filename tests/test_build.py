@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+import torch
+
 import brcd
 
 
@@ -16,3 +18,6 @@ def test_build_info_names_what_was_built():
     assert set(info) >= {"version", "cuda", "simd", "openmp", "openmp_threads"}
     assert info["simd"] in ("scalar", "avx2", "avx512_vpopcntdq")
     assert isinstance(info["cuda"], bool) and isinstance(info["openmp"], bool)
+    # The CUDA kernels run where they were built and torch sees a GPU: a CUDA build on a machine without one (the
+    # development machine) says no.
+    assert brcd.cuda_available() is (info["cuda"] and torch.cuda.is_available())

@@ -37,6 +37,7 @@ def test_demo_writes_report_metrics_and_checkpoints(demo_run):
     assert "student with BRCD" in report and (out / "map_over_epochs.png").exists()
     assert "| student with SP |" in report and "| student with CRD |" in report  # baselines asked for
     assert (out / "pr_curves.png").exists() and "pr_curves.png" in report
+    assert (out / "precision_at_n.png").exists() and "precision_at_n.png" in report
     assert (out / "throughput.png").exists() and "throughput.png" in report and "data: synthetic" in report
     for name in ("teacher", "student_no_kd", "student_brcd", "student_brcd.asymmetric"):
         ckpt = torch.load(out / f"{name}.pt", weights_only=True)

@@ -236,3 +236,46 @@ def test_map_with_class_ids_of_any_size():
     ql2[0] = 99  # a class no database item has: that query scores 0
     aps = metrics.average_precisions(qc, dc, ql2, dl, topk=200)
     assert aps[0] == 0
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("labels", ["ids", "multi-hot"])
+@pytest.mark.parametrize("max_k", [1, 37, 1000])
+def test_precision_recall_at_k_against_the_reference(device, labels, max_k):
+    gen = torch.Generator().manual_seed(max_k)
+    qc, ql = labelled_codes(23, 16, 5, gen, flip=0.2)
+    dc, dl = labelled_codes(400, 16, 5, gen, flip=0.2)
+    dc[200:300] = dc[:100]  # ties, ranked by index
+    ql[0] = 7  # a class the database lacks: precision 0 at every N, and no part in the recall
+    if labels == "multi-hot":
+        ql, dl = [torch.nn.functional.one_hot(x, 8) | (torch.rand(len(x), 8, generator=gen) < 0.2).long()
+                  for x in (ql, dl)]
+        ql[0] = 0
+        ql[0, 7] = 1
+        dl[:, 7] = 0
+    got = metrics.precision_recall_at_k(qc.to(device), dc.to(device), ql.to(device), dl.to(device), max_k=max_k)
+    want_p, want_r = ref.precision_recall_at_k(qc, dc, ql, dl, max_k)
+    k = min(max_k, 400)
+    assert torch.equal(got["k"], torch.arange(1, k + 1))
+    assert got["precision"].dtype == torch.float64 and got["precision"].device.type == "cpu"
+    torch.testing.assert_close(got["precision"], want_p, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got["recall"], want_r, rtol=0, atol=1e-12)
+    assert abs(metrics.precision_at_k(qc, dc, ql, dl, k) - float(want_p[-1])) <= 1e-12
+    if k == 400:  # the whole database: every relevant item found
+        assert abs(float(got["recall"][-1]) - 1.0) <= 1e-12
+
+
+def test_precision_recall_at_k_chunks_and_bad_input(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    qc, ql = labelled_codes(30, 16, 4, gen, flip=0.2)
+    dc, dl = labelled_codes(200, 16, 4, gen, flip=0.2)
+    whole = metrics.precision_recall_at_k(qc, dc, ql, dl, max_k=50)
+    monkeypatch.setattr(metrics, "_CHUNK_BYTES", 1)  # one query per chunk, in the ranking and the relevant counts
+    chunked = metrics.precision_recall_at_k(qc, dc, ql, dl, max_k=50)
+    for key in ("precision", "recall"):
+        torch.testing.assert_close(chunked[key], whole[key], rtol=0, atol=1e-12)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_k"):
+            metrics.precision_recall_at_k(qc, dc, ql, dl, max_k=bad)
+    with pytest.raises(ValueError, match="k must be"):
+        metrics.precision_at_k(qc, dc, ql, dl, 201)
