@@ -16,7 +16,9 @@ from . import ops
 from .ops import *  # noqa: F401,F403  (the ops named in ops.__all__)
 from .index import HammingIndex, IndexFileError
 from . import metrics
+from .code_stats import code_statistics
 
 __version__ = build_info()["version"]  # pyproject.toml's, compiled into the extension
 
-__all__ = ["build_info", "cuda_available", *ops.__all__, "HammingIndex", "IndexFileError", "metrics"]
+__all__ = ["build_info", "cuda_available", *ops.__all__, "HammingIndex", "IndexFileError", "metrics",
+           "code_statistics"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import metrics
+from .code_stats import code_statistics
 from .clustering import GROUP_MODES
 from .data import DataFileError, load_cifar10, load_fashion_mnist, load_image_list, make_split, synthetic_data
 from .checkpoint import CHECKPOINT_FORMATS, load_model
@@ -348,9 +349,10 @@ def _train_students(run: _Run, teacher, name: str, epochs: int, kd=("brcd",), pl
 
 
 def _final_test(run: _Run, teacher, students: dict):
-    """Test mAP@topk of the teacher (symmetric) and of every student in both paradigms, their curves (precision-recall
-    of Hamming-ball retrieval, and precision@N up to topk), and the encoding throughput of the teacher and of the
-    (first) student. Returns (results, curves): curves[model] = {"ball": ..., "top_n": ...}."""
+    """Test mAP@topk of the teacher (symmetric) and of every student in both paradigms, the statistics of each model's
+    database codes, their curves (precision-recall of Hamming-ball retrieval, and precision@N up to topk), and the
+    encoding throughput of the teacher and of the (first) student. Returns (results, curves): curves[model] =
+    {"ball": ..., "top_n": ...}."""
     args = run.args
     data, split = run.data
     db_images, db_labels = data.train_images[split.database], data.train_labels[split.database]
@@ -362,11 +364,12 @@ def _final_test(run: _Run, teacher, students: dict):
     curve = lambda q, db: {"ball": metrics.precision_recall_curve(q, db, test_ql, db_labels),
                            "top_n": metrics.precision_recall_at_k(q, db, test_ql, db_labels, args.topk)}
     teacher_db, teacher_q = enc(teacher, db_images), enc(teacher, test_q)
-    results = {"teacher": {"map_symmetric": mean_ap(teacher_q, teacher_db)}}
+    results = {"teacher": {"map_symmetric": mean_ap(teacher_q, teacher_db),
+                           "code_statistics": _code_summary(teacher_db)}}
     curves = {"teacher": curve(teacher_q, teacher_db)}
     for name, model in students.items():
         q, db = enc(model, test_q), enc(model, db_images)
-        results[name] = {"map_symmetric": mean_ap(q, db)}
+        results[name] = {"map_symmetric": mean_ap(q, db), "code_statistics": _code_summary(db)}
         curves[name] = curve(q, db)
         # The asymmetric test uses the checkpoint that validated best in that paradigm, where there is one.
         asym_path = checkpoint_path(run.out, name, "asymmetric", args.checkpoint_format)
@@ -379,6 +382,12 @@ def _final_test(run: _Run, teacher, students: dict):
         speed["student"] = throughput(next(iter(students.values())), test_q, device=args.device)
     results["throughput_images_per_s"] = speed
     return results, curves
+
+
+def _code_summary(codes: torch.Tensor) -> dict:
+    """The scalar code statistics of a model's database codes, for metrics.json and the report."""
+    stats = code_statistics(codes)
+    return {key: stats[key] for key in ("mean_bit_entropy", "mean_imbalance", "mean_abs_correlation", "distinct_share")}
 
 
 def _finish(run: _Run, results: dict, curves: dict, backbones: dict, bits: int) -> None:

@@ -88,15 +88,20 @@ _ROLES = {"teacher": "teacher", "student_no_kd": "student without KD",
 
 
 def render_report(out: Path, args, results: dict, curves: dict, backbones: dict, bits: int) -> str:
-    """report.md of a run directory (demo, train-teacher or distill). results: {model: {"map_symmetric", and for
-    students "map_asymmetric"}, "throughput_images_per_s": {"teacher", optional "student"}, "seconds"}; backbones:
-    {model: timm name}; curves: {model: {"ball": precision_recall_curve's, "top_n": precision_recall_at_k's}}. Writes
-    the plots beside it."""
+    """report.md of a run directory (demo, train-teacher or distill). results: {model: {"map_symmetric",
+    "code_statistics", and for students "map_asymmetric"}, "throughput_images_per_s": {"teacher", optional
+    "student"}, "seconds"}; backbones: {model: timm name}; curves: {model: {"ball": precision_recall_curve's,
+    "top_n": precision_recall_at_k's}}. Writes the plots beside it."""
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
     models = [m for m in _ROLES if m in results]
     table = "| model | backbone | mAP symmetric | mAP asymmetric (teacher database) |\n|---|---|---|---|\n"
     table += "".join(f"| {_ROLES[m]} | {backbones[m]} | {fmt(results[m].get('map_symmetric'))} | "
                      f"{fmt(results[m].get('map_asymmetric'))} |\n" for m in models)
+    stats = ("| model | mean bit entropy | mean imbalance | mean \\|bit correlation\\| | distinct codes |\n"
+             "|---|---|---|---|---|\n")
+    stats += "".join(f"| {_ROLES[m]} | {c['mean_bit_entropy']:.4f} | {c['mean_imbalance']:.4f} | "
+                     f"{c['mean_abs_correlation']:.4f} | {100 * c['distinct_share']:.1f} % |\n"
+                     for m in models for c in [results[m]["code_statistics"]])
     tp = results["throughput_images_per_s"]
     student_backbone = next((backbones[m] for m in models if m != "teacher"), "")
     speed = [("teacher", backbones["teacher"], tp["teacher"])]
@@ -114,6 +119,8 @@ def render_report(out: Path, args, results: dict, curves: dict, backbones: dict,
     return (
         f"# brcd {args.command}\n\n{bits}-bit codes, mAP@{args.topk}, data: {data}, {seeds}, "
         f"device {args.device}, {results['seconds']:.0f} s in all.\n\n## Test results\n\n{table}\n"
+        f"## Database codes\n\nOf the test database as each model encodes it (brcd.code_statistics): bit entropy 1 and "
+        f"imbalance 0 where every bit splits the codes evenly, correlation 0 between independent bits.\n\n{stats}\n"
         f"## Encoding throughput\n\n{speed_table}\n{chart}\n"
         f"## Precision-recall (test)\n\n{_plot_pr(out, curves)}\n"
         f"## Precision@N (test)\n\n{_plot_top_n(out, curves)}\n"

@@ -28,14 +28,19 @@ DATA = ["--synthetic", "--train-per-class", "20", "--val-queries", "30", "--test
 def test_demo_writes_report_metrics_and_checkpoints(demo_run):
     out = demo_run
     results = json.loads((out / "metrics.json").read_text())
-    assert set(results["teacher"]) >= {"map_symmetric"}
-    for name in ("student_no_kd", "student_brcd", "student_sp", "student_crd"):
-        assert set(results[name]) >= {"map_symmetric", "map_asymmetric"}
-        assert all(0.0 <= v <= 1.0 for v in results[name].values())
+    assert set(results["teacher"]) >= {"map_symmetric", "code_statistics"}
+    for name in ("teacher", "student_no_kd", "student_brcd", "student_sp", "student_crd"):
+        maps = {"map_symmetric"} | ({"map_asymmetric"} if name != "teacher" else set())
+        assert set(results[name]) == maps | {"code_statistics"}
+        assert all(0.0 <= results[name][key] <= 1.0 for key in maps)
+        stats = results[name]["code_statistics"]
+        assert set(stats) == {"mean_bit_entropy", "mean_imbalance", "mean_abs_correlation", "distinct_share"}
+        assert all(0.0 <= v <= 1.0 for v in stats.values()) and stats["distinct_share"] > 0
     assert set(results["throughput_images_per_s"]) == {"teacher", "student"}
     report = (out / "report.md").read_text()
     assert "student with BRCD" in report and (out / "map_over_epochs.png").exists()
     assert "| student with SP |" in report and "| student with CRD |" in report  # baselines asked for
+    assert report.count("| student with CRD |") == 2  # in the results and in the database codes' statistics
     assert (out / "pr_curves.png").exists() and "pr_curves.png" in report
     assert (out / "precision_at_n.png").exists() and "precision_at_n.png" in report
     assert (out / "throughput.png").exists() and "throughput.png" in report and "data: synthetic" in report
@@ -194,7 +199,7 @@ def test_train_teacher_then_distill_in_steps(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"student_brcd"} and set(result["student_brcd"]["best_validation"]) == {
         "val_map_symmetric", "val_map_asymmetric"}
-    assert set(result["student_brcd"]["test"]) == {"map_symmetric", "map_asymmetric"}
+    assert set(result["student_brcd"]["test"]) == {"map_symmetric", "map_asymmetric", "code_statistics"}
     report = (tmp_path / "s" / "report.md").read_text()
     assert report.startswith("# brcd distill") and "student with BRCD" in report and "student without KD" not in report
     tested = json.loads((tmp_path / "s" / "metrics.json").read_text())
@@ -207,7 +212,8 @@ def test_train_teacher_then_distill_in_steps(tmp_path, capsys):
                      "--kd", "rkd", "--kd-weight", "0.5", "--seed", "1", "--split-seed", "0", *common]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
-    assert set(result) == {"student_rkd"} and set(result["student_rkd"]["test"]) == {"map_symmetric", "map_asymmetric"}
+    assert set(result) == {"student_rkd"} and set(result["student_rkd"]["test"]) == {"map_symmetric", "map_asymmetric",
+                                                                                    "code_statistics"}
     report = (tmp_path / "r" / "report.md").read_text()
     assert "| student with RKD |" in report and "seed 1 (split seed 0)" in report
     config = torch.load(tmp_path / "r" / "student_rkd.pt", weights_only=True)["config"]
