@@ -61,6 +61,14 @@ def atomic_write_bytes(path: Union[str, os.PathLike], chunks) -> None:
         raise
 
 
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("this needs faiss: pip install faiss-cpu (or faiss-gpu)") from None
+    return faiss
+
+
 class HammingIndex:
     """Exact Hamming search over binary codes.
 
@@ -173,6 +181,30 @@ class HammingIndex:
         self.device = torch.device(device)
         self._storage = self.packed_codes.to(self.device)  # without the room to grow
         return self
+
+    # ------------------------------------------------------------------ faiss
+    def to_faiss(self):
+        """A faiss ``IndexBinaryFlat`` holding the same codes (same ids, same byte layout). faiss stores codes of a
+        multiple of 8 bits only. Needs faiss (``pip install faiss-cpu``)."""
+        faiss = _import_faiss()
+        if self.nbits % 8:
+            raise ValueError(f"faiss binary indexes hold codes of a multiple of 8 bits; this index has {self.nbits}")
+        index = faiss.IndexBinaryFlat(self.nbits)
+        if len(self):
+            index.add(self.packed_codes.cpu().contiguous().numpy())
+        return index
+
+    @classmethod
+    def from_faiss(cls, index, device: Union[str, torch.device] = "cpu") -> "HammingIndex":
+        """A HammingIndex of the codes of a faiss binary index (any kind that can reconstruct its codes: flat, HNSW,
+        ...), in the order of their faiss ids 0..ntotal - 1."""
+        faiss = _import_faiss()
+        if not isinstance(index, faiss.IndexBinary):
+            raise TypeError(f"index must be a faiss binary index (faiss.IndexBinary), got {type(index).__name__}")
+        out = cls(index.d, device=device)
+        if index.ntotal:
+            out.add_packed(torch.from_numpy(index.reconstruct_n(0, index.ntotal)))
+        return out
 
     # ------------------------------------------------------------------ files
     def save(self, path: Union[str, os.PathLike]) -> None:

@@ -140,3 +140,27 @@ def test_to_device_keeps_results():
     index.to("cuda")
     d2, i2 = index.search(q, 10)
     assert torch.equal(d, d2.cpu()) and torch.equal(i, i2.cpu())
+
+
+def test_faiss_round_trip():
+    faiss = pytest.importorskip("faiss")
+    codes = torch.randn(3000, 64, generator=torch.Generator().manual_seed(5))
+    index = HammingIndex(64)
+    index.add(codes)
+    flat = index.to_faiss()
+    assert isinstance(flat, faiss.IndexBinaryFlat) and flat.ntotal == 3000 and flat.d == 64
+    queries = torch.randn(7, 64, generator=torch.Generator().manual_seed(6))
+    d_faiss, _ = flat.search(brcd.pack_codes(queries).numpy(), 20)
+    d, _ = index.search(queries, 20)
+    assert (d.numpy() == d_faiss).all()
+    back = HammingIndex.from_faiss(flat)
+    assert back.nbits == 64 and torch.equal(back.packed_codes, index.packed_codes)
+    hnsw = faiss.IndexBinaryHNSW(64, 8)  # any binary index that can give its codes back
+    hnsw.add(index.packed_codes.numpy())
+    assert torch.equal(HammingIndex.from_faiss(hnsw).packed_codes, index.packed_codes)
+    empty = HammingIndex.from_faiss(faiss.IndexBinaryFlat(128))
+    assert len(empty) == 0 and empty.nbits == 128 and HammingIndex(16).to_faiss().ntotal == 0
+    with pytest.raises(ValueError, match="multiple of 8"):
+        HammingIndex(12).to_faiss()
+    with pytest.raises(TypeError, match="faiss binary index"):
+        HammingIndex.from_faiss(faiss.IndexFlatL2(8))
