@@ -69,6 +69,14 @@ def test_multi_hot_labels():
     aps = metrics.average_precisions(qc, dc, ql, dl, topk=100)
     assert aps[0] == 0
     assert abs(float(aps.mean()) - brute_force_map(qc, dc, ql.double(), dl.double(), 100)) <= 1e-12
+    # The op reads labels of any real dtype (a label is a value > 0) and any strides, as it reads codes.
+    qp, dp = brcd.pack_codes(qc), brcd.pack_codes(dc)
+    want = torch.ops.brcd.average_precision(qp, dp, ql > 0, dl > 0, 100)
+    scaled = lambda x: torch.where(x > 0, 0.7, -1.0).to(torch.float16)  # negatives and zeros are no label
+    strided = lambda x: x.T.contiguous().T  # the same values, column-major
+    for q_labels, d_labels in ((scaled(ql), scaled(dl)), (strided(ql), strided(dl)), (ql.to(torch.int8), dl.bool())):
+        got = torch.ops.brcd.average_precision(qp, dp, q_labels, d_labels, 100)
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("labels", ["ids", "multi-hot"])

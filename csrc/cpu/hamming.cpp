@@ -75,14 +75,14 @@ inline bool positive(BFloat16Bits x) { return static_cast<uint16_t>(x.bits - 1) 
 }  // namespace
 
 template <class T>
-void pack_positive(const T* codes, int64_t rows, int64_t nbits, int64_t stride, uint8_t* out) {
+void pack_positive(const T* codes, int64_t rows, int64_t nbits, int64_t stride, uint8_t* out, int64_t out_stride) {
   const int64_t nbytes = (nbits + 7) / 8, whole = nbits / 8;
   // One pass over the codes, eight compares per byte (the compiler turns them into vector compares and a mask):
   // comparing into a byte tensor first, then packing it, read and wrote the data three times.
 #pragma omp parallel for schedule(static) if (rows * nbits > (1 << 16))
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = codes + r * stride;
-    uint8_t* dst = out + r * nbytes;
+    uint8_t* dst = out + r * out_stride;
     for (int64_t byte = 0; byte < whole; ++byte) {
       const T* x = src + byte * 8;
       unsigned v = 0;
@@ -98,16 +98,16 @@ void pack_positive(const T* codes, int64_t rows, int64_t nbits, int64_t stride, 
   }
 }
 
-template void pack_positive<float>(const float*, int64_t, int64_t, int64_t, uint8_t*);
-template void pack_positive<double>(const double*, int64_t, int64_t, int64_t, uint8_t*);
-template void pack_positive<HalfBits>(const HalfBits*, int64_t, int64_t, int64_t, uint8_t*);
-template void pack_positive<BFloat16Bits>(const BFloat16Bits*, int64_t, int64_t, int64_t, uint8_t*);
-template void pack_positive<bool>(const bool*, int64_t, int64_t, int64_t, uint8_t*);
-template void pack_positive<uint8_t>(const uint8_t*, int64_t, int64_t, int64_t, uint8_t*);
-template void pack_positive<int8_t>(const int8_t*, int64_t, int64_t, int64_t, uint8_t*);
-template void pack_positive<int16_t>(const int16_t*, int64_t, int64_t, int64_t, uint8_t*);
-template void pack_positive<int32_t>(const int32_t*, int64_t, int64_t, int64_t, uint8_t*);
-template void pack_positive<int64_t>(const int64_t*, int64_t, int64_t, int64_t, uint8_t*);
+template void pack_positive<float>(const float*, int64_t, int64_t, int64_t, uint8_t*, int64_t);
+template void pack_positive<double>(const double*, int64_t, int64_t, int64_t, uint8_t*, int64_t);
+template void pack_positive<HalfBits>(const HalfBits*, int64_t, int64_t, int64_t, uint8_t*, int64_t);
+template void pack_positive<BFloat16Bits>(const BFloat16Bits*, int64_t, int64_t, int64_t, uint8_t*, int64_t);
+template void pack_positive<bool>(const bool*, int64_t, int64_t, int64_t, uint8_t*, int64_t);
+template void pack_positive<uint8_t>(const uint8_t*, int64_t, int64_t, int64_t, uint8_t*, int64_t);
+template void pack_positive<int8_t>(const int8_t*, int64_t, int64_t, int64_t, uint8_t*, int64_t);
+template void pack_positive<int16_t>(const int16_t*, int64_t, int64_t, int64_t, uint8_t*, int64_t);
+template void pack_positive<int32_t>(const int32_t*, int64_t, int64_t, int64_t, uint8_t*, int64_t);
+template void pack_positive<int64_t>(const int64_t*, int64_t, int64_t, int64_t, uint8_t*, int64_t);
 
 namespace {
 int64_t words_for(int64_t bytes) { return std::max<int64_t>(1, (bytes + 7) / 8); }

@@ -30,10 +30,10 @@ struct BFloat16Bits {
 };
 
 // Bit j of packed row r is 1 where codes[r * stride + j] > 0 (a NaN gives 0): numpy.packbits(codes > 0, axis=1,
-// bitorder="little"). out: rows x ceil(nbits / 8), contiguous. T: float, double, HalfBits, BFloat16Bits, bool and
-// the integer types.
+// bitorder="little"). Row r's ceil(nbits / 8) bytes go to out + r * out_stride (out_stride >= ceil(nbits / 8); bytes
+// past them are left as they are). T: float, double, HalfBits, BFloat16Bits, bool and the integer types.
 template <class T>
-void pack_positive(const T* codes, int64_t rows, int64_t nbits, int64_t stride, uint8_t* out);
+void pack_positive(const T* codes, int64_t rows, int64_t nbits, int64_t stride, uint8_t* out, int64_t out_stride);
 
 // out: queries.rows x db.rows, contiguous.
 void hamming_distance(const PackedCodes& queries, const PackedCodes& db, int32_t* out);

@@ -14,22 +14,29 @@ cpu::PackedCodes view(const at::Tensor& packed) {
   return {packed.data_ptr<uint8_t>(), packed.size(0), packed.size(1), packed.stride(0)};
 }
 
-at::Tensor pack_codes_cpu(const at::Tensor& codes) {
-  check_codes(codes, "codes");
-  const at::Tensor c = codes.stride(1) == 1 ? codes : codes.contiguous();  // rows of unit stride are read in place
-  const int64_t n = c.size(0), nbits = c.size(1);
-  at::Tensor out = at::empty({n, (nbits + 7) / 8}, codes.options().dtype(at::kByte));
-  if (n == 0) return out;
-  uint8_t* o = out.data_ptr<uint8_t>();
-  if (c.scalar_type() == at::kHalf) {
-    cpu::pack_positive(static_cast<const cpu::HalfBits*>(c.const_data_ptr()), n, nbits, c.stride(0), o);
-  } else if (c.scalar_type() == at::kBFloat16) {
-    cpu::pack_positive(static_cast<const cpu::BFloat16Bits*>(c.const_data_ptr()), n, nbits, c.stride(0), o);
+// Packs rows of `values` (a bit is value > 0) into out, row r at out + r * out_stride: the one place of the CPU ops
+// that turns values of any dtype into bits, for codes and multi-hot labels alike.
+void pack_rows(const at::Tensor& values, uint8_t* out, int64_t out_stride) {
+  const at::Tensor v = values.stride(1) == 1 ? values : values.contiguous();  // rows of unit stride are read in place
+  const int64_t n = v.size(0), nbits = v.size(1);
+  if (n == 0) return;
+  if (v.scalar_type() == at::kHalf) {
+    cpu::pack_positive(static_cast<const cpu::HalfBits*>(v.const_data_ptr()), n, nbits, v.stride(0), out, out_stride);
+  } else if (v.scalar_type() == at::kBFloat16) {
+    cpu::pack_positive(static_cast<const cpu::BFloat16Bits*>(v.const_data_ptr()), n, nbits, v.stride(0), out,
+                       out_stride);
   } else {
-    AT_DISPATCH_ALL_TYPES_AND(at::kBool, c.scalar_type(), "pack_codes_cpu", [&] {
-      cpu::pack_positive<scalar_t>(c.const_data_ptr<scalar_t>(), n, nbits, c.stride(0), o);
+    AT_DISPATCH_ALL_TYPES_AND(at::kBool, v.scalar_type(), "pack_rows", [&] {
+      cpu::pack_positive<scalar_t>(v.const_data_ptr<scalar_t>(), n, nbits, v.stride(0), out, out_stride);
     });
   }
+}
+
+at::Tensor pack_codes_cpu(const at::Tensor& codes) {
+  check_codes(codes, "codes");
+  const int64_t nbytes = (codes.size(1) + 7) / 8;
+  at::Tensor out = at::empty({codes.size(0), nbytes}, codes.options().dtype(at::kByte));
+  pack_rows(codes, out.data_ptr<uint8_t>(), nbytes);
   return out;
 }
 
@@ -92,13 +99,11 @@ LabelStorage item_labels(const at::Tensor& labels, int64_t rows, const char* nam
     s.view.ids = s.ids.data_ptr<int64_t>();
     return s;
   }
-  // Packed as codes are (a label is a bit > 0), each row padded to whole 64-bit words.
+  // Packed as codes are (a label is a bit > 0), each row padded to whole 64-bit words (zeros past the classes).
+  TORCH_CHECK_TYPE(!labels.is_complex(), name, " must be real, got ", labels.scalar_type());
   const int64_t classes = labels.size(1), words = std::max<int64_t>(1, (classes + 63) / 64);
-  const at::Tensor has = at::constant_pad_nd(positive_bits(labels), {0, words * 64 - classes}).contiguous();
   s.bits.assign(static_cast<size_t>(rows * words), 0);
-  if (rows > 0)
-    cpu::pack_positive<uint8_t>(has.const_data_ptr<uint8_t>(), rows, words * 64, has.stride(0),
-                                reinterpret_cast<uint8_t*>(s.bits.data()));
+  if (classes > 0) pack_rows(labels, reinterpret_cast<uint8_t*>(s.bits.data()), words * 8);
   s.view.bits = s.bits.data();
   s.view.words = words;
   return s;
