@@ -4,12 +4,14 @@
         64 and 256 bits, k = 10 and 1000.
   range brcd.hamming_range_search against faiss IndexBinaryFlat.range_search: N = 1,000,000, Q = 1,000, 64 and
         256 bits, radii for about 10 and 1000 results per query.
+  mih   brcd.MultiIndexHashing against the linear scans: 1,000 queries over 1,000,000 64-bit codes (random and
+        clustered), radii 2, 4, 8 and k = 1, 10.
   map   brcd mAP@1000 (5,000 queries over 50,000 codes) against the original evaluation loop (one NumPy argsort
         per query).
   loss  fused BRCD loss forward + backward against the eager PyTorch reference and torch.compile of it, with the
         peak extra memory of each (measured in a fresh process per case).
 
-Usage: python benchmarks/run_cpu.py [--only topk range map loss] [--quick]
+Usage: python benchmarks/run_cpu.py [--only topk range mih map loss] [--quick]
 """
 from __future__ import annotations
 
@@ -117,6 +119,44 @@ def bench_range(n: int, q_count: int, cases, small_queries=(1, 10)) -> str:
         "r + 1)` is brcd's radius r). Times are medians (3 runs for the batches of 1000 queries, 30 for the small "
         "batches); brcd's include ordering each query's results by (distance, index), faiss's leave them in database "
         "order.")
+
+
+# ------------------------------------------------------------------------------------------------- multi-index
+def bench_multi_index(n: int, q_count: int) -> str:
+    """brcd.MultiIndexHashing against the linear scans it falls back to (hamming_range_search, hamming_topk), on
+    uniformly random 64-bit codes and on codes near 10,000 centres (5 % of bits flipped), as learned codes cluster."""
+    from brcd.multi_index import MultiIndexHashing
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10_000, 64, generator=g).sign()
+
+    def clustered(m):
+        pick = torch.randint(0, centres.shape[0], (m,), generator=g)
+        return brcd.pack_codes(centres[pick] * torch.where(torch.rand(m, 64, generator=g) < 0.05, -1.0, 1.0))
+
+    random = lambda m: brcd.pack_codes(torch.randn(m, 64, generator=g))
+    rows = []
+    for name, draw in (("random", random), ("clustered", clustered)):
+        db, q = draw(n), draw(q_count)
+        t0 = time.perf_counter()
+        mih = MultiIndexHashing(db, 64)
+        build = time.perf_counter() - t0
+        cases = [("radius", r, lambda r=r: mih.range_search(q, r), lambda r=r: brcd.hamming_range_search(q, db, r))
+                 for r in (2, 4, 8)]
+        cases += [("k", k, lambda k=k: mih.search(q, k), lambda k=k: brcd.hamming_topk(q, db, k)) for k in (1, 10)]
+        for kind, value, by_lookup, by_scan in cases:
+            same = all(torch.equal(a, b) for a, b in zip(by_lookup(), by_scan()))
+            t_mih, t_scan = time_cpu(by_lookup, repeat=5), time_cpu(by_scan, repeat=5)
+            per_query = ""
+            if kind == "radius":
+                per_query = f"{int(by_scan()[0][-1]) / q_count:.3g}"
+            rows.append([name, f"{q_count}x{n:,}", mih.substrings, f"{kind} {value}", per_query, t_mih, t_scan,
+                         t_scan / t_mih, "yes" if same else "NO"])
+            print(rows[-1], flush=True)
+        rows[-1 - len(cases) + 1][2] = f"{mih.substrings} (built in {build:.2f} s)"
+    return table(["codes", "queries x db", "substrings", "search", "results per query", "multi-index s", "scan s",
+                  "speed-up", "same results"], rows) + (
+        "\n\nThe scan: hamming_range_search for a radius, hamming_topk for k. Times are medians of 5 runs.")
 
 
 # ------------------------------------------------------------------------------------------------- mAP
@@ -273,7 +313,7 @@ def bench_loss(sizes, eager_max: int, compile_max: int, rounds: int = 3) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*", default=["topk", "range", "map", "loss"])
+    ap.add_argument("--only", nargs="*", default=["topk", "range", "mih", "map", "loss"])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the script)")
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks-cpu.md")
     ap.add_argument("--loss-worker", nargs=3, help=argparse.SUPPRESS)
@@ -291,6 +331,9 @@ def main():
         n, q = (100_000, 100) if args.quick else (1_000_000, 1000)
         parts.append("## Hamming range search against faiss IndexBinaryFlat\n\n" +
                      bench_range(n, q, [(64, (15, 19)), (256, (94, 103))]))
+    if "mih" in args.only:
+        n, q = (100_000, 100) if args.quick else (1_000_000, 1000)
+        parts.append("## Multi-index hashing against the linear scans\n\n" + bench_multi_index(n, q))
     if "map" in args.only:
         q, n = (500, 5000) if args.quick else (5000, 50_000)
         parts.append("## mAP@1000 against the original evaluation loop\n\n" + bench_map(q, n))
@@ -300,7 +343,7 @@ def main():
     text = "\n\n".join(parts) + "\n"
     print(text)
     # Only a full run replaces the tables in docs/ (a partial one would drop the other sections).
-    if not args.quick and set(args.only) >= {"topk", "range", "map", "loss"}:
+    if not args.quick and set(args.only) >= {"topk", "range", "mih", "map", "loss"}:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
 

@@ -17,8 +17,9 @@ from .ops import *  # noqa: F401,F403  (the ops named in ops.__all__)
 from .index import HammingIndex, IndexFileError
 from . import metrics
 from .code_stats import code_statistics
+from .multi_index import MultiIndexHashing
 
 __version__ = build_info()["version"]  # pyproject.toml's, compiled into the extension
 
-__all__ = ["build_info", "cuda_available", *ops.__all__, "HammingIndex", "IndexFileError", "metrics",
-           "code_statistics"]
+__all__ = ["build_info", "cuda_available", *ops.__all__, "HammingIndex", "IndexFileError", "MultiIndexHashing",
+           "metrics", "code_statistics"]
