@@ -123,6 +123,22 @@ def test_hamming_range_search(benchmark, device, nbits, radius, impl):
     benchmark(timed(lambda: brcd.hamming_range_search(qp, dp, radius), device))
 
 
+@pytest.mark.parametrize("radius", [2, 4])
+@pytest.mark.parametrize("impl", ["multi-index", "scan"])
+def test_multi_index_range_search(benchmark, device, radius, impl):
+    """A hash lookup over a million random 64-bit codes: the substring tables against the scan."""
+    q, n = size((1000, 1_000_000), (50, 20_000))
+    qp, dp = packed_codes(q, 64, seed=5).to(device), packed_codes(n, 64, seed=6).to(device)
+    benchmark.group = f"multi-index range search, {q} x {n:,}, 64 bits, radius {radius}, {device}"
+    if impl == "scan":
+        benchmark(timed(lambda: brcd.hamming_range_search(qp, dp, radius), device))
+        return
+    mih = brcd.MultiIndexHashing(dp, 64)
+    for got, expected in zip(mih.range_search(qp, radius), brcd.hamming_range_search(qp, dp, radius)):
+        assert torch.equal(got, expected)
+    benchmark(timed(lambda: mih.range_search(qp, radius), device))
+
+
 # ------------------------------------------------------------------------------------------------- index
 @pytest.mark.parametrize("impl", ["brcd", "faiss"])
 def test_index_add_in_batches(benchmark, device, impl):
