@@ -20,6 +20,18 @@ from cases import fused_loss, loss_case, loss_step, map_case, one_hot, original_
 from conftest import SMOKE, size, timed
 
 
+def faiss_flat_index(device: str, nbits: int, db_packed: torch.Tensor):
+    """faiss's IndexBinaryFlat over the database, on this process's threads; the case is skipped off the CPU or
+    without faiss."""
+    if device != "cpu":
+        pytest.skip("faiss-cpu runs on the CPU (the GPU machine has no faiss)")
+    faiss = pytest.importorskip("faiss")
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    index = faiss.IndexBinaryFlat(nbits)
+    index.add(db_packed.numpy())
+    return index
+
+
 def pm1(packed: torch.Tensor, nbits: int) -> torch.Tensor:
     """±1 float codes of packed ones: the operands of the matmul baselines."""
     return brcd.unpack_codes(packed, nbits)
@@ -64,12 +76,7 @@ def test_hamming_topk(benchmark, device, nbits, k, impl):
     benchmark.group = f"hamming_topk, {q} x {n:,}, {nbits} bits, k = {k}, {device}"
     benchmark.extra_info["pairs"] = q * n
     if impl == "faiss":
-        if device != "cpu":
-            pytest.skip("faiss-cpu runs on the CPU (the GPU machine has no faiss)")
-        faiss = pytest.importorskip("faiss")
-        faiss.omp_set_num_threads(torch.get_num_threads())
-        index = faiss.IndexBinaryFlat(nbits)
-        index.add(dp.numpy())
+        index = faiss_flat_index(device, nbits, dp)
         benchmark(lambda: index.search(qp.numpy(), k))
         return
     qp, dp = qp.to(device), dp.to(device)
@@ -105,12 +112,7 @@ def test_hamming_range_search(benchmark, device, nbits, radius, impl):
     benchmark.group = f"hamming_range_search, {q} x {n:,}, {nbits} bits, radius {radius}, {device}"
     benchmark.extra_info["pairs"] = q * n
     if impl == "faiss":
-        if device != "cpu":
-            pytest.skip("faiss-cpu runs on the CPU (the GPU machine has no faiss)")
-        faiss = pytest.importorskip("faiss")
-        faiss.omp_set_num_threads(torch.get_num_threads())
-        index = faiss.IndexBinaryFlat(nbits)
-        index.add(dp.numpy())
+        index = faiss_flat_index(device, nbits, dp)
         benchmark(lambda: index.range_search(qp.numpy(), radius + 1))  # faiss's radius is exclusive
         return
     qp, dp = qp.to(device), dp.to(device)
