@@ -571,7 +571,8 @@ struct Hits {
   std::vector<int64_t> idx;
 };
 
-// The share of query-code pairs closer than `limit`, from up to 64 evenly strided queries and 4096 evenly strided codes.
+// The share of query-code pairs closer than `limit`, from up to 64 evenly strided queries and 4096 evenly strided
+// codes.
 double sampled_hit_share(const PackedCodes& db, const QueryWords& q, const ScanKernels& kern, int32_t limit) {
   const int64_t rows = std::min<int64_t>(db.rows, 4096), step = db.rows / rows;
   std::vector<uint8_t> bytes(static_cast<size_t>(rows * db.bytes_per_row));
@@ -583,7 +584,8 @@ double sampled_hit_share(const PackedCodes& db, const QueryWords& q, const ScanK
   some.words = q.words;
   some.rows = std::min<int64_t>(q.rows, 64);
   const int64_t qstep = q.rows / some.rows;
-  for (int64_t r = 0; r < some.rows; ++r) some.data.insert(some.data.end(), q.row(r * qstep), q.row(r * qstep) + q.words);
+  for (int64_t r = 0; r < some.rows; ++r)
+    some.data.insert(some.data.end(), q.row(r * qstep), q.row(r * qstep) + q.words);
   std::vector<int32_t> dist(static_cast<size_t>(some.rows * rows));
   kern.distance(sample, some, 0, some.rows, 0, sample.blocks, dist.data(), rows);
   const auto hits = std::count_if(dist.begin(), dist.end(), [&](int32_t d) { return d < limit; });
@@ -683,7 +685,8 @@ void hamming_range_search(const PackedCodes& queries, const PackedCodes& db, int
   }
   for (int64_t qi = 0; qi < q.rows; ++qi) {
     int64_t n = 0;
-    for (int64_t s = 0; s < shards; ++s) n += static_cast<int64_t>(hits[static_cast<size_t>(qi * shards + s)].idx.size());
+    for (int64_t s = 0; s < shards; ++s)
+      n += static_cast<int64_t>(hits[static_cast<size_t>(qi * shards + s)].idx.size());
     lims[qi + 1] = lims[qi] + n;
   }
   const RangeOutput out = allocate(lims[q.rows]);
