@@ -1,4 +1,5 @@
-"""A short Hamming-search example: pack codes, search exactly, save and load an index, measure mAP."""
+"""A short Hamming-search example: pack codes, search exactly (the k nearest, and a Hamming ball by a scan and by
+multi-index hashing), save and load an index, measure mAP."""
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,15 @@ def main():
     dt = time.perf_counter() - t0
     print(f"searched {len(queries)} queries over {len(index)} codes in {dt * 1e3:.1f} ms")
     print("first query: distances", dist[0].tolist(), "ids", ids[0].tolist())
+
+    lims, ball_dist, ball_ids = index.range_search(queries, radius=8)
+    print(f"codes within distance 8: {(lims[1:] - lims[:-1]).float().mean():.1f} per query on average")
+    mih = brcd.MultiIndexHashing(index.packed_codes, nbits)
+    t0 = time.perf_counter()
+    by_lookup = mih.range_search(brcd.pack_codes(queries), radius=8)
+    dt = time.perf_counter() - t0
+    assert all(torch.equal(a, b) for a, b in zip(by_lookup, (lims, ball_dist, ball_ids)))
+    print(f"the same balls by {mih!r} in {dt * 1e3:.1f} ms")
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "codes.bhi"

@@ -1,9 +1,12 @@
-"""The code blocks of README.md and docs/usage.md run as written: the pages cannot drift from the API. A block whose
-first lines say `# requires: faiss` or `# requires: cuda` is skipped where that is missing."""
+"""The code blocks of README.md and docs/usage.md run as written, and so does the example `./dev.sh example` runs: the
+pages cannot drift from the API. A block whose first lines say `# requires: faiss` or `# requires: cuda` is skipped
+where that is missing."""
 from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +39,10 @@ def test_code_block_runs(page, line, code, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # a block may write files
     # Padded with blank lines so that a traceback names the page's own line numbers.
     exec(compile("\n" * (line - 1) + code, str(ROOT / page), "exec"), {"__name__": "__docs__"})
+
+
+def test_the_search_example_runs():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "search.py")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "the same balls by MultiIndexHashing" in out.stdout and "mAP@1000 = " in out.stdout
