@@ -17,6 +17,7 @@ Everything is torch ops on the codes' device (CPU or GPU).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -35,7 +36,8 @@ __all__ = ["MultiIndexHashing"]
 # cost more than the scan gives way to it.
 _PROBE_COST = 2500
 _CANDIDATE_COST = 10000
-# Queries whose probes decide, for a larger batch, whether the lookup can beat the scan.
+# Queries whose probes decide, for a larger batch, whether the lookup can beat the scan, and whose k-th distances
+# (by the scan) give a k-nearest search its first radius.
 _SAMPLED_QUERIES = 64
 # The most probe keys per substring and query (the keys within the substring radius of the query's).
 _MAX_PROBES = 1 << 16
@@ -113,7 +115,9 @@ class MultiIndexHashing:
     def search(self, query_packed: Tensor, k: int) -> Tuple[Tensor, Tensor]:
         """The k nearest codes: exactly :func:`brcd.hamming_topk`'s answer (distances int32 [q, k], indices int64
         [q, k]). Looks codes up within a radius that grows by m (one more bit per substring) until each query has k
-        codes within it; the queries left when a lookup would cost more than the scan go to hamming_topk."""
+        codes within it, starting from the median k-th distance of a sample of queries (found by the scan); the
+        queries left when a lookup would cost more than the scan go to hamming_topk, and so does a batch no larger
+        than the sample."""
         q = self._check_queries(query_packed)
         if isinstance(k, bool) or not isinstance(k, numbers.Integral):
             raise TypeError(f"k must be an int, got {type(k).__name__}")
@@ -121,8 +125,14 @@ class MultiIndexHashing:
             raise ValueError(f"k must be between 1 and the database size {len(self)}, got {k}")
         out_d = torch.empty((q.shape[0], k), dtype=torch.int32, device=q.device)
         out_i = torch.empty((q.shape[0], k), dtype=torch.int64, device=q.device)
-        left = torch.arange(q.shape[0], device=q.device)
-        radius = self.substrings - 1  # substring radius 0
+        count, m = q.shape[0], self.substrings
+        if count <= _SAMPLED_QUERIES:
+            return hamming_topk(q, self.db_packed, k)
+        sample = torch.linspace(0, count - 1, _SAMPLED_QUERIES, device=q.device).long()
+        start = int(hamming_topk(q[sample], self.db_packed, k)[0][:, -1].median())
+        # Lookups at substring radius j find every code within m * (j + 1) - 1: the first such radius >= start.
+        radius = start + (m - 1 - start) % m
+        left = torch.arange(count, device=q.device)
         while left.numel():
             found = self._lookup(q[left], radius)
             if found is None:
@@ -152,12 +162,13 @@ class MultiIndexHashing:
         n, count = len(self), q.shape[0]
         scan_cost = count * n * ((self.nbits + 63) // 64)
         sub_radius = radius // self.substrings
-        probes = [_probe_masks(end - begin, sub_radius) for begin, end in self._spans]
-        if count == 0 or radius >= self.nbits or any(p is None for p in probes):
+        keys_per_query = [_probe_count(end - begin, sub_radius) for begin, end in self._spans]
+        if count == 0 or radius >= self.nbits or max(keys_per_query) > _MAX_PROBES:
             return None
-        probe_cost = _PROBE_COST * count * sum(p.numel() for p in probes)
+        probe_cost = _PROBE_COST * count * sum(keys_per_query)
         if probe_cost > scan_cost:
             return None
+        probes = [_probe_masks(end - begin, sub_radius) for begin, end in self._spans]
         if count > _SAMPLED_QUERIES and 8 * probe_cost > scan_cost:
             # Probing costs a good part of a scan, wasted where the lookup then loses: decide on a sample first.
             sample = q[torch.linspace(0, count - 1, _SAMPLED_QUERIES, device=q.device).long()]
@@ -197,12 +208,16 @@ def _substring_keys(packed: Tensor, begin: int, end: int) -> Tensor:
     return keys
 
 
-def _probe_masks(width: int, radius: int) -> Optional[Tensor]:
-    """Every mask of at most `radius` set bits among `width`, as int64 (None where they exceed _MAX_PROBES)."""
-    radius = min(radius, width)
-    if sum(math.comb(width, i) for i in range(radius + 1)) > _MAX_PROBES:
-        return None
-    masks = [sum(1 << b for b in bits) for i in range(radius + 1) for bits in itertools.combinations(range(width), i)]
+def _probe_count(width: int, radius: int) -> int:
+    """How many keys lie within `radius` bits of a key of `width` bits."""
+    return sum(math.comb(width, i) for i in range(min(radius, width) + 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_masks(width: int, radius: int) -> Tensor:
+    """Every mask of at most `radius` set bits among `width`, as int64 (built once per width and radius)."""
+    masks = [sum(1 << b for b in bits) for i in range(min(radius, width) + 1)
+             for bits in itertools.combinations(range(width), i)]
     return torch.tensor(masks, dtype=torch.int64)
 
 

@@ -29,7 +29,8 @@ def test_range_search_and_knn_match_the_scans(monkeypatch, device, nbits, substr
     make = random_codes if kind == "random" else clustered
     db = ref.pack_codes(make(3000, nbits, gen)).to(device)
     db[1000:1100] = db[:100]  # exact duplicates
-    q = torch.cat([db[:5], ref.pack_codes(make(11, nbits, gen)).to(device)])  # some queries are database codes
+    # Some queries are database codes; more of them than the k-nearest search's sample, so that it looks codes up.
+    q = torch.cat([db[:5], ref.pack_codes(make(75, nbits, gen)).to(device)])
     mih = MultiIndexHashing(db, nbits, substrings)
     for radius in sorted({0, 1, 2, 3, nbits // 8, nbits // 4, nbits // 3, nbits}):
         got = mih.range_search(q, radius)
