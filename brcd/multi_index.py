@@ -123,11 +123,11 @@ class MultiIndexHashing:
             raise TypeError(f"k must be an int, got {type(k).__name__}")
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be between 1 and the database size {len(self)}, got {k}")
-        out_d = torch.empty((q.shape[0], k), dtype=torch.int32, device=q.device)
-        out_i = torch.empty((q.shape[0], k), dtype=torch.int64, device=q.device)
         count, m = q.shape[0], self.substrings
         if count <= _SAMPLED_QUERIES:
             return hamming_topk(q, self.db_packed, k)
+        out_d = torch.empty((count, k), dtype=torch.int32, device=q.device)
+        out_i = torch.empty((count, k), dtype=torch.int64, device=q.device)
         sample = torch.linspace(0, count - 1, _SAMPLED_QUERIES, device=q.device).long()
         start = int(hamming_topk(q[sample], self.db_packed, k)[0][:, -1].median())
         # Lookups at substring radius j find every code within m * (j + 1) - 1: the first such radius >= start.
