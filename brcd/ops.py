@@ -115,10 +115,11 @@ def hamming_range_search(query_packed: Tensor, db_packed: Tensor, radius: int) -
     :func:`hamming_topk` with that k. A radius of nbits or more returns the whole database for every query: the
     output holds q x n entries then (12 bytes each).
 
-    On the CPU one scan collects each query's codes without a branch per hit and a counting sort orders them. On CUDA
-    the distances of a chunk of queries (at most 2^26 query-code pairs at a time) come from :func:`hamming_distance`
-    and torch ops keep and order those within the radius; it waits for the GPU once per chunk (the results' size is
-    known only then).
+    On the CPU the scan keeps a fixed bound of radius + 1: the top-k's threshold scan, which visits only the blocks
+    of codes with a hit, where a sample of the database says hits are sparse, branch-free candidate lists where they
+    are dense; a counting sort then orders each query's codes. On CUDA the distances of a chunk of queries (at most
+    2^26 query-code pairs at a time) come from :func:`hamming_distance` and torch ops keep and order those within
+    the radius; it waits for the GPU once per chunk (the results' size is known only then).
 
     Example::
 
