@@ -167,11 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--no-kd", action="store_true", help="the baseline: the student alone, with CIBHash")
     _distill_args(distill)
 
-    evaluate = sub.add_parser("evaluate", help="test mAP of a checkpoint (both paradigms with a teacher checkpoint)")
+    evaluate = sub.add_parser("evaluate", help="test a checkpoint: mAP@topk, precision@topk and precision within a "
+                              "Hamming radius (both paradigms with a teacher checkpoint)")
     evaluate.add_argument("--checkpoint", type=Path, required=True)
     evaluate.add_argument("--teacher-checkpoint", type=Path, default=None,
                           help="encode the database with this model too: the asymmetric paradigm")
     evaluate.add_argument("--topk", type=_positive_int, default=1000)
+    evaluate.add_argument("--radius", type=_nonnegative_int, default=2,
+                          help="the Hamming radius of the hash-lookup precision (default 2)")
     _data_args(evaluate)
 
     enc = sub.add_parser("encode", help="encode the database images into a HammingIndex file of packed codes")
@@ -221,13 +224,20 @@ def run_evaluate(args) -> dict:
     queries, query_labels = data.test_images[split.test_queries], data.test_labels[split.test_queries]
     db, db_labels = data.train_images[split.database], data.train_labels[split.database]
     q = encode(model, queries, device=args.device, desc="encoding queries")
-    results = {"map_symmetric": metrics.mean_average_precision(q, encode(model, db, device=args.device,
-                                                                      desc="encoding the database"),
-                                                               query_labels, db_labels, args.topk)}
+    topk = min(args.topk, len(db))
+
+    def scores(db_codes, paradigm: str) -> dict:
+        on = (q, db_codes, query_labels, db_labels)
+        return {f"map_{paradigm}": metrics.mean_average_precision(*on, topk),
+                f"precision_at_{topk}_{paradigm}": metrics.precision_at_k(*on, topk),
+                f"precision_within_radius_{args.radius}_{paradigm}": metrics.precision_within_radius(
+                    *on, radius=args.radius)}
+
+    results = scores(encode(model, db, device=args.device, desc="encoding the database"), "symmetric")
     if args.teacher_checkpoint is not None:
         teacher_db = encode(load_model(args.teacher_checkpoint, args.device), db, device=args.device,
                             desc="encoding the database (teacher)")
-        results["map_asymmetric"] = metrics.mean_average_precision(q, teacher_db, query_labels, db_labels, args.topk)
+        results.update(scores(teacher_db, "asymmetric"))
     return results
 
 
