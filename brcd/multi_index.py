@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .ops import _require_tensor, hamming_range_search, hamming_topk
+from .ops import _order_hits, _require_tensor, hamming_range_search, hamming_topk
 
 __all__ = ["MultiIndexHashing"]
 
@@ -188,16 +188,13 @@ class MultiIndexHashing:
             within = torch.arange(first.numel(), device=q.device) - starts  # each candidate's place in its bucket
             query = torch.arange(count, device=q.device).repeat_interleave(lo.shape[1]).repeat_interleave(length)
             candidates.append(query * n + order[first + within])
-        # Unique pairs, sorted by query, then by id: the order a stable sort by distance keeps among ties.
+        # Unique pairs, sorted by query, then by id: the order _order_hits takes.
         pairs = torch.unique(torch.cat(candidates))
         query, ids = pairs // n, pairs % n
         dist = _popcount_rows(q[query] ^ self.db_packed[ids])
         keep = dist <= radius
-        query, ids, dist = query[keep], ids[keep], dist[keep]
-        order = torch.sort(query * (self.nbits + 1) + dist, stable=True).indices
-        lims = torch.zeros(count + 1, dtype=torch.int64, device=q.device)
-        lims[1:] = torch.bincount(query, minlength=count).cumsum(0)
-        return lims, dist[order].to(torch.int32), ids[order]
+        counts, dist, ids = _order_hits(query[keep], ids[keep], dist[keep], count, self.nbits)
+        return torch.cat([counts.new_zeros(1), counts.cumsum(0)]), dist, ids
 
 
 def _substring_keys(packed: Tensor, begin: int, end: int) -> Tensor:

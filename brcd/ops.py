@@ -152,14 +152,20 @@ def _range_search_by_ops(query_packed: Tensor, db_packed: Tensor, radius: int) -
     for q0 in range(0, max(q, 1), rows):
         dist = _ops.hamming_distance(query_packed[q0 : q0 + rows], db_packed)
         hit_row, hit_col = (dist <= bound).nonzero(as_tuple=True)  # row-major: index order within each row
-        hit_dist = dist[hit_row, hit_col]
-        # A stable sort by (row, distance) keeps index order among equal distances.
-        order = torch.sort(hit_row * (bound + 1) + hit_dist, stable=True).indices
-        counts.append(torch.bincount(hit_row, minlength=dist.shape[0]))
-        dists.append(hit_dist[order])
-        idxs.append(hit_col[order])
+        count, d, i = _order_hits(hit_row, hit_col, dist[hit_row, hit_col], dist.shape[0], bound)
+        counts.append(count)
+        dists.append(d)
+        idxs.append(i)
     lims = torch.cat([counts[0].new_zeros(1), torch.cumsum(torch.cat(counts), 0)])
     return lims, torch.cat(dists), torch.cat(idxs)
+
+
+def _order_hits(query: Tensor, ids: Tensor, dist: Tensor, queries: int, max_dist: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Range-search hits given in (query, id) order, into the op's order: how many each query has (int64
+    [queries]), and the distances (int32) and ids sorted by (query, distance, id). A stable sort by (query, distance)
+    keeps id order among equal distances."""
+    order = torch.sort(query * (max_dist + 1) + dist, stable=True).indices
+    return torch.bincount(query, minlength=queries), dist[order].to(torch.int32), ids[order]
 
 
 torch.library.register_kernel("brcd::hamming_range_search", "cuda", _range_search_by_ops)

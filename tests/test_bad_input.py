@@ -39,6 +39,8 @@ def test_hamming_mixed_devices():
     q = brcd.pack_codes(torch.randn(3, 64)).cuda()
     with pytest.raises(ValueError, match="db_packed"):
         brcd.hamming_topk(q, db, 1)
+    with pytest.raises(ValueError, match="db_packed"):
+        brcd.hamming_range_search(q, db, 1)
 
 
 @pytest.mark.parametrize("device", device_params())

@@ -161,15 +161,6 @@ def test_bad_input(device):
         brcd.hamming_range_search(q[0], db, 1)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_mixed_devices():
-    db = brcd.pack_codes(torch.randn(10, 64))
-    q = brcd.pack_codes(torch.randn(3, 64)).cuda()
-    with pytest.raises(ValueError, match="db_packed"):
-        brcd.hamming_range_search(q, db, 1)
-
-
 @pytest.mark.parametrize("device", device_params())
 def test_index_range_search(device):
     gen = torch.Generator().manual_seed(8)
