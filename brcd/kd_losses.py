@@ -5,10 +5,10 @@ original release): losses between a batch of student codes and the frozen teache
 - ``pkt_loss``: Probabilistic Knowledge Transfer (Passalis and Tefas, ECCV 2018), cosine-kernel neighbour distributions.
 - ``sp_loss``: Similarity-Preserving KD (Tung and Mori, ICCV 2019), row-normalised Gram matrices.
 - ``hinton_kd_loss``: soft targets (Hinton et al., 2015), each code taken as logits over its bits.
-- ``CRDLoss``: Contrastive Representation Distillation (Tian et al., ICLR 2020), a module: trained embedding heads and
-  memory banks of the whole training set, indexed by each sample's image.
 - ``sskd_loss``: self-supervision KD (Xu et al., ECCV 2020) as the original release's baseline computes it: how
   transformed copies (rotations) of the images relate to the batch's untransformed images.
+- ``CRDLoss``, ``CRCDLoss``, ``PACKDLoss``: the contrastive baselines with memory banks of the whole training set,
+  modules with trained embedding heads (defined in brcd.kd_memory, importable from here).
 
 Plain PyTorch, O(B^2) memory (RKD's angle term O(B^3)): baselines at the batch sizes distillation uses, not fused
 kernels. Each docstring gives its formula. Averages are taken as the authors' released code takes them (over every
@@ -17,39 +17,15 @@ are differentiable with respect to the student; the teacher is a target (detach 
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from .kd_checks import check_pair, positive_finite
+from .kd_memory import CRCDLoss, CRDLoss, PACKDLoss
 from .ops import _require_tensor
 
-__all__ = ["rkd_loss", "pkt_loss", "sp_loss", "hinton_kd_loss", "sskd_loss", "CRDLoss"]
-
-
-def _check_pair(student: Tensor, teacher: Tensor, *, same_bits: bool, min_batch: int,
-                names: tuple = ("student", "teacher")) -> Tensor:
-    """Checks the two code batches (named `names` in the messages); returns the teacher in the student's dtype."""
-    student_name, teacher_name = names
-    for name, t in ((student_name, student), (teacher_name, teacher)):
-        _require_tensor(t, name)
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor [batch, bits], got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if teacher.shape[0] != student.shape[0]:
-        raise ValueError(f"{teacher_name} has {teacher.shape[0]} rows but {student_name} has {student.shape[0]}: one "
-                         "code per image of the batch in each")
-    if same_bits and teacher.shape[1] != student.shape[1]:
-        raise ValueError(f"{teacher_name} has {teacher.shape[1]} bits but {student_name} has {student.shape[1]}")
-    if teacher.device != student.device:
-        raise ValueError(f"{teacher_name} is on {teacher.device} but {student_name} is on {student.device}")
-    if student.shape[0] < min_batch:
-        raise ValueError(f"{student_name} must have at least {min_batch} rows (the loss compares samples of a batch), "
-                         f"got {student.shape[0]}")
-    return teacher.to(student.dtype)
+__all__ = ["rkd_loss", "pkt_loss", "sp_loss", "hinton_kd_loss", "sskd_loss", "CRDLoss", "CRCDLoss", "PACKDLoss"]
 
 
 def _distances(x: Tensor) -> Tensor:
@@ -85,7 +61,7 @@ def rkd_loss(student: Tensor, teacher: Tensor, *, distance_weight: float = 25.0,
     ``L_A = mean over (j, i, k) of huber(a^s_jik - a^t_jik)``, Huber with threshold 1 (smooth L1). Invariant to a
     translation of either code set, and to a scaling of it. Needs a batch of at least 2; O(B^3) memory for the angles.
     """
-    teacher = _check_pair(student, teacher, same_bits=False, min_batch=2)
+    teacher = check_pair(student, teacher, same_bits=False, min_batch=2)
     distance = F.smooth_l1_loss(_relative_distances(student), _relative_distances(teacher))
     angle = F.smooth_l1_loss(_angles(student), _angles(teacher))
     return distance_weight * distance + angle_weight * angle
@@ -103,7 +79,7 @@ def pkt_loss(student: Tensor, teacher: Tensor, *, eps: float = 1e-7) -> Tensor:
     row i of ``p`` is the distribution over the batch proportional to the cosine kernel ``(cos(x_i, x_j) + 1) / 2``:
     the KL divergences of the student's neighbour distributions from the teacher's, summed over rows, over B^2.
     Invariant to a scaling of any code."""
-    teacher = _check_pair(student, teacher, same_bits=False, min_batch=2)
+    teacher = check_pair(student, teacher, same_bits=False, min_batch=2)
     p_s, p_t = _neighbour_distributions(student, eps), _neighbour_distributions(teacher, eps)
     return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
 
@@ -115,7 +91,7 @@ def _normalised_gram(x: Tensor) -> Tensor:
 def sp_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """Similarity-preserving distillation: ``|G^t - G^s|_F^2 / B^2``, with ``G`` the Gram matrix ``X X^T`` of the
     batch's codes, each row scaled to unit norm. Invariant to a scaling of either code set."""
-    teacher = _check_pair(student, teacher, same_bits=False, min_batch=2)
+    teacher = check_pair(student, teacher, same_bits=False, min_batch=2)
     diff = _normalised_gram(teacher) - _normalised_gram(student)
     return (diff * diff).sum() / (len(student) ** 2)
 
@@ -123,8 +99,8 @@ def sp_loss(student: Tensor, teacher: Tensor) -> Tensor:
 def hinton_kd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0) -> Tensor:
     """Soft-target distillation: ``T^2 * mean over samples of KL(softmax(t / T) || softmax(s / T))``, the softmax
     taken over the bits of each code (T = 4 in the original release's baseline)."""
-    teacher = _check_pair(student, teacher, same_bits=True, min_batch=1)
-    temperature = _positive_finite(temperature, "temperature")
+    teacher = check_pair(student, teacher, same_bits=True, min_batch=1)
+    temperature = positive_finite(temperature, "temperature")
     log_p_s = F.log_softmax(student / temperature, dim=1)
     log_p_t = F.log_softmax(teacher / temperature, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
@@ -143,9 +119,9 @@ def sskd_loss(student_views: Tensor, teacher_views: Tensor, *, temperature: floa
     if teacher_views.shape[:2] != student_views.shape[:2]:
         raise ValueError(f"teacher_views has {tuple(teacher_views.shape[:2])} views x samples but student_views has "
                          f"{tuple(student_views.shape[:2])}")
-    _check_pair(student_views[0], teacher_views[0], same_bits=False, min_batch=1,
+    check_pair(student_views[0], teacher_views[0], same_bits=False, min_batch=1,
                 names=("student_views", "teacher_views"))
-    temperature = _positive_finite(temperature, "temperature")
+    temperature = positive_finite(temperature, "temperature")
 
     def log_distributions(views: Tensor) -> Tensor:
         unit = F.normalize(views, p=2, dim=2, eps=1e-8)
@@ -155,114 +131,3 @@ def sskd_loss(student_views: Tensor, teacher_views: Tensor, *, temperature: floa
     log_q = log_distributions(student_views)
     log_p = log_distributions(teacher_views.to(student_views.dtype))
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * temperature ** 2
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _positive_finite(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-class CRDLoss(nn.Module):
-    """Contrastive representation distillation over a training set of ``dataset_size`` images.
-
-    Each model's codes are embedded by a linear head of its own and scaled to unit norm (``feat_dim`` dimensions).
-    Two memory banks hold a running embedding of every training image, one of the student's and one of the teacher's.
-    For sample i of image n_i, with m = ``negatives`` images r_1..r_m drawn uniformly from the training set and
-    ``x_j = exp(<embedding_i, memory of the other model at image j> / temperature) / Z``:
-
-        loss_direction = -mean_i [ log(x_{n_i} / (x_{n_i} + m / N)) + sum_k log((m / N) / (x_{r_k} + m / N)) ]
-
-    (N = ``dataset_size``; a 1e-7 beside each denominator), a noise-contrastive estimate whose positive is the
-    sample's own image in the other model's memory. ``Z`` is ``N`` times the mean of ``exp(...)`` over the first
-    batch, then fixed (one per direction), as in the authors' code. The loss is the sum of both directions: the
-    student's embedding against the teacher's memory, and the teacher's against the student's. After the loss, each
-    bank's rows of the batch's images become ``normalise(momentum * row + (1 - momentum) * embedding)``.
-
-    The heads are parameters to train beside the student (a trainer's optimizer must take them); the banks and ``Z``
-    are buffers, in the state dict for resuming. Negatives are drawn from the default generator of the codes' device.
-    Defaults are the authors' (128 dimensions, 500 negatives with a training set of 5,000 images, temperature 0.05,
-    momentum 0.5).
-    """
-
-    def __init__(self, student_bits: int, teacher_bits: int, dataset_size: int, *, feat_dim: int = 128,
-                 negatives: int = 500, temperature: float = 0.05, momentum: float = 0.5):
-        super().__init__()
-        student_bits, teacher_bits = _positive_int(student_bits, "student_bits"), _positive_int(teacher_bits,
-                                                                                                "teacher_bits")
-        self.dataset_size = _positive_int(dataset_size, "dataset_size")
-        feat_dim = _positive_int(feat_dim, "feat_dim")
-        self.negatives = _positive_int(negatives, "negatives")
-        self.temperature = _positive_finite(temperature, "temperature")
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 <= momentum < 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
-        self.embed_student = nn.Linear(student_bits, feat_dim)
-        self.embed_teacher = nn.Linear(teacher_bits, feat_dim)
-        bound = 1 / math.sqrt(feat_dim / 3)  # the authors' uniform start: rows of about unit norm
-        self.register_buffer("memory_student", (torch.rand(self.dataset_size, feat_dim) * 2 - 1) * bound)
-        self.register_buffer("memory_teacher", (torch.rand(self.dataset_size, feat_dim) * 2 - 1) * bound)
-        # Z of each direction, NaN until the first batch sets it.
-        self.register_buffer("normalisers", torch.full((2,), math.nan))
-
-    def forward(self, student: Tensor, teacher: Tensor, index: Tensor) -> Tensor:
-        teacher = _check_pair(student, teacher, same_bits=False, min_batch=1)
-        if student.shape[1] != self.embed_student.in_features:
-            raise ValueError(f"student has {student.shape[1]} bits but this loss was built for "
-                             f"{self.embed_student.in_features}")
-        if teacher.shape[1] != self.embed_teacher.in_features:
-            raise ValueError(f"teacher has {teacher.shape[1]} bits but this loss was built for "
-                             f"{self.embed_teacher.in_features}")
-        if not isinstance(index, Tensor) or index.dtype != torch.int64 or index.shape != (student.shape[0],):
-            raise ValueError(f"index must be an int64 tensor [batch] = [{student.shape[0]}] of training-set positions, "
-                             f"got {index.dtype if isinstance(index, Tensor) else type(index).__name__} of shape "
-                             f"{tuple(index.shape) if isinstance(index, Tensor) else '-'}")
-        if self.memory_student.device != student.device:
-            raise ValueError(f"the loss's memory is on {self.memory_student.device} but the codes are on "
-                             f"{student.device}: move the module with .to(device)")
-        if index.device not in (student.device, torch.device("cpu")):
-            raise ValueError(f"index is on {index.device}; give it on the codes' device {student.device} or the CPU")
-        # Checked where it lies: on the CPU (as a data loader gives it) for free, on a GPU with one wait.
-        if index.numel() and not _within(index, self.dataset_size):
-            raise ValueError(f"index must lie in [0, dataset_size) = [0, {self.dataset_size})")
-        index = index.to(student.device, non_blocking=True)
-        s = F.normalize(self.embed_student(student), dim=1)
-        t = F.normalize(self.embed_teacher(teacher), dim=1)
-        draws = torch.randint(self.dataset_size, (len(index), self.negatives), device=index.device)
-        images = torch.cat([index[:, None], draws], dim=1)  # column 0: the positive
-        student_side = self._scores(s, self.memory_teacher[images], 0)
-        teacher_side = self._scores(t, self.memory_student[images], 1)
-        loss = self._nce(student_side) + self._nce(teacher_side)
-        with torch.no_grad():
-            for memory, embedding in ((self.memory_student, s), (self.memory_teacher, t)):
-                rows = memory[index] * self.momentum + embedding.detach().to(memory.dtype) * (1 - self.momentum)
-                memory.index_copy_(0, index, F.normalize(rows, dim=1))
-        return loss
-
-    def _scores(self, embedding: Tensor, memory_rows: Tensor, direction: int) -> Tensor:
-        """exp(<embedding_i, memory row> / temperature) / Z for each sample's [1 + negatives] rows; sets Z the first
-        time, on the device (no wait for it)."""
-        e = torch.exp(torch.bmm(memory_rows.to(embedding.dtype), embedding[:, :, None]).squeeze(2) / self.temperature)
-        with torch.no_grad():
-            current = self.normalisers[direction]
-            z = torch.where(torch.isnan(current), e.mean().to(current.dtype) * self.dataset_size, current)
-            self.normalisers[direction] = z
-        return e / z.to(e.dtype)
-
-    def _nce(self, x: Tensor) -> Tensor:
-        noise = self.negatives / self.dataset_size
-        positive = torch.log(x[:, 0] / (x[:, 0] + noise + 1e-7))
-        negative = torch.log(noise / (x[:, 1:] + noise + 1e-7)).sum(dim=1)
-        return -(positive + negative).mean()
-
-
-def _within(index: Tensor, size: int) -> bool:
-    """All of index in [0, size): one read of two numbers (on a GPU, one wait)."""
-    low, high = torch.aminmax(index)
-    return bool(low >= 0) and bool(high < size)

@@ -4,11 +4,11 @@
   ``kl_weight`` times the symmetric Bernoulli KL between the views' bit probabilities (CIBHash).
 - ``brcd``: the distilled student: ``cibhash`` on its own views plus ``kd_weight`` times the BRCD loss against the
   frozen teacher's codes (anchor: teacher view 1; structural: teacher view 2), with bit masks, groups and alpha.
-- ``rkd``, ``pkt``, ``sp``, ``hinton``, ``sskd``, ``crd``: the KD baselines BRCD is compared with, trained as the
-  original release trains them: ``cibhash`` on the student's own views plus ``kd_weight`` times a loss (brcd.kd_losses)
-  between its view-1 codes and the teacher's. ``crd`` keeps memory banks of the training set: it is built with the
-  set's size and the code length, and called with each sample's position in the set; ``sskd`` is called with both
-  models' codes of rotated copies of the images.
+- ``rkd``, ``pkt``, ``sp``, ``hinton``, ``sskd``, ``crd``, ``crcd``, ``packd``: the KD baselines BRCD is compared
+  with, trained as the original release trains them: ``cibhash`` on the student's own views plus ``kd_weight`` times
+  a loss (brcd.kd_losses) between its view-1 codes and the teacher's. ``crd``, ``crcd`` and ``packd`` keep memory
+  banks of the training set: they are built with the set's size and the code length, and called with each sample's
+  position in the set; ``sskd`` is called with both models' codes of rotated copies of the images.
 
 >>> objective = make_objective("cibhash", temperature=0.3)
 >>> loss = objective(probs1, codes1, probs2, codes2)
@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .kd_losses import CRDLoss, hinton_kd_loss, pkt_loss, rkd_loss, sp_loss, sskd_loss
+from .kd_losses import CRCDLoss, CRDLoss, PACKDLoss, hinton_kd_loss, pkt_loss, rkd_loss, sp_loss, sskd_loss
 from .ops import brcd_loss, ntxent_loss
 
 __all__ = ["OBJECTIVES", "LABELS", "DISTILLATION_OBJECTIVES", "DATASET_OBJECTIVES", "register_objective",
@@ -154,3 +154,26 @@ def crd_objective(temperature: float = 0.3, kl_weight: float = 0.001, kd_weight:
     crd = CRDLoss(bits, bits, dataset_size, feat_dim=feat_dim, negatives=negatives, temperature=crd_temperature,
                   momentum=momentum)
     return KDBaselineObjective(crd, temperature, kl_weight, kd_weight, extra_input="index")
+
+
+@register_objective("crcd", "CRCD", distills=True, per_dataset=True)
+def crcd_objective(temperature: float = 0.3, kl_weight: float = 0.001, kd_weight: float = 1.0, *, dataset_size: int,
+                   bits: int, negatives: int = 500, feat_dim: int = 128, crcd_temperature: float = 0.05,
+                   momentum: float = 0.5) -> KDBaselineObjective:
+    """CIBHash plus ``kd_weight`` times CRCD: kd_losses.CRCDLoss between student and teacher codes of ``bits`` bits,
+    with a memory of ``dataset_size`` images (``crcd_temperature`` is its own; ``temperature`` is NT-Xent's)."""
+    crcd = CRCDLoss(bits, bits, dataset_size, feat_dim=feat_dim, negatives=negatives, temperature=crcd_temperature,
+                    momentum=momentum)
+    return KDBaselineObjective(crcd, temperature, kl_weight, kd_weight, extra_input="index")
+
+
+@register_objective("packd", "PACKD", distills=True, per_dataset=True)
+def packd_objective(temperature: float = 0.3, kl_weight: float = 0.001, kd_weight: float = 1.0, *, dataset_size: int,
+                    bits: int, negatives: int = 500, feat_dim: int = 64, packd_temperature: float = 0.07,
+                    momentum: float = 0.5) -> KDBaselineObjective:
+    """CIBHash plus ``kd_weight`` times PACKD: kd_losses.PACKDLoss between the student's and the teacher's view-1
+    codes (one view per image, as the release trains it), with a memory of ``dataset_size`` images
+    (``packd_temperature`` is its own; ``temperature`` is NT-Xent's)."""
+    packd = PACKDLoss(bits, bits, dataset_size, feat_dim=feat_dim, negatives=negatives, temperature=packd_temperature,
+                      momentum=momentum)
+    return KDBaselineObjective(packd, temperature, kl_weight, kd_weight, extra_input="index")
