@@ -4,8 +4,9 @@ trains them: modules whose embedding heads (and relation modules) train beside t
 
 - ``CRDLoss``: Contrastive Representation Distillation (Tian et al., ICLR 2020): each sample's embedding against the
   other model's memory of its own image and of random images (noise-contrastive estimation), both directions.
-- ``CRCDLoss``: Complementary Relation Contrastive Distillation (Zhu et al., CVPR 2021): the student's relation to
-  each anchor (a teacher embedding of the batch) contrasted under the teacher's relation to the same anchor.
+- ``CRCDLoss``: Complementary Relation Contrastive Distillation (Zhu et al., CVPR 2021): the student's relation of a
+  sample to each anchor (a teacher embedding of the batch) against the teacher's relations of the same image and of
+  random images to that anchor, from a memory of teacher embeddings.
 - ``PACKDLoss``: the PACKD baseline of the original release (its ``PACKDConLoss``): the student's embedding against
   the teacher's embedding of the same image (InfoNCE), negatives from a memory of teacher embeddings, and, for
   several views of each image, positives weighted by an optimal-transport plan between the student's and the
@@ -148,7 +149,7 @@ class CRDLoss(nn.Module):
 
 
 class _Relation(nn.Module):
-    """R(x, a) = W_out relu(W_anchor a - W_sample x) (with biases): how a sample relates to an anchor."""
+    """R(x, a) = W_out relu(W_sample x - W_anchor a) (with biases): how a sample relates to an anchor."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -158,7 +159,7 @@ class _Relation(nn.Module):
 
     def forward(self, samples: Tensor, anchors: Tensor) -> Tensor:
         """samples [S, d], anchors [A, d] -> relations [S, A, d]."""
-        return self.out(F.relu(self.anchor(anchors)[None, :, :] - self.sample(samples)[:, None, :]))
+        return self.out(F.relu(self.sample(samples)[:, None, :] - self.anchor(anchors)[None, :, :]))
 
 
 class _Critic(nn.Module):
@@ -173,30 +174,29 @@ class _Critic(nn.Module):
 
 
 class CRCDLoss(nn.Module):
-    """Complementary relation contrastive distillation over a training set of ``dataset_size`` images: the student
-    learns how each sample relates to anchors under the supervision of how the teacher's embedding of the same sample
-    relates to them.
+    """Complementary relation contrastive distillation over a training set of ``dataset_size`` images: the student's
+    relation of a sample to an anchor must pick out, among the teacher's relations of many images to that anchor, the
+    one of the same image.
 
     Each model's codes are embedded by a linear head and scaled to unit norm (``feat_dim`` dimensions): s_i, t_i. The
     anchors are the teacher embeddings t_j of the first ``anchors`` samples of the batch (all of it by default; a
-    shuffled batch makes them a random subset). Two relation modules, ``R(x, a) = W_o relu(W_a a - W_x x)``, and two
-    critics (a linear map to unit norm) give the teacher's relation ``g_ij = h_T(R_T(t_i, t_j))`` and the student's
-    ``f(x, j) = h_S(R_S(x, t_j))``. With M the memory of student embeddings, m = ``negatives`` images r_1..r_m drawn
-    uniformly from the training set (once per call, shared by the batch) and ``x(y) = exp((<g_ij, f(y, j)> - 1) /
-    temperature)`` (at most 1: both factors have unit norm):
+    shuffled batch makes them a random subset). Two relation modules, ``R(x, a) = W_o relu(W_x x - W_a a)``, and two
+    critics (a linear map to unit norm) give the student's relation ``f_ij = h_S(R_S(s_i, t_j))`` and the teacher's
+    relation of a memory row y, ``g(y, j) = h_T(R_T(y, t_j))``, M being the memory of teacher embeddings. With m =
+    ``negatives`` images r_1..r_m drawn uniformly from the training set (once per call, shared by the batch), n_i
+    sample i's image and ``x(y) = exp((<f_ij, g(y, j)> - 1) / temperature)`` (at most 1: both have unit norm):
 
-        loss = -mean over (i, j) of [ log(x(s_i) / (x(s_i) + m / N)) + sum_k log((m / N) / (x(M[r_k]) + m / N)) ]
+        loss = -mean over (i, j) of [ log(x(M[n_i]) / (x(M[n_i]) + m / N)) + sum_k log((m / N) / (x(M[r_k]) + m / N)) ]
 
-    (N = ``dataset_size``; a 1e-7 beside each denominator): the positive pairs the teacher's relation of sample i
-    with the student's relation of the same sample, the negatives pair it with the student relations of random
-    images, the noise-contrastive estimate of CRD. After the loss, the memory rows of the batch's images become
-    ``normalise(momentum * row + (1 - momentum) * s_i)``.
+    (N = ``dataset_size``; a 1e-7 beside each denominator): the noise-contrastive estimate of CRD with relations in
+    place of embeddings. As in CRD, the sample's current embedding is the anchor of the contrast and every candidate
+    comes from the memory, so a student cannot score by telling current embeddings from remembered ones. After the
+    loss, the memory rows of the batch's images become ``normalise(momentum * row + (1 - momentum) * t_i)``.
 
-    The feature relations of the paper, not its gradient relations (the original release's CRCD has none). Memory is
-    O(B * A * m) for the scores and O(A * m * feat_dim) for the negatives' relations, which the shared draw keeps
-    small (the release draws negatives per pair, O(B * A * m * feat_dim)). Defaults are the release's (128
-    dimensions, 500 negatives, temperature 0.05, momentum 0.5). Heads, relation modules and critics train beside the
-    student; the memory is a buffer.
+    The feature relations of the paper, not its gradient relations (the original release's CRCD has none either).
+    Memory is O(B * A * m) for the scores and O(A * m * feat_dim) for the negatives' relations, which the shared draw
+    keeps small. Defaults are the release's (128 dimensions, 500 negatives, temperature 0.05, momentum 0.5). Heads,
+    relation modules and critics train beside the student; the memory is a buffer.
     """
 
     def __init__(self, student_bits: int, teacher_bits: int, dataset_size: int, *, feat_dim: int = 128,
@@ -213,26 +213,26 @@ class CRCDLoss(nn.Module):
         self.momentum = momentum_value(momentum)
         self.embed_student = nn.Linear(student_bits, feat_dim)
         self.embed_teacher = nn.Linear(teacher_bits, feat_dim)
-        self.relation_teacher, self.relation_student = _Relation(feat_dim), _Relation(feat_dim)
-        self.critic_teacher, self.critic_student = _Critic(feat_dim), _Critic(feat_dim)
-        self.register_buffer("memory_student", _memory_start(self.dataset_size, feat_dim))
+        self.relation_student, self.relation_teacher = _Relation(feat_dim), _Relation(feat_dim)
+        self.critic_student, self.critic_teacher = _Critic(feat_dim), _Critic(feat_dim)
+        self.register_buffer("memory_teacher", _memory_start(self.dataset_size, feat_dim))
 
     def forward(self, student: Tensor, teacher: Tensor, index: Tensor) -> Tensor:
         teacher = check_pair(student, teacher, same_bits=False, min_batch=1)
         _check_bits(student, "student", self.embed_student.in_features)
         _check_bits(teacher, "teacher", self.embed_teacher.in_features)
-        index = _check_positions(index, len(student), self.dataset_size, student, self.memory_student)
+        index = _check_positions(index, len(student), self.dataset_size, student, self.memory_teacher)
         s = F.normalize(self.embed_student(student), dim=1)
         t = F.normalize(self.embed_teacher(teacher), dim=1)
         anchors = t[: self.anchors]
         draws = torch.randint(self.dataset_size, (self.negatives,), device=index.device)
-        teacher_relations = self.critic_teacher(self.relation_teacher(t, anchors))  # [B, A, d]
-        positive = self.critic_student(self.relation_student(s, anchors))  # [B, A, d]
-        negative = self.critic_student(self.relation_student(self.memory_student[draws].to(s.dtype), anchors))
-        scores = torch.cat([(teacher_relations * positive).sum(dim=2, keepdim=True),
-                            torch.einsum("bad,mad->bam", teacher_relations, negative)], dim=2)  # [B, A, 1 + m]
+        remembered = lambda images: self.critic_teacher(self.relation_teacher(
+            self.memory_teacher[images].to(s.dtype), anchors))
+        student_relations = self.critic_student(self.relation_student(s, anchors))  # [B, A, d]
+        scores = torch.cat([(student_relations * remembered(index)).sum(dim=2, keepdim=True),
+                            torch.einsum("bad,mad->bam", student_relations, remembered(draws))], dim=2)
         loss = _nce(torch.exp((scores - 1) / self.temperature), self.negatives, self.dataset_size)
-        _blend_rows(self.memory_student, index, s, self.momentum)
+        _blend_rows(self.memory_teacher, index, t, self.momentum)
         return loss
 
 

@@ -182,11 +182,10 @@ def crcd_by_hand(module, s, t, index, draws):
     """One CRCD loss, element by element, from the module's layers and memory as they are before the call."""
     se, te = embed(module.embed_student, s), embed(module.embed_teacher, t)
     anchors = te[: module.anchors] if module.anchors else te
-    memory = module.memory_student.double().tolist()
+    memory = module.memory_teacher.double().tolist()
 
     def relation(mod, x, a):
-        gap = [max(p - q, 0.0) for p, q in zip(affine(mod.anchor, a), affine(mod.sample, x))]
-        return affine(mod.out, gap)
+        return affine(mod.out, [max(p - q, 0.0) for p, q in zip(affine(mod.sample, x), affine(mod.anchor, a))])
 
     def critic(mod, r):
         return unit(affine(mod.linear, r))
@@ -194,12 +193,12 @@ def crcd_by_hand(module, s, t, index, draws):
     n, m, tau = module.dataset_size, module.negatives, module.temperature
     noise = m / n
     total, pairs = 0.0, len(se) * len(anchors)
-    for i in range(len(se)):
+    for i, image in enumerate(index.tolist()):
         for a in anchors:
-            g = critic(module.critic_teacher, relation(module.relation_teacher, te[i], a))
-            score = lambda y: math.exp((dot(g, critic(module.critic_student, relation(module.relation_student, y,
-                                                                                          a))) - 1) / tau)
-            x0 = score(se[i])
+            f = critic(module.critic_student, relation(module.relation_student, se[i], a))
+            score = lambda y: math.exp((dot(f, critic(module.critic_teacher, relation(module.relation_teacher, y,
+                                                                                      a))) - 1) / tau)
+            x0 = score(memory[image])
             total -= math.log(x0 / (x0 + noise + 1e-7)) / pairs
             total -= sum(math.log(noise / (score(memory[k]) + noise + 1e-7)) for k in draws) / pairs
     return total
@@ -226,16 +225,16 @@ def test_crcd_matches_formula_written_out(drawn, device, anchors):
         assert len(drawn[-1]) == module.negatives  # one draw shared by the batch
 
 
-def test_crcd_updates_the_student_memory_of_the_batch_only():
+def test_crcd_updates_the_teacher_memory_of_the_batch_only():
     module, s, t, index = crcd_case(seed=3)
-    before = module.memory_student.clone()
+    before = module.memory_teacher.clone()
     module(s, t, index)
     others = torch.ones(30, dtype=torch.bool)
     others[index] = False
-    assert torch.equal(before[others], module.memory_student[others])
-    embedding = torch.nn.functional.normalize(module.embed_student(s), dim=1)
+    assert torch.equal(before[others], module.memory_teacher[others])
+    embedding = torch.nn.functional.normalize(module.embed_teacher(t), dim=1)
     want = torch.nn.functional.normalize(0.5 * before[index] + 0.5 * embedding, dim=1)
-    torch.testing.assert_close(module.memory_student[index], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(module.memory_teacher[index], want, rtol=1e-12, atol=1e-12)
 
 
 def test_crcd_gradients_and_gradcheck():
@@ -270,7 +269,7 @@ def test_crcd_state_dict_resumes_the_same_loss():
 
 def test_crcd_bad_input_names_the_argument():
     module, s, t, index = crcd_case(seed=6)
-    memory = module.memory_student.clone()
+    memory = module.memory_teacher.clone()
     with pytest.raises(ValueError, match="index must be an int64 tensor"):
         module(s, t, index[:2])
     with pytest.raises(ValueError, match=r"index must lie in \[0, dataset_size\) = \[0, 30\)"):
@@ -283,7 +282,7 @@ def test_crcd_bad_input_names_the_argument():
                          ({"temperature": math.inf}, "temperature"), ({"momentum": -0.1}, "momentum")):
         with pytest.raises(ValueError, match=name):
             kd_losses.CRCDLoss(10, 12, 30, **kwargs)
-    assert torch.equal(memory, module.memory_student)  # nothing above changed the loss's state
+    assert torch.equal(memory, module.memory_teacher)  # nothing above changed the loss's state
 
 
 # --- PACKD ------------------------------------------------------------------------------------------------------
