@@ -167,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--no-kd", action="store_true", help="the baseline: the student alone, with CIBHash")
     _distill_args(distill)
 
-    evaluate = sub.add_parser("evaluate", help="test a checkpoint: mAP@topk, precision@topk and precision within a "
-                              "Hamming radius (both paradigms with a teacher checkpoint)")
+    evaluate = sub.add_parser("evaluate", help="test a checkpoint: mAP@topk, precision@topk, NDCG@topk and precision "
+                              "within a Hamming radius (both paradigms with a teacher checkpoint)")
     evaluate.add_argument("--checkpoint", type=Path, required=True)
     evaluate.add_argument("--teacher-checkpoint", type=Path, default=None,
                           help="encode the database with this model too: the asymmetric paradigm")
@@ -230,6 +230,7 @@ def run_evaluate(args) -> dict:
         on = (q, db_codes, query_labels, db_labels)
         return {f"map_{paradigm}": metrics.mean_average_precision(*on, topk),
                 f"precision_at_{topk}_{paradigm}": metrics.precision_at_k(*on, topk),
+                f"ndcg_at_{topk}_{paradigm}": metrics.ndcg_at_k(*on, topk),
                 f"precision_within_radius_{args.radius}_{paradigm}": metrics.precision_within_radius(
                     *on, radius=args.radius)}
 

@@ -24,6 +24,7 @@ __all__ = [
     "precision_recall_at_k",
     "precision_recall_curve",
     "precision_within_radius",
+    "ndcg_at_k",
     "evaluate_paradigms",
 ]
 
@@ -94,9 +95,9 @@ def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: Opt
     """AP@topk of every query (float64 [q]); a query with nothing relevant in its top k scores 0."""
     qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
     n = dp.shape[0]
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
-        raise ValueError(f"topk must be a positive integer or None, got {topk!r}")
-    k = n if topk is None else min(int(topk), n)
+    if topk is not None:
+        _check_cutoff(topk, None, "topk", or_none=True)
+    k = n if topk is None else min(topk, n)
     if dp.device.type == "cpu":  # one fused pass: candidates below the k-th distance, AP without a sort
         return torch.ops.brcd.average_precision(qp, dp, ql, dl, k)
     return _average_precisions_by_ops(qp, dp, ql, dl, k)
@@ -144,10 +145,11 @@ def precision_recall_at_k(query_codes, db_codes, query_labels, db_labels, max_k:
             "recall": (recall / max(with_relevant, 1)).cpu()}
 
 
-def _check_cutoff(k, n: Optional[int], name: str) -> None:
+def _check_cutoff(k, n: Optional[int], name: str, or_none: bool = False) -> None:
+    """k must be an integer from 1 to n (any positive one where n is None); or_none says None was allowed too."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or (n is not None and k > n):
         bound = "a positive integer" if n is None else f"an integer between 1 and the database size {n}"
-        raise ValueError(f"{name} must be {bound}, got {k!r}")
+        raise ValueError(f"{name} must be {bound}{' or None' if or_none else ''}, got {k!r}")
 
 
 def _precision_recall_sums(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int, with_recall: bool):
@@ -179,6 +181,34 @@ def _relevant_counts(ql: Tensor, dl: Tensor) -> Tensor:
         chunk = ql[q0 : q0 + step]
         counts.append(_relevance(chunk, dl.unsqueeze(0).expand(chunk.shape[0], *dl.shape)).sum(1))
     return torch.cat(counts)
+
+
+def ndcg_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> float:
+    """NDCG@k of the Hamming ranking (ties to the smaller index) with graded relevance, as multi-label hashing papers
+    report it: an item's gain is ``2^r - 1``, r the number of labels it shares with the query (0 or 1 for class ids),
+    discounted by ``log2(1 + position)``; each query's DCG is divided by its ideal one (its database items in
+    descending r), and a query with nothing relevant in the database scores 0. The mean over queries."""
+    qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
+    _check_cutoff(k, dp.shape[0], "k")
+    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=dp.device))
+    label_width = dl.shape[1] if dl.dim() == 2 else 1
+    step = max(1, _CHUNK_BYTES // (dp.shape[0] * (label_width + 8) + k * 16))
+    total = torch.zeros((), dtype=torch.float64, device=dp.device)
+    for q0 in range(0, qp.shape[0], step):
+        queries = ql[q0 : q0 + step]
+        _, idx = hamming_topk(qp[q0 : q0 + step], dp, k)
+        gains = lambda shared: (torch.exp2(shared.double()) - 1).mul_(discounts).sum(dim=1)
+        every_item = _shared_labels(queries, dl.unsqueeze(0).expand(queries.shape[0], *dl.shape))
+        ideal = gains(every_item.topk(k, dim=1).values)
+        total += (gains(_shared_labels(queries, dl[idx])) / ideal.where(ideal > 0, 1.0)).sum()  # 0 / 1 without relevant
+    return float(total) / qp.shape[0]
+
+
+def _shared_labels(ql: Tensor, dl_items: Tensor) -> Tensor:
+    """How many labels each item shares with its query (int [q, m]): ql [q] or [q, C], dl_items [q, m] or [q, m, C]."""
+    if ql.dim() == 1:
+        return (dl_items == ql[:, None]).to(torch.int32)
+    return (dl_items & ql[:, None, :]).sum(dim=-1, dtype=torch.int32)
 
 
 def _radius_histograms(qp, dp, ql, dl) -> Tuple[Tensor, Tensor, int]:

@@ -129,7 +129,7 @@ def test_evaluate_encode_and_index_from_the_demo_checkpoints(demo_run, tmp_path,
     # that validated best asymmetrically).
     demo = json.loads((demo_run / "metrics.json").read_text())["student_brcd"]
     assert scores["map_symmetric"] == pytest.approx(demo["map_symmetric"], abs=1e-12)
-    assert set(scores) == {f"{m}_{p}" for m in ("map", "precision_at_50", "precision_within_radius_2")
+    assert set(scores) == {f"{m}_{p}" for m in ("map", "precision_at_50", "ndcg_at_50", "precision_within_radius_2")
                            for p in ("symmetric", "asymmetric")}
     # The precisions are brcd.metrics' on the codes the checkpoints give the split's images.
     from brcd.checkpoint import load_model
@@ -140,9 +140,11 @@ def test_evaluate_encode_and_index_from_the_demo_checkpoints(demo_run, tmp_path,
     for paradigm, model in (("symmetric", student), ("asymmetric", teacher)):
         on = (q, encode(load_model(model), data.train_images[split.database]), ql, dl)
         assert scores[f"precision_at_50_{paradigm}"] == metrics.precision_at_k(*on, 50)
+        assert scores[f"ndcg_at_50_{paradigm}"] == metrics.ndcg_at_k(*on, 50)
         assert scores[f"precision_within_radius_2_{paradigm}"] == metrics.precision_within_radius(*on, radius=2)
     assert cli.main(["evaluate", "--checkpoint", str(student), "--topk", "5000", "--radius", "0", *DATA]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"map_symmetric", "precision_at_200_symmetric",
+                                                         "ndcg_at_200_symmetric",
                                                          "precision_within_radius_0_symmetric"}  # 200 codes
     assert cli.main(["evaluate", "--checkpoint", str(demo_run / "student_brcd.asymmetric.pt"), "--teacher-checkpoint",
                      str(teacher), "--topk", "50", *DATA]) == 0

@@ -174,8 +174,11 @@ def test_metric_bad_input():
         metrics.mean_average_precision(qc, torch.randn(10, 24), ql, dl)
     with pytest.raises(ValueError, match="empty"):
         metrics.mean_average_precision(qc, dc[:0], ql, dl[:0])
-    with pytest.raises(ValueError, match="topk"):
-        metrics.mean_average_precision(qc, dc, ql, dl, topk=0)
+    for bad in (0, 2.0, True):  # larger than the database is allowed: the whole ranking
+        with pytest.raises(ValueError, match=f"topk must be a positive integer or None, got {bad!r}"):
+            metrics.mean_average_precision(qc, dc, ql, dl, topk=bad)
+    with pytest.raises(ValueError, match="k must be an integer between 1 and the database size 10, got 11"):
+        metrics.precision_at_k(qc, dc, ql, dl, 11)
     with pytest.raises(ValueError, match="classes"):
         metrics.mean_average_precision(qc, dc, torch.eye(3), torch.ones(10, 4))
 
@@ -287,3 +290,53 @@ def test_precision_recall_at_k_chunks_and_bad_input(monkeypatch):
             metrics.precision_recall_at_k(qc, dc, ql, dl, max_k=bad)
     with pytest.raises(ValueError, match="k must be"):
         metrics.precision_at_k(qc, dc, ql, dl, 201)
+
+
+def test_ndcg_of_a_ranking_worked_by_hand():
+    # Query code 000; database codes at distances 0, 1, 1, 3 (the two at distance 1 ranked by index).
+    q = torch.tensor([[-1.0, -1.0, -1.0]])
+    db = torch.tensor([[-1.0, -1, -1], [1, -1, -1], [-1, 1, -1], [1, 1, 1]])
+    ql = torch.tensor([[1, 1, 0]])
+    dl = torch.tensor([[0, 0, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]])  # shared labels 0, 1, 2, 2
+    gains = [0, 1, 3, 3]
+    log2 = np.log2
+    dcg = lambda g: sum(x / log2(i + 2) for i, x in enumerate(g))
+    for k in (1, 2, 3, 4):
+        want = dcg(gains[:k]) / dcg(sorted(gains, reverse=True)[:k])
+        assert abs(metrics.ndcg_at_k(q, db, ql, dl, k) - want) <= 1e-15
+    assert metrics.ndcg_at_k(q, db, torch.tensor([[0, 0, 0]]), dl, 2) == 0.0  # nothing relevant: 0
+    assert metrics.ndcg_at_k(db, db, dl, dl, 1) == 1.0  # each item finds itself first
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("labels", ["ids", "multi-hot", "ids-against-multi-hot"])
+@pytest.mark.parametrize("nbits,k", [(7, 1), (16, 37), (65, 400)])
+def test_ndcg_against_the_reference(device, labels, nbits, k):
+    gen = torch.Generator().manual_seed(nbits)
+    qc, ql = labelled_codes(23, nbits, 5, gen, flip=0.2)
+    dc, dl = labelled_codes(400, nbits, 5, gen, flip=0.2)
+    dc[200:300] = dc[:100]  # ties, ranked by index
+    if labels != "ids":
+        dl = torch.nn.functional.one_hot(dl, 8) | (torch.rand(400, 8, generator=gen) < 0.3).long()
+    if labels == "multi-hot":
+        ql = torch.nn.functional.one_hot(ql, 8) | (torch.rand(23, 8, generator=gen) < 0.3).long()
+        ql[0] = 0  # a query that shares nothing with the database scores 0
+    want = ref.ndcg_at_k(qc, dc, ql, dl, k)
+    got = metrics.ndcg_at_k(qc.to(device), dc.to(device), ql.to(device), dl.to(device), k)
+    assert abs(got - want) <= 1e-12 and 0 < got < 1
+    packed = metrics.ndcg_at_k(brcd.pack_codes(qc), brcd.pack_codes(dc), ql, dl, k)
+    assert abs(packed - want) <= 1e-12
+
+
+def test_ndcg_chunks_and_bad_input(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    qc, ql = labelled_codes(30, 16, 4, gen, flip=0.2)
+    dc, dl = labelled_codes(200, 16, 4, gen, flip=0.2)
+    whole = metrics.ndcg_at_k(qc, dc, ql, dl, 50)
+    monkeypatch.setattr(metrics, "_CHUNK_BYTES", 1)  # one query per chunk
+    assert abs(metrics.ndcg_at_k(qc, dc, ql, dl, 50) - whole) <= 1e-12
+    for bad in (0, 201, 2.5, True):
+        with pytest.raises(ValueError, match="k must be an integer between 1 and the database size 200"):
+            metrics.ndcg_at_k(qc, dc, ql, dl, bad)
+    with pytest.raises(ValueError, match="db_labels"):
+        metrics.ndcg_at_k(qc, dc, ql, dl[:5], 5)
