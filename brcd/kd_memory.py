@@ -82,7 +82,32 @@ def _nce(x: Tensor, negatives: int, dataset_size: int) -> Tensor:
     return -(positive + negative).mean()
 
 
-class CRDLoss(nn.Module):
+class _TwoHeads(nn.Module):
+    """What CRD and CRCD share: their checked settings and a linear head per model to unit-norm embeddings."""
+
+    def __init__(self, student_bits: int, teacher_bits: int, dataset_size: int, feat_dim: int, negatives: int,
+                 temperature: float, momentum: float):
+        super().__init__()
+        student_bits = positive_int(student_bits, "student_bits")
+        teacher_bits = positive_int(teacher_bits, "teacher_bits")
+        self.dataset_size = positive_int(dataset_size, "dataset_size")
+        self.feat_dim = positive_int(feat_dim, "feat_dim")
+        self.negatives = positive_int(negatives, "negatives")
+        self.temperature = positive_finite(temperature, "temperature")
+        self.momentum = momentum_value(momentum)
+        self.embed_student = nn.Linear(student_bits, self.feat_dim)
+        self.embed_teacher = nn.Linear(teacher_bits, self.feat_dim)
+
+    def _embeddings(self, student: Tensor, teacher: Tensor, index, memory: Tensor):
+        """Checks the call's arguments; returns the embeddings s and t and the positions on the codes' device."""
+        teacher = check_pair(student, teacher, same_bits=False, min_batch=1)
+        _check_bits(student, "student", self.embed_student.in_features)
+        _check_bits(teacher, "teacher", self.embed_teacher.in_features)
+        index = _check_positions(index, len(student), self.dataset_size, student, memory)
+        return F.normalize(self.embed_student(student), dim=1), F.normalize(self.embed_teacher(teacher), dim=1), index
+
+
+class CRDLoss(_TwoHeads):
     """Contrastive representation distillation over a training set of ``dataset_size`` images.
 
     Each model's codes are embedded by a linear head of its own and scaled to unit norm (``feat_dim`` dimensions).
@@ -105,28 +130,14 @@ class CRDLoss(nn.Module):
 
     def __init__(self, student_bits: int, teacher_bits: int, dataset_size: int, *, feat_dim: int = 128,
                  negatives: int = 500, temperature: float = 0.05, momentum: float = 0.5):
-        super().__init__()
-        student_bits = positive_int(student_bits, "student_bits")
-        teacher_bits = positive_int(teacher_bits, "teacher_bits")
-        self.dataset_size = positive_int(dataset_size, "dataset_size")
-        feat_dim = positive_int(feat_dim, "feat_dim")
-        self.negatives = positive_int(negatives, "negatives")
-        self.temperature = positive_finite(temperature, "temperature")
-        self.momentum = momentum_value(momentum)
-        self.embed_student = nn.Linear(student_bits, feat_dim)
-        self.embed_teacher = nn.Linear(teacher_bits, feat_dim)
-        self.register_buffer("memory_student", _memory_start(self.dataset_size, feat_dim))
-        self.register_buffer("memory_teacher", _memory_start(self.dataset_size, feat_dim))
+        super().__init__(student_bits, teacher_bits, dataset_size, feat_dim, negatives, temperature, momentum)
+        self.register_buffer("memory_student", _memory_start(self.dataset_size, self.feat_dim))
+        self.register_buffer("memory_teacher", _memory_start(self.dataset_size, self.feat_dim))
         # Z of each direction, NaN until the first batch sets it.
         self.register_buffer("normalisers", torch.full((2,), math.nan))
 
     def forward(self, student: Tensor, teacher: Tensor, index: Tensor) -> Tensor:
-        teacher = check_pair(student, teacher, same_bits=False, min_batch=1)
-        _check_bits(student, "student", self.embed_student.in_features)
-        _check_bits(teacher, "teacher", self.embed_teacher.in_features)
-        index = _check_positions(index, len(student), self.dataset_size, student, self.memory_student)
-        s = F.normalize(self.embed_student(student), dim=1)
-        t = F.normalize(self.embed_teacher(teacher), dim=1)
+        s, t, index = self._embeddings(student, teacher, index, self.memory_student)
         draws = torch.randint(self.dataset_size, (len(index), self.negatives), device=index.device)
         images = torch.cat([index[:, None], draws], dim=1)  # column 0: the positive
         student_side = self._scores(s, self.memory_teacher[images], 0)
@@ -173,7 +184,7 @@ class _Critic(nn.Module):
         return F.normalize(self.linear(x), dim=-1)
 
 
-class CRCDLoss(nn.Module):
+class CRCDLoss(_TwoHeads):
     """Complementary relation contrastive distillation over a training set of ``dataset_size`` images: the student's
     relation of a sample to an anchor must pick out, among the teacher's relations of many images to that anchor, the
     one of the same image.
@@ -202,28 +213,14 @@ class CRCDLoss(nn.Module):
     def __init__(self, student_bits: int, teacher_bits: int, dataset_size: int, *, feat_dim: int = 128,
                  negatives: int = 500, anchors: Optional[int] = None, temperature: float = 0.05,
                  momentum: float = 0.5):
-        super().__init__()
-        student_bits = positive_int(student_bits, "student_bits")
-        teacher_bits = positive_int(teacher_bits, "teacher_bits")
-        self.dataset_size = positive_int(dataset_size, "dataset_size")
-        feat_dim = positive_int(feat_dim, "feat_dim")
-        self.negatives = positive_int(negatives, "negatives")
+        super().__init__(student_bits, teacher_bits, dataset_size, feat_dim, negatives, temperature, momentum)
         self.anchors = None if anchors is None else positive_int(anchors, "anchors")
-        self.temperature = positive_finite(temperature, "temperature")
-        self.momentum = momentum_value(momentum)
-        self.embed_student = nn.Linear(student_bits, feat_dim)
-        self.embed_teacher = nn.Linear(teacher_bits, feat_dim)
-        self.relation_student, self.relation_teacher = _Relation(feat_dim), _Relation(feat_dim)
-        self.critic_student, self.critic_teacher = _Critic(feat_dim), _Critic(feat_dim)
-        self.register_buffer("memory_teacher", _memory_start(self.dataset_size, feat_dim))
+        self.relation_student, self.relation_teacher = _Relation(self.feat_dim), _Relation(self.feat_dim)
+        self.critic_student, self.critic_teacher = _Critic(self.feat_dim), _Critic(self.feat_dim)
+        self.register_buffer("memory_teacher", _memory_start(self.dataset_size, self.feat_dim))
 
     def forward(self, student: Tensor, teacher: Tensor, index: Tensor) -> Tensor:
-        teacher = check_pair(student, teacher, same_bits=False, min_batch=1)
-        _check_bits(student, "student", self.embed_student.in_features)
-        _check_bits(teacher, "teacher", self.embed_teacher.in_features)
-        index = _check_positions(index, len(student), self.dataset_size, student, self.memory_teacher)
-        s = F.normalize(self.embed_student(student), dim=1)
-        t = F.normalize(self.embed_teacher(teacher), dim=1)
+        s, t, index = self._embeddings(student, teacher, index, self.memory_teacher)
         anchors = t[: self.anchors]
         draws = torch.randint(self.dataset_size, (self.negatives,), device=index.device)
         remembered = lambda images: self.critic_teacher(self.relation_teacher(
