@@ -74,7 +74,7 @@ def test_bad_numbers_are_rejected_by_the_parser(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["distill", "--teacher-checkpoint", "t.pt", "--kd", "rkd", "--no-kd"], "not allowed with argument"),
-    (["distill", "--teacher-checkpoint", "t.pt", "--kd", "crcd"], "invalid choice: 'crcd'"),
+    (["distill", "--teacher-checkpoint", "t.pt", "--kd", "fitnet"], "invalid choice: 'fitnet'"),
     (["demo", "--baselines", "brcd"], "invalid choice: 'brcd'"),
     (["distill", "--teacher-checkpoint", "t.pt", "--kd-weight", "-1"], "expected a finite number >= 0, got -1.0"),
     (["demo", "--kd-weight", "nan"], "expected a finite number >= 0, got nan"),
@@ -84,6 +84,14 @@ def test_distillation_objectives_are_checked_by_the_parser(tmp_path, capsys, arg
     with pytest.raises(SystemExit) as exc:
         cli.main([argv[0], "--out", str(tmp_path), *argv[1:]])
     assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_every_registered_baseline_is_a_choice():
+    for kd in ("rkd", "pkt", "sp", "hinton", "sskd", "crd", "crcd", "packd"):
+        args = cli.build_parser().parse_args(["distill", "--out", "o", "--teacher-checkpoint", "t.pt", "--kd", kd])
+        assert args.kd == kd
+    args = cli.build_parser().parse_args(["demo", "--out", "o", "--baselines", "crcd", "packd"])
+    assert args.baselines == ["crcd", "packd"]
 
 
 def test_split_seed_keeps_the_split_while_the_run_seed_varies():
