@@ -2,9 +2,10 @@
 
 `brcd demo` runs the whole chain on Fashion-MNIST (teacher, clusters, a student without KD and a BRCD student, both
 search paradigms; --baselines adds students distilled with KD baselines) and writes DIR/report.md and DIR/metrics.json.
-`brcd distill --kd rkd` trains one student with a baseline instead of BRCD. `brcd evaluate` tests a checkpoint,
-`brcd encode` writes the database's codes to a HammingIndex file, and `brcd index` searches one (the k nearest codes,
-or every code within `--radius`).
+`brcd distill --kd rkd` trains one student with a baseline instead of BRCD; `brcd compare --kd brcd hinton --seeds
+0 1 2` trains students with several objectives over several seeds and tabulates them. `brcd evaluate` tests a
+checkpoint, `brcd encode` writes the database's codes to a HammingIndex file, and `brcd index` searches one (the k
+nearest codes, or every code within `--radius`).
 
 Errors in the input (missing or corrupt data, unknown model names, bad numbers) print one line on stderr and exit
 with status 2; a failed run (a NaN loss) exits with status 1. No traceback.
@@ -24,6 +25,7 @@ import torch
 
 from . import metrics
 from .code_stats import code_statistics
+from .comparison import summarise_seeds
 from .clustering import GROUP_MODES
 from .data import DataFileError, load_cifar10, load_fashion_mnist, load_image_list, make_split, synthetic_data
 from .checkpoint import CHECKPOINT_FORMATS, load_model
@@ -166,6 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"the distillation objective: brcd (the default), or a KD baseline: {_BASELINES_HELP}")
     kd.add_argument("--no-kd", action="store_true", help="the baseline: the student alone, with CIBHash")
     _distill_args(distill)
+
+    compare = sub.add_parser("compare", help="students distilled with several objectives, each over several seeds, "
+                             "from one teacher checkpoint on one split: a table of test mAP means, ranges and seeds")
+    compare.add_argument("--out", type=Path, required=True, help="run directory (created): seed<N>/ per seed")
+    compare.add_argument("--teacher-checkpoint", type=Path, required=True)
+    _data_args(compare)
+    _training_args(compare)
+    _model_args(compare, "student")
+    compare.add_argument("--epochs", type=_positive_int, default=10)
+    compare.add_argument("--kd", nargs="+", choices=DISTILLATION_OBJECTIVES, default=["brcd"], metavar="KD",
+                         help="the objectives, each beside the student without KD: brcd (the default) and any KD "
+                              f"baseline: {_BASELINES_HELP}")
+    compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                         help="the students' seeds (default 0 1 2); the split is --split-seed's, by default the first "
+                              "seed's, in every run")
+    compare.set_defaults(seed=None)  # --seeds replaces it: refused if given (run_compare)
+    _distill_args(compare)
 
     evaluate = sub.add_parser("evaluate", help="test a checkpoint: mAP@topk, precision@topk, NDCG@topk and precision "
                               "within a Hamming radius (both paradigms with a teacher checkpoint)")
@@ -449,6 +468,39 @@ def run_demo(args) -> dict:
     return results
 
 
+def run_compare(args) -> dict:
+    """For each seed, the student without KD and one per objective, trained and tested as `brcd distill` does, in
+    OUT/seed<N>/; then OUT/comparison.json and OUT/comparison.md."""
+    seeds = list(dict.fromkeys([args.seeds] if isinstance(args.seeds, int) else args.seeds))
+    objectives = list(dict.fromkeys([args.kd] if isinstance(args.kd, str) else args.kd))
+    for objective in objectives:  # argparse checks the flag; a --config file's list is checked here, before any work
+        if objective not in DISTILLATION_OBJECTIVES:
+            raise ValueError(f"kd: unknown objective {objective!r}; known: {', '.join(DISTILLATION_OBJECTIVES)}")
+    if not seeds:
+        raise ValueError("seeds: give at least one seed")
+    if args.seed is not None:
+        raise ValueError("compare takes the students' seeds as --seeds (and the split's as --split-seed), not --seed")
+    split_seed = seeds[0] if args.split_seed is None else args.split_seed
+    teacher = load_model(args.teacher_checkpoint, args.device)
+    per_seed, backbones = {}, {}
+    for seed in seeds:
+        run = _prepare_run(argparse.Namespace(**{**vars(args), "seed": seed, "split_seed": split_seed,
+                                                 "out": args.out / f"seed{seed}"}))
+        run.log(f"seed {seed} of {', '.join(map(str, seeds))}")
+        students = _train_students(run, teacher, args.student, args.epochs, kd=objectives)
+        results, curves = _final_test(run, teacher, {name: model for name, (model, _) in students.items()})
+        backbones = {"teacher": teacher.name, **{name: args.student for name in students}}
+        _finish(run, results, curves, backbones, teacher.bits)
+        per_seed[seed] = results
+    from .report import render_comparison
+
+    summary = {**summarise_seeds(per_seed), "split_seed": split_seed, "topk": args.topk}
+    atomic_write_bytes(args.out / "comparison.json", [json.dumps(summary, indent=2).encode()])
+    atomic_write_bytes(args.out / "comparison.md",
+                       [render_comparison(args, summary, backbones, split_seed).encode()])
+    return summary
+
+
 def _apply_config(parser: argparse.ArgumentParser, argv) -> None:
     """Set the chosen subcommand's defaults from its --config YAML, so that explicit flags still win."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -502,7 +554,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         run = {"demo": run_demo, "train-teacher": run_train_teacher, "distill": run_distill,
-               "evaluate": run_evaluate, "encode": run_encode, "index": run_index}[args.command]
+               "evaluate": run_evaluate, "encode": run_encode, "index": run_index,
+               "compare": run_compare}[args.command]
         print(json.dumps(run(args), indent=2))
         return 0
     except (DataFileError, ModelError, IndexFileError, ValueError) as exc:

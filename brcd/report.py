@@ -1,5 +1,5 @@
 """The run report in Markdown: the results table, encoding throughput (a table and a bar chart), precision-recall
-and precision@N curves and mAP over epochs (plots)."""
+and precision@N curves and mAP over epochs (plots); and the table of a comparison over seeds."""
 from __future__ import annotations
 
 import json
@@ -87,6 +87,13 @@ _ROLES = {"teacher": "teacher", "student_no_kd": "student without KD",
           **{student_run_name(name): f"student with {LABELS[name]}" for name in DISTILLATION_OBJECTIVES}}
 
 
+def _data_name(args) -> str:
+    if args.synthetic:
+        return "synthetic"
+    name = _DATASET_NAMES.get(args.dataset, args.dataset)
+    return f"{name} ({args.data_dir})" if args.dataset == "list" else name
+
+
 def render_report(out: Path, args, results: dict, curves: dict, backbones: dict, bits: int) -> str:
     """report.md of a run directory (demo, train-teacher or distill). results: {model: {"map_symmetric",
     "code_statistics", and for students "map_asymmetric"}, "throughput_images_per_s": {"teacher", optional
@@ -113,9 +120,7 @@ def render_report(out: Path, args, results: dict, curves: dict, backbones: dict,
     seeds = f"seed {args.seed}"
     if getattr(args, "split_seed", None) not in (None, args.seed):
         seeds += f" (split seed {args.split_seed})"
-    data = "synthetic" if args.synthetic else _DATASET_NAMES.get(args.dataset, args.dataset)
-    if args.dataset == "list" and not args.synthetic:
-        data += f" ({args.data_dir})"
+    data = _data_name(args)
     return (
         f"# brcd {args.command}\n\n{bits}-bit codes, mAP@{args.topk}, data: {data}, {seeds}, "
         f"device {args.device}, {results['seconds']:.0f} s in all.\n\n## Test results\n\n{table}\n"
@@ -125,4 +130,25 @@ def render_report(out: Path, args, results: dict, curves: dict, backbones: dict,
         f"## Precision-recall (test)\n\n{_plot_pr(out, curves)}\n"
         f"## Precision@N (test)\n\n{_plot_top_n(out, curves)}\n"
         f"## Validation during training\n\n{_plot_curves(out)}"
+    )
+
+
+def render_comparison(args, summary: dict, backbones: dict, split_seed: int) -> str:
+    """comparison.md of `brcd compare`: summary is comparison.summarise_seeds's; backbones {model: timm name}."""
+    seeds = summary["seeds"]
+    fmt = lambda stats: (f"{stats['mean']:.4f}", f"{stats['min']:.4f} to {stats['max']:.4f}",
+                         " / ".join(f"{v:.4f}" for v in stats["by_seed"])) if stats else ("-", "-", "-")
+    rows = []
+    for model, paradigms in summary["models"].items():
+        sym, asym = fmt(paradigms.get("map_symmetric")), fmt(paradigms.get("map_asymmetric"))
+        rows.append(f"| {_ROLES.get(model, model)} | {backbones[model]} | {sym[0]} | {sym[1]} | {asym[0]} | "
+                    f"{asym[1]} | {sym[2]} | {asym[2]} |\n")
+    return (
+        f"# brcd compare\n\nTest mAP@{args.topk} of each model over the seeds {', '.join(map(str, seeds))} "
+        f"(students trained once per seed from the same teacher checkpoint, on the split of seed {split_seed}; data: "
+        f"{_data_name(args)}): the mean, the range and each seed's value. The asymmetric paradigm searches the "
+        "teacher's database codes with the student's query codes. Each seed's run, with its report, is in "
+        "seed<N>/.\n\n"
+        "| model | backbone | symmetric mean | range | asymmetric mean | range | symmetric by seed | "
+        "asymmetric by seed |\n|---|---|---|---|---|---|---|---|\n" + "".join(rows)
     )

@@ -335,3 +335,43 @@ def test_validation_every_n_epochs_and_pretrained_weights(tmp_path, capsys):
     assert cli.main(["train-teacher", "--out", str(tmp_path / "c"), "--epochs", "1", "--teacher-weights", str(bad),
                      *common]) == 2
     assert "cannot load backbone weights" in capsys.readouterr().err
+
+
+def test_compare_tabulates_objectives_over_seeds(demo_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    teacher = demo_run / "teacher.pt"
+    args = ["compare", "--out", str(out), "--teacher-checkpoint", str(teacher), *DATA, "--epochs", "1",
+            "--val-database", "100", "--topk", "50", "--no-progress", "--clusters", "4"]
+    capsys.readouterr()
+    assert cli.main([*args, "--kd", "hinton", "brcd", "hinton", "--seeds", "3", "5", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["seeds"] == [3, 5] and summary["split_seed"] == 3 and summary["topk"] == 50
+    assert list(summary["models"]) == ["teacher", "student_no_kd", "student_hinton", "student_brcd"]
+    runs = {seed: json.loads((out / f"seed{seed}" / "metrics.json").read_text()) for seed in (3, 5)}
+    for seed in (3, 5):
+        config = json.loads((out / f"seed{seed}" / "config.json").read_text())
+        assert config["seed"] == seed and config["split_seed"] == 3  # one split, the students' own seeds
+    assert runs[3]["teacher"]["map_symmetric"] == runs[5]["teacher"]["map_symmetric"]  # same teacher, same split
+    for model, paradigms in summary["models"].items():
+        assert set(paradigms) == ({"map_symmetric"} if model == "teacher" else {"map_symmetric", "map_asymmetric"})
+        for paradigm, stats in paradigms.items():
+            values = [runs[3][model][paradigm], runs[5][model][paradigm]]
+            assert stats["by_seed"] == values and stats["min"] == min(values) and stats["max"] == max(values)
+            assert stats["mean"] == pytest.approx(sum(values) / 2, abs=1e-15)
+    assert json.loads((out / "comparison.json").read_text()) == summary
+    table = (out / "comparison.md").read_text()
+    brcd_row = next(line for line in table.splitlines() if line.startswith("| student with BRCD |"))
+    sym = summary["models"]["student_brcd"]["map_symmetric"]
+    assert f"| {sym['mean']:.4f} | {sym['min']:.4f} to {sym['max']:.4f} |" in brcd_row
+    assert f"{sym['by_seed'][0]:.4f} / {sym['by_seed'][1]:.4f}" in brcd_row
+    assert "seeds 3, 5" in table and "split of seed 3" in table and (out / "seed5" / "report.md").exists()
+
+
+def test_compare_refuses_bad_settings_before_any_work(tmp_path, capsys):
+    base = ["compare", "--out", str(tmp_path / "cmp"), "--teacher-checkpoint", str(tmp_path / "t.pt"), *DATA]
+    assert cli.main([*base, "--seed", "1"]) == 2 and "not --seed" in capsys.readouterr().err
+    assert cli.main(base) == 2 and "t.pt" in capsys.readouterr().err  # no teacher checkpoint there
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*base, "--kd", "nope"])
+    assert exc.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()

@@ -4,6 +4,7 @@ where that is missing."""
 from __future__ import annotations
 
 import importlib.util
+import linecache
 import re
 import subprocess
 import sys
@@ -37,8 +38,13 @@ def test_code_block_runs(page, line, code, tmp_path, monkeypatch, capsys):
     if "cuda" in needs and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     monkeypatch.chdir(tmp_path)  # a block may write files
-    # Padded with blank lines so that a traceback names the page's own line numbers.
-    exec(compile("\n" * (line - 1) + code, str(ROOT / page), "exec"), {"__name__": "__docs__"})
+    # Padded with blank lines so that a traceback names the page's own line numbers. The source is registered under a
+    # name of its own: tools that read a code object's file (tracebacks, torch.compile's line index) then read this
+    # Python, not the page's Markdown, which Python's tokenizer may reject.
+    source = "\n" * (line - 1) + code
+    filename = f"<{page} code block>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec"), {"__name__": "__docs__"})
 
 
 def test_the_search_example_runs():
