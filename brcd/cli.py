@@ -481,13 +481,21 @@ def run_compare(args) -> dict:
     if args.seed is not None:
         raise ValueError("compare takes the students' seeds as --seeds (and the split's as --split-seed), not --seed")
     split_seed = seeds[0] if args.split_seed is None else args.split_seed
-    teacher = load_model(args.teacher_checkpoint, args.device)
+    load_model(args.teacher_checkpoint, args.device)  # a bad checkpoint fails here, before any work
     per_seed, backbones = {}, {}
     for seed in seeds:
         run = _prepare_run(argparse.Namespace(**{**vars(args), "seed": seed, "split_seed": split_seed,
                                                  "out": args.out / f"seed{seed}"}))
         run.log(f"seed {seed} of {', '.join(map(str, seeds))}")
-        students = _train_students(run, teacher, args.student, args.epochs, kd=objectives)
+        students = {}
+        for objective in (None, *objectives):
+            # Each student as `brcd distill --seed N --split-seed S` trains it, to the last digit: seeded afresh, the
+            # teacher loaded after the seed (rebuilding it draws random weights before reading its own), so no
+            # student's numbers depend on the others trained before it.
+            torch.manual_seed(seed)
+            teacher = load_model(args.teacher_checkpoint, args.device)
+            students.update(_train_students(run, teacher, args.student, args.epochs,
+                                            kd=() if objective is None else (objective,), plain=objective is None))
         results, curves = _final_test(run, teacher, {name: model for name, (model, _) in students.items()})
         backbones = {"teacher": teacher.name, **{name: args.student for name in students}}
         _finish(run, results, curves, backbones, teacher.bits)

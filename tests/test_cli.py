@@ -365,6 +365,12 @@ def test_compare_tabulates_objectives_over_seeds(demo_run, tmp_path, capsys):
     assert f"| {sym['mean']:.4f} | {sym['min']:.4f} to {sym['max']:.4f} |" in brcd_row
     assert f"{sym['by_seed'][0]:.4f} / {sym['by_seed'][1]:.4f}" in brcd_row
     assert "seeds 3, 5" in table and "split of seed 3" in table and (out / "seed5" / "report.md").exists()
+    # Each seed's student is the one `brcd distill` trains with that seed on that split, to the last digit.
+    assert cli.main(["distill", "--out", str(tmp_path / "one"), *args[3:], "--kd", "hinton", "--seed", "5",
+                     "--split-seed", "3"]) == 0
+    single = json.loads((tmp_path / "one" / "metrics.json").read_text())["student_hinton"]
+    assert single["map_symmetric"] == runs[5]["student_hinton"]["map_symmetric"]
+    assert single["map_asymmetric"] == runs[5]["student_hinton"]["map_asymmetric"]
 
 
 def test_compare_refuses_bad_settings_before_any_work(tmp_path, capsys):
