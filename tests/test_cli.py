@@ -365,6 +365,10 @@ def test_compare_tabulates_objectives_over_seeds(demo_run, tmp_path, capsys):
     assert f"| {sym['mean']:.4f} | {sym['min']:.4f} to {sym['max']:.4f} |" in brcd_row
     assert f"{sym['by_seed'][0]:.4f} / {sym['by_seed'][1]:.4f}" in brcd_row
     assert "seeds 3, 5" in table and "split of seed 3" in table and (out / "seed5" / "report.md").exists()
+    # --resume finds every student finished: nothing trains again, the same table comes out.
+    log = (out / "seed5" / "metrics.jsonl").read_text()
+    assert cli.main([*args, "--kd", "hinton", "brcd", "--seeds", "3", "5", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out) == summary and (out / "seed5" / "metrics.jsonl").read_text() == log
     # Each seed's student is the one `brcd distill` trains with that seed on that split, to the last digit.
     assert cli.main(["distill", "--out", str(tmp_path / "one"), *args[3:], "--kd", "hinton", "--seed", "5",
                      "--split-seed", "3"]) == 0
