@@ -125,17 +125,6 @@ def test_crd_gradients_and_gradcheck():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters())  # both heads train
 
 
-def test_crd_state_dict_resumes_the_same_loss():
-    module, s, t, index = crd_case(seed=5)
-    module(s, t, index)
-    restored = kd_losses.CRDLoss(12, 12, 40, feat_dim=8, negatives=9).double()
-    restored.load_state_dict(module.state_dict())
-    torch.manual_seed(8)
-    a = module(s, t, index)
-    torch.manual_seed(8)
-    assert float(restored(s, t, index).detach()) == float(a.detach())
-
-
 def test_crd_bad_input_names_the_argument():
     module, s, t, index = crd_case(seed=6)
     with pytest.raises(ValueError, match="index must be an int64 tensor"):
@@ -254,17 +243,6 @@ def test_crcd_gradients_and_gradcheck():
     # the heads, both relation modules and both critics all learn
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters())
     assert len(list(trained.parameters())) == 4 + 2 * 6 + 2 * 2
-
-
-def test_crcd_state_dict_resumes_the_same_loss():
-    module, s, t, index = crcd_case(seed=5)
-    module(s, t, index)
-    restored = kd_losses.CRCDLoss(10, 12, 30, feat_dim=6, negatives=7).double()
-    restored.load_state_dict(module.state_dict())
-    torch.manual_seed(8)
-    a = module(s, t, index)
-    torch.manual_seed(8)
-    assert float(restored(s, t, index).detach()) == float(a.detach())
 
 
 def test_crcd_bad_input_names_the_argument():
@@ -412,18 +390,6 @@ def test_packd_gradients_and_gradcheck(views, feat_dim):
     assert len(list(trained.parameters())) == (4 if feat_dim < 12 else 2)  # a teacher head only below its bits
 
 
-def test_packd_state_dict_resumes_the_same_loss():
-    module, s, t, index = packd_case(seed=5, views=2)
-    module(s, t, index)
-    restored = kd_losses.PACKDLoss(10, 12, 30, feat_dim=6, negatives=7).double()
-    restored.load_state_dict(module.state_dict())
-    assert restored.written.sum() == 5
-    torch.manual_seed(8)
-    a = module(s, t, index)
-    torch.manual_seed(8)
-    assert float(restored(s, t, index).detach()) == float(a.detach())
-
-
 def test_packd_bad_input_names_the_argument():
     module, s, t, index = packd_case(seed=6, views=2)
     memory = module.memory_teacher.clone()
@@ -452,6 +418,25 @@ def test_packd_nan_in_the_codes_gives_nan():
     module, s, t, index = packd_case(seed=7, views=3)
     s[1, 2, 0] = math.nan
     assert math.isnan(float(module(s, t, index).detach()))
+
+
+# --- all three ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make_case, rebuild", [
+    (lambda: crd_case(seed=5), lambda: kd_losses.CRDLoss(12, 12, 40, feat_dim=8, negatives=9)),
+    (lambda: crcd_case(seed=5), lambda: kd_losses.CRCDLoss(10, 12, 30, feat_dim=6, negatives=7)),
+    (lambda: packd_case(seed=5, views=2), lambda: kd_losses.PACKDLoss(10, 12, 30, feat_dim=6, negatives=7)),
+], ids=["crd", "crcd", "packd"])
+def test_state_dict_resumes_the_same_loss(make_case, rebuild):
+    module, s, t, index = make_case()
+    module(s, t, index)  # memory written (and PACKD's rows marked), CRD's normalisers set
+    restored = rebuild().double()
+    restored.load_state_dict(module.state_dict())
+    assert all(torch.equal(value, restored.state_dict()[key]) for key, value in module.state_dict().items())
+    torch.manual_seed(8)
+    a = module(s, t, index)
+    torch.manual_seed(8)
+    assert float(restored(s, t, index).detach()) == float(a.detach())
 
 
 # --- the objectives ---------------------------------------------------------------------------------------------
