@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -32,8 +33,8 @@ from .checkpoint import CHECKPOINT_FORMATS, load_model
 from .index import HammingIndex, IndexFileError, atomic_write_bytes
 from .models import STUDENT_DEFAULT, TEACHER_DEFAULT, ModelError, build_model
 from .objectives import DISTILLATION_OBJECTIVES, LABELS
-from .train import (PRECISIONS, TrainConfig, TrainingError, checkpoint_path, encode, fit_clusters, student_run_name,
-                    throughput, train_student, train_teacher)
+from .train import (BRCD_ABLATIONS, PRECISIONS, TrainConfig, TrainingError, ablation_run_name, checkpoint_path,
+                    encode, fit_clusters, student_run_name, throughput, train_student, train_teacher)
 
 
 def _int_at_least(minimum: int, expected: str):
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                          help="the students' seeds (default 0 1 2); the split is --split-seed's, by default the first "
                               "seed's, in every run")
+    compare.add_argument("--ablations", nargs="*", choices=tuple(BRCD_ABLATIONS), default=[], metavar="PART",
+                         help="also BRCD students with one part taken away: "
+                              + ", ".join(f"{k} ({left})" for k, (_, left) in BRCD_ABLATIONS.items()))
     compare.set_defaults(seed=None)  # --seeds replaces it: refused if given (run_compare)
     _distill_args(compare)
 
@@ -353,11 +357,17 @@ def _train_teacher(run: _Run, name: str, epochs: int, bits: int):
     return teacher, scores
 
 
-def _train_students(run: _Run, teacher, name: str, epochs: int, kd=("brcd",), plain: bool = True):
+def _train_students(run: _Run, teacher, name: str, epochs: int, kd=("brcd",), plain: bool = True,
+                    ablation: Optional[str] = None):
     """The student without KD (plain) and one distilled with each objective of `kd`; returns {run name: (model, best
-    validation scores)}, the run names "student_no_kd" and student_run_name(objective). train_student refuses an
-    unknown objective before it trains."""
+    validation scores)}, the run names "student_no_kd" and student_run_name(objective). With an `ablation` (one of
+    BRCD_ABLATIONS; kd then BRCD alone), the BRCD student takes its settings and the run name ablation_run_name(...).
+    train_student refuses an unknown objective before it trains."""
     cfg = replace(run.cfg, bits=teacher.bits, epochs=epochs)
+    if ablation is not None:
+        if tuple(kd) != ("brcd",):
+            raise ValueError(f"an ablation is of BRCD alone, got the objectives {tuple(kd)}")
+        cfg = replace(cfg, **BRCD_ABLATIONS[ablation][0])
     students = {}
     if plain:
         run.log(f"student {name} without KD")
@@ -373,8 +383,9 @@ def _train_students(run: _Run, teacher, name: str, epochs: int, kd=("brcd",), pl
         else:
             run.log(f"student {name} with {LABELS.get(objective, objective)}")
         model = run.make(name, teacher.bits, run.args.student_weights)
-        students[student_run_name(objective)] = (model, train_student(model, teacher, clusters, run.train_images,
-                                                                      *run.val, replace(cfg, kd=objective), run.out))
+        run_name = student_run_name(objective) if ablation is None else ablation_run_name(ablation)
+        students[run_name] = (model, train_student(model, teacher, clusters, run.train_images, *run.val,
+                                                   replace(cfg, kd=objective), run.out, run_name))
     return students
 
 
@@ -469,13 +480,18 @@ def run_demo(args) -> dict:
 
 
 def run_compare(args) -> dict:
-    """For each seed, the student without KD and one per objective, trained and tested as `brcd distill` does, in
-    OUT/seed<N>/; then OUT/comparison.json and OUT/comparison.md."""
+    """For each seed, the student without KD, one per objective and one per BRCD ablation, trained and tested as
+    `brcd distill` does, in OUT/seed<N>/; then OUT/comparison.json and OUT/comparison.md."""
     seeds = list(dict.fromkeys([args.seeds] if isinstance(args.seeds, int) else args.seeds))
     objectives = list(dict.fromkeys([args.kd] if isinstance(args.kd, str) else args.kd))
-    for objective in objectives:  # argparse checks the flag; a --config file's list is checked here, before any work
+    ablations = list(dict.fromkeys([args.ablations] if isinstance(args.ablations, str) else args.ablations or ()))
+    # argparse checks the flags; a --config file's lists are checked here, before any work
+    for objective in objectives:
         if objective not in DISTILLATION_OBJECTIVES:
             raise ValueError(f"kd: unknown objective {objective!r}; known: {', '.join(DISTILLATION_OBJECTIVES)}")
+    for ablation in ablations:
+        if ablation not in BRCD_ABLATIONS:
+            raise ValueError(f"ablations: unknown BRCD ablation {ablation!r}; known: {', '.join(BRCD_ABLATIONS)}")
     if not seeds:
         raise ValueError("seeds: give at least one seed")
     if args.seed is not None:
@@ -488,14 +504,17 @@ def run_compare(args) -> dict:
                                                  "out": args.out / f"seed{seed}"}))
         run.log(f"seed {seed} of {', '.join(map(str, seeds))}")
         students = {}
-        for objective in (None, *objectives):
-            # Each student as `brcd distill --seed N --split-seed S` trains it, to the last digit: seeded afresh, the
-            # teacher loaded after the seed (rebuilding it draws random weights before reading its own), so no
-            # student's numbers depend on the others trained before it.
+        plan = [(None, None), *((objective, None) for objective in objectives),
+                *(("brcd", ablation) for ablation in ablations)]
+        for objective, ablation in plan:
+            # Each student as `brcd distill --seed N --split-seed S` (with the ablation's flags) trains it, to the
+            # last digit: seeded afresh, the teacher loaded after the seed (rebuilding it draws random weights before
+            # reading its own), so no student's numbers depend on the others trained before it.
             torch.manual_seed(seed)
             teacher = load_model(args.teacher_checkpoint, args.device)
             students.update(_train_students(run, teacher, args.student, args.epochs,
-                                            kd=() if objective is None else (objective,), plain=objective is None))
+                                            kd=() if objective is None else (objective,), plain=objective is None,
+                                            ablation=ablation))
         results, curves = _final_test(run, teacher, {name: model for name, (model, _) in students.items()})
         backbones = {"teacher": teacher.name, **{name: args.student for name in students}}
         _finish(run, results, curves, backbones, teacher.bits)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .objectives import DISTILLATION_OBJECTIVES, LABELS
-from .train import student_run_name
+from .train import BRCD_ABLATIONS, ablation_run_name, student_run_name
 
 
 def _pyplot():
@@ -84,7 +84,8 @@ _DATASET_NAMES = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "list
 
 # Models a report may hold, in the order of its tables: the run names of train.py and cli.py.
 _ROLES = {"teacher": "teacher", "student_no_kd": "student without KD",
-          **{student_run_name(name): f"student with {LABELS[name]}" for name in DISTILLATION_OBJECTIVES}}
+          **{student_run_name(name): f"student with {LABELS[name]}" for name in DISTILLATION_OBJECTIVES},
+          **{ablation_run_name(name): f"student with BRCD ({left})" for name, (_, left) in BRCD_ABLATIONS.items()}}
 
 
 def _data_name(args) -> str:

@@ -120,6 +120,22 @@ def student_run_name(objective: str) -> str:
     return f"student_{objective}"
 
 
+# BRCD with one part taken away, as the paper's ablations take it: {name: (TrainConfig fields, what is left)}.
+BRCD_ABLATIONS = {
+    "none": ({"group_mode": "none"}, "no groups"),
+    "fn": ({"group_mode": "fn"}, "false negatives only"),
+    "offset": ({"group_mode": "offset"}, "offset positives only"),
+    "no-mask": ({"use_mask": False}, "no bit mask"),
+}
+
+
+def ablation_run_name(ablation: str) -> str:
+    """The run of a BRCD student trained with one of BRCD_ABLATIONS."""
+    if ablation not in BRCD_ABLATIONS:
+        raise ValueError(f"unknown BRCD ablation {ablation!r}; known: {', '.join(BRCD_ABLATIONS)}")
+    return f"{student_run_name('brcd')}_{ablation.replace('-', '_')}"
+
+
 def checkpoint_path(out_dir: Path, name: str, paradigm: str = "symmetric", fmt: str = "pt") -> Path:
     """The best checkpoint of a model by one paradigm's validation mAP: NAME.FMT (symmetric) or NAME.PARADIGM.FMT."""
     if fmt not in CHECKPOINT_FORMATS:
