@@ -245,7 +245,8 @@ class PACKDLoss(nn.Module):
     (``feat_dim`` becoming the teacher's bits), as the release does. With pi_i the entropic optimal-transport plan
     between sample i's student and teacher views (Sinkhorn in the log domain: cost ``|s_iv - t_iw|^2``, marginals
     1 / V, regularisation ``sinkhorn_epsilon``, up to ``sinkhorn_iterations`` rounds, stopping once the mean L1
-    change of the row potentials is below ``sinkhorn_tolerance``), a constant (no gradient flows through it):
+    change of the row potentials is below ``sinkhorn_tolerance``: one read of a number per round, on a GPU a wait), a
+    constant (no gradient flows through it):
 
         p_i = sum over (v, w) of pi_i[v, w] <s_iv, t_iw>          (V = 1: p_i = <s_i, t_i>)
         n_ivk = <s_iv, M[r_ik]>   for m = ``negatives`` images r_i1..r_im drawn uniformly from the training set
