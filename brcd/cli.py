@@ -464,11 +464,18 @@ def run_distill(args) -> dict:
             for name, (_, scores) in students.items()}
 
 
+def _listed(value, name: str, what: str = "", known=()) -> list:
+    """A list option's values, in order without repeats. argparse checks a flag's values; a --config file's (a list,
+    or one value) are checked here against `known`, before any work."""
+    values = list(dict.fromkeys([value] if isinstance(value, (str, int)) else value or ()))
+    for v in values:
+        if known and v not in known:
+            raise ValueError(f"{name}: unknown {what} {v!r}; known: {', '.join(known)}")
+    return values
+
+
 def run_demo(args) -> dict:
-    baselines = [args.baselines] if isinstance(args.baselines, str) else list(dict.fromkeys(args.baselines or ()))
-    for b in baselines:  # argparse checks the flag's values; a --config file's list is checked here, before any work
-        if b not in KD_BASELINES:
-            raise ValueError(f"baselines: unknown KD baseline {b!r}; known: {', '.join(KD_BASELINES)}")
+    baselines = _listed(args.baselines, "baselines", "KD baseline", KD_BASELINES)
     run = _prepare_run(args)
     teacher, _ = _train_teacher(run, args.teacher, args.teacher_epochs, args.bits)
     students = _train_students(run, teacher, args.student, args.student_epochs, kd=("brcd", *baselines))
@@ -482,16 +489,9 @@ def run_demo(args) -> dict:
 def run_compare(args) -> dict:
     """For each seed, the student without KD, one per objective and one per BRCD ablation, trained and tested as
     `brcd distill` does, in OUT/seed<N>/; then OUT/comparison.json and OUT/comparison.md."""
-    seeds = list(dict.fromkeys([args.seeds] if isinstance(args.seeds, int) else args.seeds))
-    objectives = list(dict.fromkeys([args.kd] if isinstance(args.kd, str) else args.kd))
-    ablations = list(dict.fromkeys([args.ablations] if isinstance(args.ablations, str) else args.ablations or ()))
-    # argparse checks the flags; a --config file's lists are checked here, before any work
-    for objective in objectives:
-        if objective not in DISTILLATION_OBJECTIVES:
-            raise ValueError(f"kd: unknown objective {objective!r}; known: {', '.join(DISTILLATION_OBJECTIVES)}")
-    for ablation in ablations:
-        if ablation not in BRCD_ABLATIONS:
-            raise ValueError(f"ablations: unknown BRCD ablation {ablation!r}; known: {', '.join(BRCD_ABLATIONS)}")
+    seeds = _listed(args.seeds, "seeds")
+    objectives = _listed(args.kd, "kd", "objective", DISTILLATION_OBJECTIVES)
+    ablations = _listed(args.ablations, "ablations", "BRCD ablation", tuple(BRCD_ABLATIONS))
     if not seeds:
         raise ValueError("seeds: give at least one seed")
     if args.seed is not None:

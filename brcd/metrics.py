@@ -193,11 +193,11 @@ def ndcg_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> float:
     discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=dp.device))
     label_width = dl.shape[1] if dl.dim() == 2 else 1
     step = max(1, _CHUNK_BYTES // (dp.shape[0] * (label_width + 8) + k * 16))
+    gains = lambda shared: (torch.exp2(shared.double()) - 1).mul_(discounts).sum(dim=1)  # DCG of ranked shared counts
     total = torch.zeros((), dtype=torch.float64, device=dp.device)
     for q0 in range(0, qp.shape[0], step):
         queries = ql[q0 : q0 + step]
         _, idx = hamming_topk(qp[q0 : q0 + step], dp, k)
-        gains = lambda shared: (torch.exp2(shared.double()) - 1).mul_(discounts).sum(dim=1)
         every_item = _shared_labels(queries, dl.unsqueeze(0).expand(queries.shape[0], *dl.shape))
         ideal = gains(every_item.topk(k, dim=1).values)
         total += (gains(_shared_labels(queries, dl[idx])) / ideal.where(ideal > 0, 1.0)).sum()  # 0 / 1 without relevant

@@ -384,6 +384,10 @@ def test_compare_refuses_bad_settings_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([*base, "--kd", "nope"])
     assert exc.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+    for line, needle in (("kd: [brcd, nope]", "kd: unknown objective 'nope'"),
+                         ("ablations: fn-only", "ablations: unknown BRCD ablation 'fn-only'")):
+        (tmp_path / "c.yaml").write_text(line + "\n")  # a --config file's lists pass no argparse check
+        assert cli.main([*base, "--config", str(tmp_path / "c.yaml")]) == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
 
 
