@@ -5,7 +5,7 @@ search paradigms; --baselines adds students distilled with KD baselines) and wri
 `brcd distill --kd rkd` trains one student with a baseline instead of BRCD; `brcd compare --kd brcd hinton --seeds
 0 1 2` trains students with several objectives over several seeds and tabulates them. `brcd evaluate` tests a
 checkpoint, `brcd encode` writes the database's codes to a HammingIndex file, and `brcd index` searches one (the k
-nearest codes, or every code within `--radius`).
+nearest codes, or every code within `--radius`). `brcd score` scores any method's codes saved as files.
 
 Errors in the input (missing or corrupt data, unknown model names, bad numbers) print one line on stderr and exit
 with status 2; a failed run (a NaN loss) exits with status 1. No traceback.
@@ -28,6 +28,7 @@ from . import metrics
 from .code_stats import code_statistics
 from .comparison import summarise_seeds
 from .clustering import GROUP_MODES
+from .code_files import load_codes, load_labels
 from .data import DataFileError, load_cifar10, load_fashion_mnist, load_image_list, make_split, synthetic_data
 from .checkpoint import CHECKPOINT_FORMATS, load_model
 from .index import HammingIndex, IndexFileError, atomic_write_bytes
@@ -65,10 +66,35 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
-    """The data and the split: the same defaults everywhere, so that every subcommand sees the demo's split."""
+def _device(text: str) -> str:
+    """An argparse type: a torch device that this machine has (so that a missing GPU is one line, not a traceback)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device torch can use")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    return text
+
+
+def _topk_or_all(text: str) -> Optional[int]:
+    """An argparse type: a positive cutoff, or `all` (None: the whole database)."""
+    return None if text == "all" else _int_at_least(1, "a positive integer or 'all'")(text)
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="a YAML file of this command's options (names as the flags, - or _); flags override it")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    """The data and the split: the same defaults everywhere, so that every subcommand sees the demo's split."""
+    _config_arg(p)
     p.add_argument("--dataset", choices=("fashion-mnist", "cifar10", "list"), default="fashion-mnist",
                    help="list: your own images, DATA_DIR/train.txt and test.txt with 'path 0 1 0 ...' lines "
                         "(multi-hot labels, as the NUS-WIDE and MS COCO lists)")
@@ -85,7 +111,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-seed", type=int, default=None,
                    help="the seed of the data split alone (default: --seed): keep it and vary --seed to repeat a "
                         "training run on the same images")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu")
 
 
 def _training_args(p: argparse.ArgumentParser) -> None:
@@ -214,7 +240,38 @@ def build_parser() -> argparse.ArgumentParser:
     found.add_argument("--radius", type=_nonnegative_int, default=None,
                        help="instead of the k nearest, every code within this Hamming distance (a hash lookup)")
     _data_args(index)
+
+    score = sub.add_parser("score", help="score any method's codes from files: mAP@topk, precision@topk, NDCG@topk "
+                           "and precision within a Hamming radius", description=_SCORE_DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _config_arg(score)
+    score.add_argument("--query-codes", type=Path, required=True, help="the queries' codes (.npy, .pt, .txt, .csv)")
+    score.add_argument("--db-codes", type=Path, required=True,
+                       help="the database's codes (the same formats, or a HammingIndex file .bhi)")
+    score.add_argument("--query-labels", type=Path, required=True, help="class ids [n] or multi-hot rows [n, C]")
+    score.add_argument("--db-labels", type=Path, required=True)
+    score.add_argument("--packed", action="store_true",
+                       help="the code files hold bytes of packed bits (numpy.packbits, either bit order, or "
+                            "brcd.pack_codes), not one column per bit")
+    score.add_argument("--topk", type=_topk_or_all, default=1000,
+                       help="the cutoff K of mAP@K, precision@K and NDCG@K (default 1000); 'all': the whole database")
+    score.add_argument("--radius", type=_nonnegative_int, default=2,
+                       help="the Hamming radius of the hash-lookup precision (default 2)")
+    score.add_argument("--curves", type=Path, default=None,
+                       help="also write to this JSON file the precision-recall curve of Hamming-ball retrieval (each "
+                            "radius) and precision@N and recall@N up to topk")
+    score.add_argument("--device", type=_device, default="cpu", help="where to rank (cpu, cuda)")
     return parser
+
+
+_SCORE_DESCRIPTION = """Score the codes of any hashing method, saved as files: a row per item, a column per bit (+-1, 0/1 or real values,
+bit = value > 0) or, with --packed, bytes of packed bits. Labels: integer class ids (one per item) or 0/1 multi-hot
+rows. An item is relevant to a query when they share a label; rankings are by Hamming distance, ties to the smaller
+database index. Prints mAP@K, precision@K, NDCG@K and precision within --radius as JSON.
+
+example:
+  brcd score --query-codes q.npy --db-codes db.npy --query-labels q_labels.npy --db-labels db_labels.npy --topk 5000
+"""
 
 
 def _data_and_split(args):
@@ -247,15 +304,10 @@ def run_evaluate(args) -> dict:
     queries, query_labels = data.test_images[split.test_queries], data.test_labels[split.test_queries]
     db, db_labels = data.train_images[split.database], data.train_labels[split.database]
     q = encode(model, queries, device=args.device, desc="encoding queries")
-    topk = min(args.topk, len(db))
 
     def scores(db_codes, paradigm: str) -> dict:
-        on = (q, db_codes, query_labels, db_labels)
-        return {f"map_{paradigm}": metrics.mean_average_precision(*on, topk),
-                f"precision_at_{topk}_{paradigm}": metrics.precision_at_k(*on, topk),
-                f"ndcg_at_{topk}_{paradigm}": metrics.ndcg_at_k(*on, topk),
-                f"precision_within_radius_{args.radius}_{paradigm}": metrics.precision_within_radius(
-                    *on, radius=args.radius)}
+        found = metrics.retrieval_scores(q, db_codes, query_labels, db_labels, args.topk, args.radius)
+        return {f"{key}_{paradigm}": value for key, value in found.items()}
 
     results = scores(encode(model, db, device=args.device, desc="encoding the database"), "symmetric")
     if args.teacher_checkpoint is not None:
@@ -263,6 +315,33 @@ def run_evaluate(args) -> dict:
                             desc="encoding the database (teacher)")
         results.update(scores(teacher_db, "asymmetric"))
     return results
+
+
+def run_score(args) -> dict:
+    """The retrieval metrics of code files (brcd.code_files), and their curves where --curves names a file."""
+    queries = load_codes(args.query_codes, "--query-codes", packed=args.packed)
+    database = load_codes(args.db_codes, "--db-codes", packed=args.packed)
+    same_width = queries.packed.shape[1] == database.packed.shape[1] and (
+        queries.nbits is None or database.nbits is None or queries.nbits == database.nbits)
+    if not same_width:
+        describe = lambda c: f"{c.nbits} bits" if c.nbits else f"{c.packed.shape[1]} bytes of packed bits"
+        hint = "" if args.packed else " (files of packed bytes need --packed)"
+        raise ValueError(f"--query-codes holds codes of {describe(queries)} but --db-codes of {describe(database)}"
+                         + hint)
+    query_labels = load_labels(args.query_labels, "--query-labels", rows=len(queries))
+    db_labels = load_labels(args.db_labels, "--db-labels", rows=len(database))
+    on = [t.to(args.device) for t in (queries.packed, database.packed, query_labels, db_labels)]
+    scores = metrics.retrieval_scores(*on, topk=args.topk, radius=args.radius)
+    k = len(database) if args.topk is None else min(args.topk, len(database))
+    bits = queries.nbits or database.nbits
+    if args.curves is not None:
+        ball, top_n = metrics.precision_recall_curve(*on), metrics.precision_recall_at_k(*on, max_k=k)
+        curves = {"hamming_ball": {key: ball[key].tolist() for key in ("radius", "precision", "recall")},
+                  "top_n": {"n": top_n["k"].tolist(), "precision": top_n["precision"].tolist(),
+                            "recall": top_n["recall"].tolist()}}
+        atomic_write_bytes(args.curves, [json.dumps(curves).encode()])
+    width = {"bits": bits} if bits else {"code_bytes": queries.packed.shape[1]}
+    return {"queries": len(queries), "database": len(database), **width, "topk": k, **scores}
 
 
 def run_encode(args) -> dict:
@@ -582,7 +661,7 @@ def main(argv=None) -> int:
     try:
         run = {"demo": run_demo, "train-teacher": run_train_teacher, "distill": run_distill,
                "evaluate": run_evaluate, "encode": run_encode, "index": run_index,
-               "compare": run_compare}[args.command]
+               "compare": run_compare, "score": run_score}[args.command]
         print(json.dumps(run(args), indent=2))
         return 0
     except (DataFileError, ModelError, IndexFileError, ValueError) as exc:

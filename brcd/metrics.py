@@ -25,6 +25,7 @@ __all__ = [
     "precision_recall_curve",
     "precision_within_radius",
     "ndcg_at_k",
+    "retrieval_scores",
     "evaluate_paradigms",
 ]
 
@@ -58,6 +59,8 @@ def _prepare(query_codes, db_codes, query_labels, db_labels):
         raise ValueError(f"query_codes and db_codes differ in bit count ({qp.shape[1]} vs {dp.shape[1]} bytes)")
     if dp.shape[0] == 0:
         raise ValueError("db_codes is empty")
+    if qp.shape[0] == 0:
+        raise ValueError("query_codes is empty: there is nothing to average over")
     ql = _labels(query_labels, "query_labels", qp.shape[0])
     dl = _labels(db_labels, "db_labels", dp.shape[0])
     if ql.dim() != dl.dim():  # class ids against multi-hot: lift the ids to one-hot
@@ -83,12 +86,15 @@ def _relevance(ql: Tensor, dl_ranked: Tensor) -> Tensor:
     return (dl_ranked & ql[:, None, :]).any(dim=-1)
 
 
-def _ranked_chunks(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int):
-    per_query = k * (16 + (dl.shape[1] if dl.dim() == 2 else 1) * 2)
+def _ranked_chunks(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int, extra_per_query: int = 0):
+    """The top-k op's rankings of chunks of queries: (the chunk's first query, the labels of its ranked items, their
+    relevance [q, k]). extra_per_query: bytes per query that the caller's own work on a chunk adds."""
+    per_query = k * (16 + (dl.shape[1] if dl.dim() == 2 else 1) * 2) + extra_per_query
     step = max(1, _CHUNK_BYTES // per_query)
     for q0 in range(0, qp.shape[0], step):
-        dist, idx = hamming_topk(qp[q0 : q0 + step], dp, k)
-        yield dist, _relevance(ql[q0 : q0 + step], dl[idx])
+        _, idx = hamming_topk(qp[q0 : q0 + step], dp, k)
+        ranked_labels = dl[idx]
+        yield q0, ranked_labels, _relevance(ql[q0 : q0 + step], ranked_labels)
 
 
 def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: Optional[int] = None) -> Tensor:
@@ -105,15 +111,16 @@ def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: Opt
 
 def _average_precisions_by_ops(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int) -> Tensor:
     """average_precisions from the top-k op's rankings and torch ops (the path for GPUs; runs on any device)."""
-    out = []
-    inv_positions = 1.0 / torch.arange(1, k + 1, dtype=torch.float64, device=dp.device)
-    for _, rel in _ranked_chunks(qp, dp, ql, dl, k):
-        # AP = (1 / hits) * sum over relevant positions i of (relevant items up to i) / i.
-        cum = torch.cumsum(rel, dim=1, dtype=torch.int32)
-        hits = cum[:, -1].double()
-        total = (cum * rel).double().mul_(inv_positions).sum(dim=1)
-        out.append(torch.where(hits > 0, total / hits.clamp_min(1), torch.zeros_like(hits)))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    return _ranked_sums(qp, dp, ql, dl, k, average_precision=True)["ap"]
+
+
+def _average_precisions_of_ranked(rel: Tensor, inv_positions: Tensor) -> Tensor:
+    """AP of each ranked row of relevance flags (bool [q, k]); 0 where nothing relevant was ranked."""
+    # AP = (1 / hits) * sum over relevant positions i of (relevant items up to i) / i.
+    cum = torch.cumsum(rel, dim=1, dtype=torch.int32)
+    hits = cum[:, -1].double()
+    total = (cum * rel).double().mul_(inv_positions).sum(dim=1)
+    return torch.where(hits > 0, total / hits.clamp_min(1), torch.zeros_like(hits))
 
 
 def mean_average_precision(query_codes, db_codes, query_labels, db_labels, topk: Optional[int] = None) -> float:
@@ -125,8 +132,7 @@ def precision_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> fl
     """Mean over queries of the fraction of relevant items among the top k."""
     qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
     _check_cutoff(k, dp.shape[0], "k")
-    precision, _ = _precision_recall_sums(qp, dp, ql, dl, k, with_recall=False)
-    return float(precision[k - 1]) / qp.shape[0]
+    return _ranked_sums(qp, dp, ql, dl, k)["hits"] / (k * qp.shape[0])
 
 
 def precision_recall_at_k(query_codes, db_codes, query_labels, db_labels, max_k: int = 1000) -> Dict[str, Tensor]:
@@ -140,7 +146,7 @@ def precision_recall_at_k(query_codes, db_codes, query_labels, db_labels, max_k:
     qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
     _check_cutoff(max_k, None, "max_k")
     k = min(max_k, dp.shape[0])
-    precision, (recall, with_relevant) = _precision_recall_sums(qp, dp, ql, dl, k, with_recall=True)
+    precision, (recall, with_relevant) = _precision_recall_sums(qp, dp, ql, dl, k)
     return {"k": torch.arange(1, k + 1), "precision": (precision / max(qp.shape[0], 1)).cpu(),
             "recall": (recall / max(with_relevant, 1)).cpu()}
 
@@ -152,22 +158,21 @@ def _check_cutoff(k, n: Optional[int], name: str, or_none: bool = False) -> None
         raise ValueError(f"{name} must be {bound}{' or None' if or_none else ''}, got {k!r}")
 
 
-def _precision_recall_sums(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int, with_recall: bool):
-    """Sums over queries of precision@N for N = 1..k (float64 [k]) and, with_recall, (the sums of recall@N over the
-    queries with a relevant database item, how many those are)."""
+def _precision_recall_sums(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int):
+    """Sums over queries of precision@N for N = 1..k (float64 [k]) and (the sums of recall@N over the queries with a
+    relevant database item, how many those are)."""
     cutoffs = torch.arange(1, k + 1, dtype=torch.float64, device=dp.device)
     precision = torch.zeros(k, dtype=torch.float64, device=dp.device)
     recall = torch.zeros_like(precision)
     with_relevant = 0
     q0 = 0
-    for _, rel in _ranked_chunks(qp, dp, ql, dl, k):
+    for _, _, rel in _ranked_chunks(qp, dp, ql, dl, k):
         hits = torch.cumsum(rel, dim=1, dtype=torch.int64).double()
         precision += (hits / cutoffs).sum(0)
-        if with_recall:
-            relevant = _relevant_counts(ql[q0 : q0 + rel.shape[0]], dl).double()
-            found = relevant > 0
-            recall += (hits[found] / relevant[found, None]).sum(0)
-            with_relevant += int(found.sum())
+        relevant = _relevant_counts(ql[q0 : q0 + rel.shape[0]], dl).double()
+        found = relevant > 0
+        recall += (hits[found] / relevant[found, None]).sum(0)
+        with_relevant += int(found.sum())
         q0 += rel.shape[0]
     return precision, (recall, with_relevant)
 
@@ -190,18 +195,43 @@ def ndcg_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> float:
     descending r), and a query with nothing relevant in the database scores 0. The mean over queries."""
     qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
     _check_cutoff(k, dp.shape[0], "k")
-    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=dp.device))
-    label_width = dl.shape[1] if dl.dim() == 2 else 1
-    step = max(1, _CHUNK_BYTES // (dp.shape[0] * (label_width + 8) + k * 16))
+    return _ranked_sums(qp, dp, ql, dl, k, ndcg=True)["ndcg"] / qp.shape[0]
+
+
+def _ranked_sums(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int, ndcg: bool = False,
+                 average_precision: bool = False) -> dict:
+    """One ranking of the database by the top-k op, over chunks of queries, and the sums over queries of what it
+    gives: "hits" (relevant items in the top k, an exact count) and, where asked, "ndcg" (the sum of NDCG@k) and "ap"
+    (each query's AP@k, float64 [q]). Every metric of a top-k ranking comes from here, so that one pass can serve
+    several, with the same chunks (and so the same float sums) as each alone."""
+    device = dp.device
+    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=device))
+    inv_positions = 1.0 / torch.arange(1, k + 1, dtype=torch.float64, device=device)
+    hits = torch.zeros((), dtype=torch.int64, device=device)
+    ndcg_sum = torch.zeros((), dtype=torch.float64, device=device)
+    aps = [torch.zeros(0, dtype=torch.float64, device=device)]
     gains = lambda shared: (torch.exp2(shared.double()) - 1).mul_(discounts).sum(dim=1)  # DCG of ranked shared counts
-    total = torch.zeros((), dtype=torch.float64, device=dp.device)
-    for q0 in range(0, qp.shape[0], step):
-        queries = ql[q0 : q0 + step]
-        _, idx = hamming_topk(qp[q0 : q0 + step], dp, k)
-        every_item = _shared_labels(queries, dl.unsqueeze(0).expand(queries.shape[0], *dl.shape))
-        ideal = gains(every_item.topk(k, dim=1).values)
-        total += (gains(_shared_labels(queries, dl[idx])) / ideal.where(ideal > 0, 1.0)).sum()  # 0 / 1 without relevant
-    return float(total) / qp.shape[0]
+    if ndcg and dl.dim() == 1:  # class ids: a query's ideal ranking puts the items of its class first
+        classes, class_sizes = torch.unique(dl, return_counts=True)
+        ideal_of_size = torch.cat([discounts.new_zeros(1), discounts.cumsum(0)])  # [i]: the discounts of positions < i
+    # Multi-hot labels: the ideal ranking counts the labels every database item shares with each query of a chunk.
+    every_item_bytes = dp.shape[0] * 12 if ndcg and dl.dim() == 2 else 0
+    db_label_matrix = dl.float() if ndcg and dl.dim() == 2 else None
+    for q0, ranked_labels, rel in _ranked_chunks(qp, dp, ql, dl, k, every_item_bytes):
+        hits += rel.sum()
+        if ndcg:
+            queries = ql[q0 : q0 + rel.shape[0]]
+            if dl.dim() == 1:
+                at = torch.searchsorted(classes, queries).clamp_(max=len(classes) - 1)
+                ideal = ideal_of_size[torch.where(classes[at] == queries, class_sizes[at], 0).clamp_(max=k)]
+            else:
+                # 0/1 labels: a matmul counts shared ones exactly (float32 holds integers to 2^24), without the
+                # [q, n, C] tensor of a broadcast.
+                ideal = gains((queries.float() @ db_label_matrix.T).topk(k, dim=1).values)
+            ndcg_sum += (gains(_shared_labels(queries, ranked_labels)) / ideal.where(ideal > 0, 1.0)).sum()  # 0 / 1
+        if average_precision:
+            aps.append(_average_precisions_of_ranked(rel, inv_positions))
+    return {"hits": int(hits), "ndcg": float(ndcg_sum), "ap": torch.cat(aps)}
 
 
 def _shared_labels(ql: Tensor, dl_items: Tensor) -> Tensor:
@@ -258,14 +288,40 @@ def precision_recall_curve(query_codes, db_codes, query_labels, db_labels) -> Di
 
 def precision_within_radius(query_codes, db_codes, query_labels, db_labels, radius: int = 2) -> float:
     """Mean precision of the items within Hamming distance <= radius; a query that retrieves nothing scores 0."""
+    _check_radius(radius)
+    return _precision_within_radius(*_prepare(query_codes, db_codes, query_labels, db_labels), radius)
+
+
+def _check_radius(radius) -> None:
     if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
         raise ValueError(f"radius must be a non-negative integer, got {radius!r}")
-    qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
+
+
+def _precision_within_radius(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, radius: int) -> float:
     all_counts, rel_counts, _ = _radius_histograms(qp, dp, ql, dl)
     r = min(radius, all_counts.shape[1] - 1)
     retrieved = all_counts[:, : r + 1].sum(1).double()
     hits = rel_counts[:, : r + 1].sum(1).double()
     return float(torch.where(retrieved > 0, hits / retrieved.clamp_min(1), 0).mean())
+
+
+def retrieval_scores(query_codes, db_codes, query_labels, db_labels, topk: Optional[int] = 1000,
+                     radius: int = 2) -> Dict[str, float]:
+    """The scalar metrics hashing papers report, at once: ``map`` (mAP@topk), ``precision_at_K`` and ``ndcg_at_K``
+    (K = topk, at most the database size; the whole database where topk is None) and
+    ``precision_within_radius_R`` (R = radius). Each equals its own function's value to the last digit, but the
+    database is ranked once for all of them (on the CPU, mAP comes from its own fused pass, which sorts nothing)."""
+    if topk is not None:
+        _check_cutoff(topk, None, "topk", or_none=True)
+    _check_radius(radius)
+    qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
+    k = dp.shape[0] if topk is None else min(topk, dp.shape[0])
+    on_cpu = dp.device.type == "cpu"
+    ranked = _ranked_sums(qp, dp, ql, dl, k, ndcg=True, average_precision=not on_cpu)
+    aps = torch.ops.brcd.average_precision(qp, dp, ql, dl, k) if on_cpu else ranked["ap"]
+    return {"map": float(aps.mean()), f"precision_at_{k}": ranked["hits"] / (k * qp.shape[0]),
+            f"ndcg_at_{k}": ranked["ndcg"] / qp.shape[0],
+            f"precision_within_radius_{radius}": _precision_within_radius(qp, dp, ql, dl, radius)}
 
 
 def evaluate_paradigms(student_query_codes, student_db_codes, teacher_db_codes, query_labels, db_labels,

@@ -286,6 +286,8 @@ def test_workers_reach_the_loader_and_change_only_the_augmentation_stream(tmp_pa
 def test_default_workers_by_device(monkeypatch):
     parse = lambda *argv: cli.build_parser().parse_args(["train-teacher", "--out", "x", *argv])
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device is checked against the machine's GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert cli._workers(parse()) == 0  # the CPU trains on every core
     assert cli._workers(parse("--device", "cuda")) == 8
     assert cli._workers(parse("--device", "cuda:1", "--workers", "3")) == 3

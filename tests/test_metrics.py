@@ -328,6 +328,20 @@ def test_ndcg_against_the_reference(device, labels, nbits, k):
     assert abs(packed - want) <= 1e-12
 
 
+def test_ndcg_with_class_ids_of_any_value():
+    """Class ids need not be small or positive; a query whose class the database lacks scores 0."""
+    gen = torch.Generator().manual_seed(6)
+    qc, ql = labelled_codes(20, 24, 3, gen, flip=0.25)
+    dc, dl = labelled_codes(250, 24, 3, gen, flip=0.25)
+    values = torch.tensor([-5, 300, 7])
+    ql, dl = values[ql], values[dl]
+    ql[:4] = 999  # in no database item's class
+    for k in (1, 30, 250):
+        want = ref.ndcg_at_k(qc, dc, ql, dl, k)
+        assert abs(metrics.ndcg_at_k(qc, dc, ql, dl, k) - want) <= 1e-12 and want > 0
+    assert metrics.ndcg_at_k(qc[:4], dc, ql[:4], dl, 30) == 0.0
+
+
 def test_ndcg_chunks_and_bad_input(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     qc, ql = labelled_codes(30, 16, 4, gen, flip=0.2)
@@ -340,3 +354,52 @@ def test_ndcg_chunks_and_bad_input(monkeypatch):
             metrics.ndcg_at_k(qc, dc, ql, dl, bad)
     with pytest.raises(ValueError, match="db_labels"):
         metrics.ndcg_at_k(qc, dc, ql, dl[:5], 5)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("labels", ["ids", "multi-hot"])
+@pytest.mark.parametrize("topk", [None, 1, 37, 5000])
+def test_retrieval_scores_equal_each_metric_alone(device, labels, topk):
+    gen = torch.Generator().manual_seed(11)
+    qc, ql = labelled_codes(31, 20, 5, gen, flip=0.2)
+    dc, dl = labelled_codes(300, 20, 5, gen, flip=0.2)
+    dc[150:200] = dc[:50]  # ties
+    if labels == "multi-hot":
+        ql = torch.nn.functional.one_hot(ql, 7) | (torch.rand(31, 7, generator=gen) < 0.3).long()
+        dl = torch.nn.functional.one_hot(dl, 7) | (torch.rand(300, 7, generator=gen) < 0.3).long()
+    on = [t.to(device) for t in (qc, dc, ql, dl)]
+    got = metrics.retrieval_scores(*on, topk=topk, radius=3)
+    k = 300 if topk is None else min(topk, 300)
+    # The same numbers, to the last digit, as each function alone: one ranking serves them all.
+    assert got == {"map": metrics.mean_average_precision(*on, topk),
+                   f"precision_at_{k}": metrics.precision_at_k(*on, k),
+                   f"ndcg_at_{k}": metrics.ndcg_at_k(*on, k),
+                   "precision_within_radius_3": metrics.precision_within_radius(*on, radius=3)}
+    # And the brute-force reference's, whatever the chunks.
+    exact = (ql, dl) if labels == "ids" else (ql.double(), dl.double())
+    assert abs(got["map"] - brute_force_map(qc, dc, *exact, k)) <= 1e-12
+    assert abs(got[f"ndcg_at_{k}"] - ref.ndcg_at_k(qc, dc, ql, dl, k)) <= 1e-12
+    _, idx = ref.hamming_topk(ref.pack_codes(qc), ref.pack_codes(dc), k)
+    rel = ql[:, None] == dl[idx] if labels == "ids" else (ql[:, None, :] & dl[idx]).any(-1)
+    assert got[f"precision_at_{k}"] == int(rel.sum()) / (k * 31)
+
+
+def test_retrieval_scores_chunks_and_bad_input(monkeypatch):
+    gen = torch.Generator().manual_seed(12)
+    qc, ql = labelled_codes(30, 16, 4, gen, flip=0.2)
+    dc, dl = labelled_codes(200, 16, 4, gen, flip=0.2)
+    whole = metrics.retrieval_scores(qc, dc, ql, dl, topk=50)
+    monkeypatch.setattr(metrics, "_CHUNK_BYTES", 1)  # one query per chunk
+    chunked = metrics.retrieval_scores(qc, dc, ql, dl, topk=50)
+    assert chunked.keys() == whole.keys() and all(abs(chunked[key] - whole[key]) <= 1e-12 for key in whole)
+    assert chunked["precision_at_50"] == whole["precision_at_50"]  # an exact count either way
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="topk must be a positive integer or None"):
+            metrics.retrieval_scores(qc, dc, ql, dl, topk=bad)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="radius must be a non-negative integer"):
+            metrics.retrieval_scores(qc, dc, ql, dl, radius=bad)
+    with pytest.raises(ValueError, match="query_codes is empty"):
+        metrics.retrieval_scores(qc[:0], dc, ql[:0], dl)
+    with pytest.raises(ValueError, match="query_codes is empty"):
+        metrics.precision_at_k(qc[:0], dc, ql[:0], dl, 5)
