@@ -268,6 +268,18 @@ def _fit(model: HashModel, objective: torch.nn.Module, step: Callable, images: T
     return best
 
 
+def _forward(cfg: TrainConfig, model: HashModel, views, teacher: Optional[HashModel] = None, teacher_views: int = 0):
+    """A training step's forward passes, under the run's precision: the teacher's codes of the first `teacher_views`
+    views (without gradients), then the model's (probabilities, codes) of every view, in that order (a model with
+    dropout draws its masks in it). All in float32, as the objectives compute (a no-op in fp32; in bfloat16 the ±1
+    codes are exact, the probabilities not)."""
+    with _forward_precision(cfg):
+        with torch.no_grad():
+            teacher_codes = [teacher(v)[1] for v in views[:teacher_views]]
+        student = [model(v) for v in views]
+    return [t.float() for t in teacher_codes], [(p.float(), s.float()) for p, s in student]
+
+
 def train_teacher(model: HashModel, images: Tensor, val_queries: Tensor, val_query_labels: Tensor,
                   val_db: Tensor, val_db_labels: Tensor, cfg: TrainConfig, out_dir: Path,
                   name: str = "teacher") -> Dict[str, float]:
@@ -275,10 +287,8 @@ def train_teacher(model: HashModel, images: Tensor, val_queries: Tensor, val_que
     objective = make_objective("cibhash", temperature=cfg.temperature, kl_weight=cfg.kl_weight)
 
     def step(v1, v2, idx):
-        with _forward_precision(cfg):
-            p1, c1 = model(v1)
-            p2, c2 = model(v2)
-        return objective(p1.float(), c1.float(), p2.float(), c2.float())
+        _, ((p1, c1), (p2, c2)) = _forward(cfg, model, (v1, v2))
+        return objective(p1, c1, p2, c2)
 
     def validate():
         q = encode(model, val_queries, device=cfg.device)
@@ -314,15 +324,7 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clust
         masks = clusters.masks.to(cfg.device)
 
         def step(v1, v2, idx):
-            with _forward_precision(cfg):
-                with torch.no_grad():
-                    _, t1 = teacher(v1)
-                    _, t2 = teacher(v2)
-                p1, s1 = model(v1)
-                p2, s2 = model(v2)
-            # The objectives compute in float32 (a no-op in fp32; the ±1 codes are exact in bfloat16, the probabilities
-            # not).
-            p1, s1, p2, s2, t1, t2 = (x.float() for x in (p1, s1, p2, s2, t1, t2))
+            (t1, t2), ((p1, s1), (p2, s2)) = _forward(cfg, model, (v1, v2), teacher, 2)
             c = clusters.assignments[idx].to(cfg.device)
             cv = nearest_centroid(t2, centroids)
             rows, cols, alpha = negative_groups(c, cv, base_alpha=cfg.alpha, mode=cfg.group_mode)
@@ -334,18 +336,13 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clust
             extra = {}
             if objective.extra_input == "index":  # positions in the training set, on the CPU as the loader gives them
                 extra["index"] = idx
-            with _forward_precision(cfg):
-                with torch.no_grad():
-                    _, t1 = teacher(v1)  # a baseline compares view 1 only: no teacher pass over view 2
-                p1, s1 = model(v1)
-                p2, s2 = model(v2)
-                if objective.extra_input == "rotations":  # view 1 turned by 90, 180 and 270 degrees, through both
-                    rotated = torch.cat([torch.rot90(v1, k, dims=(-2, -1)) for k in (1, 2, 3)])
-                    with torch.no_grad():
-                        _, teacher_rotated = teacher(rotated)
-                    _, student_rotated = model(rotated)
-                    extra["rotated"] = (student_rotated.float(), teacher_rotated.float())
-            return objective(*(x.float() for x in (p1, s1, p2, s2, t1)), **extra)
+            # A baseline compares view 1 only: no teacher pass over view 2.
+            (t1,), ((p1, s1), (p2, s2)) = _forward(cfg, model, (v1, v2), teacher, 1)
+            if objective.extra_input == "rotations":  # view 1 turned by 90, 180 and 270 degrees, through both
+                rotated = torch.cat([torch.rot90(v1, k, dims=(-2, -1)) for k in (1, 2, 3)])
+                (teacher_rotated,), ((_, student_rotated),) = _forward(cfg, model, (rotated,), teacher, 1)
+                extra["rotated"] = (student_rotated, teacher_rotated)
+            return objective(p1, s1, p2, s2, t1, **extra)
 
     def validate():
         q = encode(model, val_queries, device=cfg.device)
