@@ -28,7 +28,7 @@ from . import metrics
 from .code_stats import code_statistics
 from .comparison import summarise_seeds
 from .clustering import GROUP_MODES
-from .code_files import load_codes, load_labels
+from .code_files import check_file_type, load_codes, load_labels, save_codes, save_labels
 from .data import DataFileError, load_cifar10, load_fashion_mnist, load_image_list, make_split, synthetic_data
 from .checkpoint import CHECKPOINT_FORMATS, load_model
 from .index import HammingIndex, IndexFileError, atomic_write_bytes
@@ -147,6 +147,9 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mask", action="store_true", help="BRCD's ablation: no bit mask")
 
 
+# The images of a split that brcd encode writes: the database, or the queries that brcd evaluate tests with.
+ENCODED_PARTS = ("database", "test-queries")
+
 # The KD baselines: every distillation objective but BRCD itself.
 KD_BASELINES = tuple(name for name in DISTILLATION_OBJECTIVES if name != "brcd")
 _BASELINES_HELP = ", ".join(f"{name} ({LABELS[name]})" for name in KD_BASELINES)
@@ -226,9 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the Hamming radius of the hash-lookup precision (default 2)")
     _data_args(evaluate)
 
-    enc = sub.add_parser("encode", help="encode the database images into a HammingIndex file of packed codes")
+    enc = sub.add_parser("encode", help="encode the database (or the test queries) into a HammingIndex file, or into "
+                         "a code file for brcd score or other tools")
     enc.add_argument("--checkpoint", type=Path, required=True)
-    enc.add_argument("--out", type=Path, required=True, help="the index file to write")
+    enc.add_argument("--out", type=Path, required=True,
+                     help="the file to write: .bhi (a HammingIndex), or .npy, .pt, .txt, .csv (±1 columns, one per bit)")
+    enc.add_argument("--part", choices=ENCODED_PARTS, default="database",
+                     help="which images of the split (default database; test-queries: those brcd evaluate queries with)")
+    enc.add_argument("--labels-out", type=Path, default=None,
+                     help="also write their labels (class ids, or multi-hot rows) to this .npy, .pt, .txt or .csv file")
     _data_args(enc)
 
     index = sub.add_parser("index", help="search a HammingIndex file with test images encoded by a checkpoint")
@@ -345,12 +354,22 @@ def run_score(args) -> dict:
 
 
 def run_encode(args) -> dict:
+    check_file_type(args.out, "--out", codes=True)  # before the work
+    if args.labels_out is not None:
+        check_file_type(args.labels_out, "--labels-out")
     data, split = _data_and_split(args)
     model = load_model(args.checkpoint, args.device)
-    index = HammingIndex(model.bits)
-    index.add(encode(model, data.train_images[split.database], device=args.device, desc="encoding the database"))
-    index.save(args.out)
-    return {"index": str(args.out), "codes": len(index), "bits": model.bits}
+    if args.part == "database":
+        images, labels = data.train_images[split.database], data.train_labels[split.database]
+    else:
+        images, labels = data.test_images[split.test_queries], data.test_labels[split.test_queries]
+    codes = encode(model, images, device=args.device, desc=f"encoding the {args.part.replace('-', ' ')}")
+    save_codes(args.out, codes, "--out")
+    written = {"codes_file": str(args.out), "part": args.part, "codes": len(codes), "bits": model.bits}
+    if args.labels_out is not None:
+        save_labels(args.labels_out, labels, "--labels-out")
+        written["labels_file"] = str(args.labels_out)
+    return written
 
 
 def run_index(args) -> dict:

@@ -1,4 +1,5 @@
-"""Codes and labels read from files, to score any hashing method's codes (`brcd score`).
+"""Codes and labels in files: read to score any hashing method's codes (`brcd score`), written to take brcd's codes
+elsewhere (`brcd encode`).
 
 Formats, by suffix: ``.npy`` (NumPy; pickled object arrays are refused), ``.pt`` / ``.pth`` (one tensor saved with
 ``torch.save``, read with ``weights_only=True``), ``.txt`` / ``.tsv`` (whitespace or tab separated) and ``.csv`` (comma
@@ -12,6 +13,7 @@ or 0/1 multi-hot rows (one column per class).
 """
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +24,10 @@ import torch
 from torch import Tensor
 
 from .data import DataFileError
-from .index import HammingIndex, IndexFileError
+from .index import HammingIndex, IndexFileError, atomic_write_bytes
 from .ops import pack_codes
 
-__all__ = ["PackedCodes", "load_codes", "load_labels"]
+__all__ = ["PackedCodes", "check_file_type", "load_codes", "load_labels", "save_codes", "save_labels"]
 
 _TEXT_DELIMITERS = {".txt": None, ".tsv": "\t", ".csv": ","}
 _ARRAY_SUFFIXES = (".npy", ".pt", ".pth", *_TEXT_DELIMITERS)
@@ -47,14 +49,14 @@ def load_codes(path: Union[str, Path], name: str = "codes", packed: bool = False
     """Read a code file (see the module's formats); `name` (a flag, say) prefixes every error. packed: the array
     holds bytes of packed bits, not one value per bit (an index file always holds packed codes)."""
     path = Path(path)
-    if path.suffix.lower() == ".bhi":
+    if check_file_type(path, name, codes=True) == ".bhi":
         try:
             index = HammingIndex.load(path)
         except IndexFileError as exc:
             raise DataFileError(f"{name}: {exc}") from None
         codes = PackedCodes(index.packed_codes, index.nbits)
     else:
-        values = _read_array(path, name, 2, also_known=(".bhi",))
+        values = _read_array(path, name, 2)
         if packed:
             codes = PackedCodes(_as_bytes(values, path, name), None)
         else:
@@ -85,13 +87,18 @@ def load_labels(path: Union[str, Path], name: str = "labels", rows: Optional[int
     return labels
 
 
-def _read_array(path: Path, name: str, min_dims: int, also_known=()) -> Tensor:
-    """The file's array as a tensor of 1 or 2 dimensions (at least min_dims) of numbers or booleans. also_known: the
-    caller's other suffixes, for the message about an unknown one."""
-    suffix = path.suffix.lower()
-    if suffix not in _ARRAY_SUFFIXES:
-        known = ", ".join((*_ARRAY_SUFFIXES, *also_known))
-        raise DataFileError(f"{name} {path}: unknown file type {suffix or '(no suffix)'!r}; known: {known}")
+def check_file_type(path: Union[str, Path], name: str, codes: bool = False) -> str:
+    """The file's suffix (lower case), if it names a format of this module (an index file only for codes)."""
+    suffix = Path(path).suffix.lower()
+    known = (*_ARRAY_SUFFIXES, ".bhi") if codes else _ARRAY_SUFFIXES
+    if suffix not in known:
+        raise DataFileError(f"{name} {path}: unknown file type {suffix or '(no suffix)'!r}; known: {', '.join(known)}")
+    return suffix
+
+
+def _read_array(path: Path, name: str, min_dims: int) -> Tensor:
+    """The file's array as a tensor of 1 or 2 dimensions (at least min_dims) of numbers or booleans."""
+    suffix = check_file_type(path, name)
     if not path.is_file():
         raise DataFileError(f"{name} {path}: no such file")
     try:
@@ -132,3 +139,37 @@ def _as_bytes(values: Tensor, path: Path, name: str) -> Tensor:
         raise DataFileError(f"{name} {path}: packed codes must be bytes (integers 0 to 255); without --packed, each "
                             "column is one bit")
     return values.to(torch.uint8)
+
+
+def save_codes(path: Union[str, Path], codes: Tensor, name: str = "codes") -> None:
+    """Write real-valued codes [n, bits] (bit = value > 0) in the format the suffix names, atomically: ±1 int8
+    columns in an array or text file (read back by :func:`load_codes`), or packed in a HammingIndex file (``.bhi``)."""
+    path = Path(path)
+    if not isinstance(codes, Tensor) or codes.dim() != 2 or codes.is_complex():
+        raise ValueError(f"{name}: expected real codes [n, bits]")
+    if check_file_type(path, name, codes=True) == ".bhi":
+        index = HammingIndex(codes.shape[1])
+        index.add(codes.cpu())
+        index.save(path)
+        return
+    _write_array(path, torch.where(codes.cpu() > 0, 1, -1).to(torch.int8), name)
+
+
+def save_labels(path: Union[str, Path], labels: Tensor, name: str = "labels") -> None:
+    """Write labels (class ids [n], or multi-hot rows [n, C] as 0/1) in the format the suffix names, atomically."""
+    if not isinstance(labels, Tensor) or labels.dim() not in (1, 2) or labels.is_floating_point():
+        raise ValueError(f"{name}: expected integer class ids [n] or multi-hot rows [n, C]")
+    _write_array(Path(path), (labels > 0).to(torch.uint8) if labels.dim() == 2 else labels.to(torch.int64), name)
+
+
+def _write_array(path: Path, values: Tensor, name: str) -> None:
+    suffix = check_file_type(path, name)
+    buffer = io.BytesIO()
+    if suffix == ".npy":
+        np.save(buffer, values.numpy(), allow_pickle=False)
+    elif suffix in (".pt", ".pth"):
+        torch.save(values.clone(), buffer)
+    else:
+        rows = values.numpy() if values.dim() == 2 else values.numpy()[:, None]
+        np.savetxt(buffer, rows, fmt="%d", delimiter=_TEXT_DELIMITERS[suffix] or " ")
+    atomic_write_bytes(path, [buffer.getvalue()])

@@ -184,6 +184,40 @@ def test_evaluate_encode_and_index_from_the_demo_checkpoints(demo_run, tmp_path,
     assert "not allowed with" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("suffix", [".npy", ".csv"])  # every format's round trip: test_score
+def test_encoded_files_score_as_brcd_evaluate_scores_the_checkpoints(demo_run, tmp_path, capsys, suffix):
+    """brcd encode writes a split's codes and labels for other tools; brcd score reads them back to the numbers of
+    brcd evaluate (same split, same models), in both paradigms."""
+    student, teacher = demo_run / "student_brcd.pt", demo_run / "teacher.pt"
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", str(student), "--teacher-checkpoint", str(teacher), "--topk", "50",
+                     "--radius", "3", *DATA]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    files = {name: tmp_path / f"{name}{suffix}" for name in ("q", "ql", "db", "dl", "teacher_db")}
+    files["teacher_db"] = tmp_path / "teacher_db.bhi"  # the teacher's database as an index file
+    for model, part, codes, labels in ((student, "test-queries", "q", "ql"), (student, "database", "db", "dl"),
+                                       (teacher, "database", "teacher_db", None)):
+        extra = ["--labels-out", str(files[labels])] if labels else []
+        assert cli.main(["encode", "--checkpoint", str(model), "--part", part, "--out", str(files[codes]), *extra,
+                         *DATA]) == 0
+        written = json.loads(capsys.readouterr().out)
+        assert written["part"] == part and written["codes"] == (40 if part == "test-queries" else 200)
+    for paradigm, db in (("symmetric", "db"), ("asymmetric", "teacher_db")):
+        assert cli.main(["score", "--query-codes", str(files["q"]), "--db-codes", str(files[db]), "--query-labels",
+                         str(files["ql"]), "--db-labels", str(files["dl"]), "--topk", "50", "--radius", "3"]) == 0
+        scored = json.loads(capsys.readouterr().out)
+        assert scored["queries"] == 40 and scored["database"] == 200 and scored["topk"] == 50
+        assert {f"{key}_{paradigm}": scored[key] for key in ("map", "precision_at_50", "ndcg_at_50",
+                                                             "precision_within_radius_3")} == {
+            key: value for key, value in evaluated.items() if key.endswith(f"_{paradigm}")}
+    # A file type brcd cannot write fails before any encoding.
+    for flag in ("--out", "--labels-out"):
+        names = {"--out": str(tmp_path / "q.npy"), "--labels-out": str(tmp_path / "ql.npy"), flag: "codes.mat"}
+        assert cli.main(["encode", "--checkpoint", str(student), *[x for kv in names.items() for x in kv], *DATA]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} codes.mat: unknown file type '.mat'" in err and "encoding" not in err
+
+
 def test_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

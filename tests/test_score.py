@@ -9,7 +9,7 @@ import torch
 
 import brcd
 from brcd import cli, metrics
-from brcd.code_files import load_codes, load_labels
+from brcd.code_files import load_codes, load_labels, save_codes, save_labels
 from brcd.data import DataFileError
 from conftest import device_params
 
@@ -218,3 +218,21 @@ def test_the_readers_alone(codes, tmp_path):
     assert multi.dtype == torch.bool and multi.shape == (40, 3)
     with pytest.raises(DataFileError, match="^labels .*: 40 rows of labels for 41 codes"):
         load_labels(tmp_path / "l.txt", rows=41)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".pt", ".pth", ".txt", ".tsv", ".csv", ".bhi"])
+def test_written_files_read_back(codes, tmp_path, suffix):
+    qc, _, ql, _ = codes
+    save_codes(tmp_path / f"q{suffix}", qc * 3.5)  # real values: written as their signs
+    read = load_codes(tmp_path / f"q{suffix}")
+    assert read.nbits == BITS and torch.equal(read.packed, brcd.pack_codes(qc))
+    if suffix != ".bhi":
+        multi = torch.nn.functional.one_hot(ql, 5) * 7  # any positive value is a label
+        for labels, want in ((ql, ql), (multi, multi > 0)):
+            save_labels(tmp_path / f"l{suffix}", labels)
+            assert torch.equal(load_labels(tmp_path / f"l{suffix}", rows=40), want)
+    with pytest.raises(ValueError, match="unknown file type '.mat'"):
+        save_codes(tmp_path / "q.mat", qc)
+    with pytest.raises(ValueError, match="expected integer class ids"):
+        save_labels(tmp_path / "l.npy", ql.double())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files left
