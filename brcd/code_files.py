@@ -116,6 +116,10 @@ def _read_array(path: Path, name: str, min_dims: int) -> Tensor:
     if isinstance(array, np.ndarray):
         if array.dtype.kind not in "biuf":
             raise DataFileError(f"{name} {path}: expected numbers, found an array of {array.dtype}")
+        if array.dtype.kind == "u" and array.dtype.itemsize > 1:  # torch's wide unsigned types lack most ops
+            array = array.astype(np.int64)
+        elif not array.dtype.isnative:  # written on a machine of the other byte order: torch reads native only
+            array = array.astype(array.dtype.newbyteorder("="))
         array = torch.from_numpy(np.ascontiguousarray(array))
     elif not isinstance(array, Tensor):
         raise DataFileError(f"{name} {path}: expected one tensor saved with torch.save, found {type(array).__name__}")

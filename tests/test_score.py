@@ -216,6 +216,11 @@ def test_the_readers_alone(codes, tmp_path):
     assert torch.equal(load_labels(save(tmp_path / "l.txt", ql[:, None]), rows=40), ql)  # one column: class ids
     multi = load_labels(save(tmp_path / "m.txt", torch.eye(3)[ql % 3]))
     assert multi.dtype == torch.bool and multi.shape == (40, 3)
+    # Arrays of the other byte order, and wide unsigned integers, as NumPy writes them anywhere.
+    np.save(tmp_path / "big.npy", (qc.numpy() > 0).astype(">f4"))
+    assert torch.equal(load_codes(tmp_path / "big.npy").packed, brcd.pack_codes(qc))
+    np.save(tmp_path / "wide.npy", ql.numpy().astype(np.uint32))
+    assert torch.equal(load_labels(tmp_path / "wide.npy"), ql)
     with pytest.raises(DataFileError, match="^labels .*: 40 rows of labels for 41 codes"):
         load_labels(tmp_path / "l.txt", rows=41)
 
