@@ -86,6 +86,41 @@ def _relevance(ql: Tensor, dl_ranked: Tensor) -> Tensor:
     return (dl_ranked & ql[:, None, :]).any(dim=-1)
 
 
+class _DatabaseLabels:
+    """The database's labels, prepared to answer for chunks of queries without a [q, n, C] broadcast: how many items
+    are relevant to each query (share a label with it) and, for multi-hot rows, how many labels each item shares."""
+
+    def __init__(self, dl: Tensor):
+        self.labels = dl
+        if dl.dim() == 1:  # class ids: a query's relevant items are its class, whose size is known once
+            self.classes, self.class_sizes = torch.unique(dl, return_counts=True)
+        else:  # 0/1 rows: a matmul counts shared labels exactly (float32 holds integers to 2^24)
+            self.rows = dl.float()
+
+    def shared(self, queries: Tensor) -> Tensor:
+        """Multi-hot labels: how many labels each database item shares with each query (float [q, n], integers)."""
+        return queries.float() @ self.rows.T
+
+    def relevant(self, queries: Tensor) -> Tensor:
+        """Whether each database item is relevant to each query (bool [q, n])."""
+        if self.labels.dim() == 1:
+            return self.labels[None, :] == queries[:, None]
+        return self.shared(queries) > 0
+
+    def relevant_counts(self, queries: Tensor) -> Tensor:
+        """How many database items are relevant to each query (int64 [q])."""
+        if self.labels.dim() == 1:
+            at = torch.searchsorted(self.classes, queries).clamp_(max=len(self.classes) - 1)
+            return torch.where(self.classes[at] == queries, self.class_sizes[at], 0)
+        n = self.rows.shape[0]
+        step = max(1, _CHUNK_BYTES // (8 * n))
+        # Sums of clamped counts, not of booleans (several times faster); exact in float32 below 2^24 items.
+        wide = torch.float64 if n >= 2**24 else None
+        counts = [self.shared(queries[q0 : q0 + step]).clamp_(max=1).sum(dim=1, dtype=wide).long()
+                  for q0 in range(0, queries.shape[0], step)]
+        return torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int64, device=queries.device)
+
+
 def _ranked_chunks(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int, extra_per_query: int = 0):
     """The top-k op's rankings of chunks of queries: (the chunk's first query, the labels of its ranked items, their
     relevance [q, k]). extra_per_query: bytes per query that the caller's own work on a chunk adds."""
@@ -165,27 +200,15 @@ def _precision_recall_sums(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: in
     precision = torch.zeros(k, dtype=torch.float64, device=dp.device)
     recall = torch.zeros_like(precision)
     with_relevant = 0
-    q0 = 0
-    for _, _, rel in _ranked_chunks(qp, dp, ql, dl, k):
+    database = _DatabaseLabels(dl)
+    for q0, _, rel in _ranked_chunks(qp, dp, ql, dl, k):
         hits = torch.cumsum(rel, dim=1, dtype=torch.int64).double()
         precision += (hits / cutoffs).sum(0)
-        relevant = _relevant_counts(ql[q0 : q0 + rel.shape[0]], dl).double()
+        relevant = database.relevant_counts(ql[q0 : q0 + rel.shape[0]]).double()
         found = relevant > 0
         recall += (hits[found] / relevant[found, None]).sum(0)
         with_relevant += int(found.sum())
-        q0 += rel.shape[0]
     return precision, (recall, with_relevant)
-
-
-def _relevant_counts(ql: Tensor, dl: Tensor) -> Tensor:
-    """How many database items are relevant to each query (int64 [q]), over chunks of queries."""
-    per_query = dl.shape[0] * (dl.shape[1] if dl.dim() == 2 else 1)
-    step = max(1, _CHUNK_BYTES // max(per_query, 1))
-    counts = [torch.zeros(0, dtype=torch.int64, device=dl.device)]
-    for q0 in range(0, ql.shape[0], step):
-        chunk = ql[q0 : q0 + step]
-        counts.append(_relevance(chunk, dl.unsqueeze(0).expand(chunk.shape[0], *dl.shape)).sum(1))
-    return torch.cat(counts)
 
 
 def ndcg_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> float:
@@ -211,23 +234,19 @@ def _ranked_sums(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int, ndcg: b
     ndcg_sum = torch.zeros((), dtype=torch.float64, device=device)
     aps = [torch.zeros(0, dtype=torch.float64, device=device)]
     gains = lambda shared: (torch.exp2(shared.double()) - 1).mul_(discounts).sum(dim=1)  # DCG of ranked shared counts
-    if ndcg and dl.dim() == 1:  # class ids: a query's ideal ranking puts the items of its class first
-        classes, class_sizes = torch.unique(dl, return_counts=True)
-        ideal_of_size = torch.cat([discounts.new_zeros(1), discounts.cumsum(0)])  # [i]: the discounts of positions < i
+    database = _DatabaseLabels(dl) if ndcg else None
+    # Class ids: a query's ideal ranking puts the items of its class first, so its ideal DCG is a sum of discounts.
+    ideal_of_size = torch.cat([discounts.new_zeros(1), discounts.cumsum(0)])  # [i]: the discounts of positions < i
     # Multi-hot labels: the ideal ranking counts the labels every database item shares with each query of a chunk.
     every_item_bytes = dp.shape[0] * 12 if ndcg and dl.dim() == 2 else 0
-    db_label_matrix = dl.float() if ndcg and dl.dim() == 2 else None
     for q0, ranked_labels, rel in _ranked_chunks(qp, dp, ql, dl, k, every_item_bytes):
         hits += rel.sum()
         if ndcg:
             queries = ql[q0 : q0 + rel.shape[0]]
             if dl.dim() == 1:
-                at = torch.searchsorted(classes, queries).clamp_(max=len(classes) - 1)
-                ideal = ideal_of_size[torch.where(classes[at] == queries, class_sizes[at], 0).clamp_(max=k)]
+                ideal = ideal_of_size[database.relevant_counts(queries).clamp_(max=k)]
             else:
-                # 0/1 labels: a matmul counts shared ones exactly (float32 holds integers to 2^24), without the
-                # [q, n, C] tensor of a broadcast.
-                ideal = gains((queries.float() @ db_label_matrix.T).topk(k, dim=1).values)
+                ideal = gains(database.shared(queries).topk(k, dim=1).values)
             ndcg_sum += (gains(_shared_labels(queries, ranked_labels)) / ideal.where(ideal > 0, 1.0)).sum()  # 0 / 1
         if average_precision:
             aps.append(_average_precisions_of_ranked(rel, inv_positions))
@@ -256,11 +275,12 @@ def _radius_histograms_by_ops(qp, dp, ql, dl) -> Tuple[Tensor, Tensor, int]:
     all_counts = torch.zeros((qp.shape[0], width), dtype=torch.int64, device=dp.device)
     rel_counts = torch.zeros_like(all_counts)
     step = max(1, _CHUNK_BYTES // (dp.shape[0] * 16))
+    database = _DatabaseLabels(dl)
     for q0 in range(0, qp.shape[0], step):
         dist = hamming_distance(qp[q0 : q0 + step], dp).long()
         rows = torch.arange(dist.shape[0], device=dp.device)[:, None] * width
         flat = (rows + dist).reshape(-1)
-        rel = _relevance(ql[q0 : q0 + step], dl.unsqueeze(0).expand(dist.shape[0], *dl.shape))
+        rel = database.relevant(ql[q0 : q0 + step])
         size = dist.shape[0] * width
         all_counts[q0 : q0 + step] = torch.bincount(flat, minlength=size).view(-1, width)
         rel_counts[q0 : q0 + step] = torch.bincount(flat, weights=rel.reshape(-1).double(), minlength=size).view(

@@ -403,3 +403,26 @@ def test_retrieval_scores_chunks_and_bad_input(monkeypatch):
         metrics.retrieval_scores(qc[:0], dc, ql[:0], dl)
     with pytest.raises(ValueError, match="query_codes is empty"):
         metrics.precision_at_k(qc[:0], dc, ql[:0], dl, 5)
+
+
+@pytest.mark.parametrize("labels", ["ids", "multi-hot"])
+def test_database_label_counts_against_a_broadcast(labels, monkeypatch):
+    """The relevant-item counts and shared-label counts behind recall@N, NDCG's ideal and the GPU histograms."""
+    gen = torch.Generator().manual_seed(8)
+    if labels == "ids":
+        dl = torch.tensor([-3, 7, 400])[torch.randint(0, 3, (500,), generator=gen)].to(torch.int32)
+        ql = torch.tensor([-3, 7, 400, 9], dtype=torch.int32)[torch.randint(0, 4, (60,), generator=gen)]  # 9: none
+        broadcast = dl[None, :] == ql[:, None]
+    else:
+        dl = torch.rand(500, 6, generator=gen) < 0.3
+        ql = torch.rand(60, 6, generator=gen) < 0.3
+        ql[0] = False  # shares nothing
+        broadcast = (dl[None, :, :] & ql[:, None, :]).any(-1)
+        shared = (dl[None, :, :] & ql[:, None, :]).sum(-1)
+        assert torch.equal(metrics._DatabaseLabels(dl).shared(ql).long(), shared)
+    database = metrics._DatabaseLabels(dl)
+    assert torch.equal(database.relevant(ql), broadcast)
+    assert torch.equal(database.relevant_counts(ql), broadcast.sum(1))
+    monkeypatch.setattr(metrics, "_CHUNK_BYTES", 1)  # one query per chunk
+    assert torch.equal(database.relevant_counts(ql), broadcast.sum(1))
+    assert database.relevant_counts(ql[:0]).shape == (0,)
