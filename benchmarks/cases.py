@@ -77,3 +77,53 @@ def original_map(q_codes: np.ndarray, db_codes: np.ndarray, q_labels: np.ndarray
         positions = np.nonzero(hits)[0] + 1.0
         total += float(np.mean(ranks / positions))
     return total / q_codes.shape[0]
+
+
+def multi_hot(labels: torch.Tensor, classes: int, extra: float = 0.1, seed: int = 1) -> torch.Tensor:
+    """Multi-hot rows (int64 [n, classes]): each item's class plus every other label with probability `extra` (as in
+    the NUS-WIDE and MS COCO hashing sets, whose images carry a few of their 21 or 80 labels)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.one_hot(labels, classes) | (torch.rand(len(labels), classes, generator=g) < extra).long()
+
+
+def eager_ranking_metrics(q_codes: torch.Tensor, db_codes: torch.Tensor, q_labels: torch.Tensor,
+                          db_labels: torch.Tensor, k: int, radius: int = 2, chunk: int = 250) -> dict:
+    """The evaluation a hashing project writes in plain PyTorch, all at once from one sort: per chunk of queries,
+    distances by a ±1 matmul, a stable sort of each row (ties to the smaller index), relevance and shared-label
+    counts from the label rows (0/1 matmuls); mAP@k, P@k, NDCG@k (gain 2^shared - 1, the ideal from every item's
+    shared labels sorted), precision within `radius`, and P@N, R@N for N = 1..k."""
+    nbits = q_codes.shape[1]
+    qf, dbf = q_codes.sign().float(), db_codes.sign().float()
+    if q_labels.dim() == 1:
+        classes = int(max(q_labels.max(), db_labels.max())) + 1
+        q_labels, db_labels = (torch.nn.functional.one_hot(x, classes) for x in (q_labels, db_labels))
+    ql, dl = q_labels.float(), db_labels.float()
+    positions = torch.arange(1, k + 1, dtype=torch.float64)
+    discounts = 1.0 / torch.log2(positions + 1)
+    sums = {"ap": 0.0, "hits": 0, "ndcg": 0.0, "radius": 0.0}
+    precision, recall, with_relevant = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0
+    for q0 in range(0, len(qf), chunk):
+        dist = 0.5 * (nbits - qf[q0 : q0 + chunk] @ dbf.T)
+        order = torch.sort(dist, dim=1, stable=True).indices[:, :k]
+        shared = ql[q0 : q0 + chunk] @ dl.T
+        ranked = torch.gather(shared, 1, order).double()
+        rel = (ranked > 0).double()
+        cum = rel.cumsum(1)
+        found = cum[:, -1]
+        sums["ap"] += float(torch.where(found > 0, (cum / positions * rel).sum(1) / found.clamp(min=1), 0).sum())
+        sums["hits"] += int(found.sum())
+        ideal = ((2 ** shared.topk(k, dim=1).values.double() - 1) * discounts).sum(1)
+        dcg = ((2**ranked - 1) * discounts).sum(1)
+        sums["ndcg"] += float(torch.where(ideal > 0, dcg / ideal.clamp(min=1e-300), 0).sum())
+        inside = dist <= radius
+        hits_inside = (inside & (shared > 0)).sum(1).double()
+        count_inside = inside.sum(1).double()
+        sums["radius"] += float(torch.where(count_inside > 0, hits_inside / count_inside.clamp(min=1), 0).sum())
+        relevant = (shared > 0).sum(1).double()
+        precision += (cum / positions).sum(0)
+        recall += (cum[relevant > 0] / relevant[relevant > 0, None]).sum(0)
+        with_relevant += int((relevant > 0).sum())
+    q = len(qf)
+    return {"map": sums["ap"] / q, f"precision_at_{k}": sums["hits"] / (k * q), f"ndcg_at_{k}": sums["ndcg"] / q,
+            f"precision_within_radius_{radius}": sums["radius"] / q, "precision": precision / q,
+            "recall": recall / max(with_relevant, 1)}

@@ -8,10 +8,12 @@
         clustered), radii 2, 4, 8 and k = 1, 10.
   map   brcd mAP@1000 (5,000 queries over 50,000 codes) against the original evaluation loop (one NumPy argsort
         per query).
+  metrics  the other metrics of a ranking (NDCG@1000, P@N and R@N curves, and retrieval_scores: mAP, P@K, NDCG@K and
+        precision within a radius at once), class ids and multi-hot labels, against plain PyTorch (one sort).
   loss  fused BRCD loss forward + backward against the eager PyTorch reference and torch.compile of it, with the
         peak extra memory of each (measured in a fresh process per case).
 
-Usage: python benchmarks/run_cpu.py [--only topk range mih map loss] [--quick]
+Usage: python benchmarks/run_cpu.py [--only topk range mih map metrics loss] [--quick]
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ sys.path.insert(0, str(HERE.parent))
 import brcd  # noqa: E402
 from brcd import metrics  # noqa: E402
 from brcd import reference as ref  # noqa: E402
-from cases import fused_loss, loss_case, loss_step, map_case, one_hot, original_map  # noqa: E402
+from cases import (eager_ranking_metrics, fused_loss, loss_case, loss_step, map_case, multi_hot, one_hot,  # noqa: E402
+                   original_map)
 from common import git_revision, machine, table, time_cpu  # noqa: E402
 
 
@@ -177,6 +180,34 @@ def bench_map(q_count: int, n: int, nbits: int = 64, topk: int = 1000, classes: 
         "value; with its default unstable argsort the value depends on tie order.")
 
 
+def bench_metrics(q_count: int, n: int, nbits: int = 64, k: int = 1000, radius: int = 20) -> str:
+    qc, dc, ql, dl = map_case(q_count, n, nbits, 10)
+    rows = []
+    for kind, (q_labels, db_labels) in (("class ids (10)", (ql, dl)),
+                                        ("multi-hot (21)", (multi_hot(ql, 21, seed=1), multi_hot(dl, 21, seed=2)))):
+        on = (qc, dc, q_labels, db_labels)
+        t0 = time.perf_counter()
+        eager = eager_ranking_metrics(*on, k, radius)
+        t_eager = time.perf_counter() - t0
+        scores = metrics.retrieval_scores(*on, topk=k, radius=radius)
+        curves = metrics.precision_recall_at_k(*on, max_k=k)
+        gap = max([abs(scores[key] - eager[key]) for key in scores] +
+                  [float((curves[key] - eager[key]).abs().max()) for key in ("precision", "recall")])
+        timed = {"ndcg_at_k": lambda: metrics.ndcg_at_k(*on, k),
+                 "precision_recall_at_k": lambda: metrics.precision_recall_at_k(*on, max_k=k),
+                 "retrieval_scores": lambda: metrics.retrieval_scores(*on, topk=k, radius=radius)}
+        times = {name: time_cpu(fn, repeat=3) for name, fn in timed.items()}
+        both = times["retrieval_scores"] + times["precision_recall_at_k"]
+        rows.append([kind, f"{q_count:,}x{n:,}", t_eager, times["ndcg_at_k"], times["precision_recall_at_k"],
+                     times["retrieval_scores"], both, t_eager / both, f"{gap:.1e}"])
+    return table(["labels", "queries x db", "plain PyTorch s (all)", "brcd ndcg_at_k s", "brcd precision_recall_at_k s",
+                  "brcd retrieval_scores s", "brcd both s", "speed-up", "largest difference"], rows) + (
+        f"\n\n{nbits}-bit codes, K = {k}, radius {radius}. Plain PyTorch computes everything from one stable sort of "
+        "each chunk's ±1-matmul distances (cases.eager_ranking_metrics); brcd's retrieval_scores gives mAP@K, P@K, "
+        "NDCG@K and precision within the radius, precision_recall_at_k the P@N and R@N curves; both together do what "
+        "the plain loop does. The largest difference is over every score and every point of the curves.")
+
+
 # ------------------------------------------------------------------------------------------------- loss
 class PeakRss:
     """Samples this process's resident memory every millisecond on a thread: the peak over a region."""
@@ -311,9 +342,12 @@ def bench_loss(sizes, eager_max: int, compile_max: int, rounds: int = 3) -> str:
         "includes its compilation, from a warm inductor cache after the first benchmark run.")
 
 
+SECTIONS = ("topk", "range", "mih", "map", "metrics", "loss")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*", default=["topk", "range", "mih", "map", "loss"])
+    ap.add_argument("--only", nargs="*", default=list(SECTIONS))
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the script)")
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks-cpu.md")
     ap.add_argument("--loss-worker", nargs=3, help=argparse.SUPPRESS)
@@ -337,13 +371,16 @@ def main():
     if "map" in args.only:
         q, n = (500, 5000) if args.quick else (5000, 50_000)
         parts.append("## mAP@1000 against the original evaluation loop\n\n" + bench_map(q, n))
+    if "metrics" in args.only:
+        q, n = (500, 5000) if args.quick else (5000, 50_000)
+        parts.append("## Other retrieval metrics against plain PyTorch\n\n" + bench_metrics(q, n))
     if "loss" in args.only:
         sizes = [64, 1024] if args.quick else [64, 1024, 4096, 8192, 65536]
         parts.append("## BRCD loss, forward + backward\n\n" + bench_loss(sizes, eager_max=8192, compile_max=8192))
     text = "\n\n".join(parts) + "\n"
     print(text)
     # Only a full run replaces the tables in docs/ (a partial one would drop the other sections).
-    if not args.quick and set(args.only) >= {"topk", "range", "mih", "map", "loss"}:
+    if not args.quick and set(args.only) >= set(SECTIONS):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
 
