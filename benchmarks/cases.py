@@ -98,10 +98,10 @@ def eager_ranking_metrics(q_codes: torch.Tensor, db_codes: torch.Tensor, q_label
         classes = int(max(q_labels.max(), db_labels.max())) + 1
         q_labels, db_labels = (torch.nn.functional.one_hot(x, classes) for x in (q_labels, db_labels))
     ql, dl = q_labels.float(), db_labels.float()
-    positions = torch.arange(1, k + 1, dtype=torch.float64)
+    positions = torch.arange(1, k + 1, dtype=torch.float64, device=q_codes.device)
     discounts = 1.0 / torch.log2(positions + 1)
     sums = {"ap": 0.0, "hits": 0, "ndcg": 0.0, "radius": 0.0}
-    precision, recall, with_relevant = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0
+    precision, recall, with_relevant = torch.zeros_like(positions), torch.zeros_like(positions), 0
     for q0 in range(0, len(qf), chunk):
         dist = 0.5 * (nbits - qf[q0 : q0 + chunk] @ dbf.T)
         order = torch.sort(dist, dim=1, stable=True).indices[:, :k]

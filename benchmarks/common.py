@@ -72,7 +72,9 @@ def git_revision() -> str:
     if os.environ.get("BRCD_REVISION"):  # the GPU machine receives no .git
         return os.environ["BRCD_REVISION"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
+        git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, timeout=5).stdout.strip()
+        # Tracked files changed since the commit: the numbers are not that commit's alone.
+        return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+changes" if git(
+            "status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import brcd  # noqa: E402
 from brcd import metrics  # noqa: E402
+from brcd.index import atomic_write_bytes  # noqa: E402
 from brcd import reference as ref  # noqa: E402
 from cases import (eager_ranking_metrics, fused_loss, loss_case, loss_step, map_case, multi_hot, one_hot,  # noqa: E402
                    original_map)
@@ -342,12 +343,21 @@ def bench_loss(sizes, eager_max: int, compile_max: int, rounds: int = 3) -> str:
         "includes its compilation, from a warm inductor cache after the first benchmark run.")
 
 
-SECTIONS = ("topk", "range", "mih", "map", "metrics", "loss")
+SECTIONS = {  # name -> (quick) -> the section's tables
+    "topk": lambda quick: bench_topk(*((100_000, 100) if quick else (1_000_000, 1000)), [64, 256], [10, 1000]),
+    "range": lambda quick: bench_range(*((100_000, 100) if quick else (1_000_000, 1000)),
+                                       [(64, (15, 19)), (256, (94, 103))]),
+    "mih": lambda quick: bench_multi_index(*((100_000, 100) if quick else (1_000_000, 1000))),
+    "map": lambda quick: bench_map(*((500, 5000) if quick else (5000, 50_000))),
+    "metrics": lambda quick: bench_metrics(*((500, 5000) if quick else (5000, 50_000))),
+    "loss": lambda quick: bench_loss([64, 1024] if quick else [64, 1024, 4096, 8192, 65536], eager_max=8192,
+                                     compile_max=8192),
+}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*", default=list(SECTIONS))
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the script)")
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks-cpu.md")
     ap.add_argument("--loss-worker", nargs=3, help=argparse.SUPPRESS)
@@ -356,33 +366,40 @@ def main():
         B, impl, repeat = args.loss_worker
         print(json.dumps(loss_worker(int(B), impl, int(repeat))))
         return
-    parts = [f"# CPU benchmarks\n\nbrcd {git_revision()}, {machine('cpu')}, measured "
-             f"{time.strftime('%Y-%m-%d')}.\n"]
-    if "topk" in args.only:
-        n, q = (100_000, 100) if args.quick else (1_000_000, 1000)
-        parts.append("## Hamming top-k against faiss IndexBinaryFlat\n\n" + bench_topk(n, q, [64, 256], [10, 1000]))
-    if "range" in args.only:
-        n, q = (100_000, 100) if args.quick else (1_000_000, 1000)
-        parts.append("## Hamming range search against faiss IndexBinaryFlat\n\n" +
-                     bench_range(n, q, [(64, (15, 19)), (256, (94, 103))]))
-    if "mih" in args.only:
-        n, q = (100_000, 100) if args.quick else (1_000_000, 1000)
-        parts.append("## Multi-index hashing against the linear scans\n\n" + bench_multi_index(n, q))
-    if "map" in args.only:
-        q, n = (500, 5000) if args.quick else (5000, 50_000)
-        parts.append("## mAP@1000 against the original evaluation loop\n\n" + bench_map(q, n))
-    if "metrics" in args.only:
-        q, n = (500, 5000) if args.quick else (5000, 50_000)
-        parts.append("## Other retrieval metrics against plain PyTorch\n\n" + bench_metrics(q, n))
-    if "loss" in args.only:
-        sizes = [64, 1024] if args.quick else [64, 1024, 4096, 8192, 65536]
-        parts.append("## BRCD loss, forward + backward\n\n" + bench_loss(sizes, eager_max=8192, compile_max=8192))
-    text = "\n\n".join(parts) + "\n"
-    print(text)
-    # Only a full run replaces the tables in docs/ (a partial one would drop the other sections).
-    if not args.quick and set(args.only) >= set(SECTIONS):
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    stamp = f"Measured at brcd {git_revision()} on {time.strftime('%Y-%m-%d')}: {machine('cpu')}."
+    fresh = {}
+    for section in args.only:
+        body = SECTIONS[section](args.quick)
+        fresh[SECTION_TITLES[section]] = f"{stamp}\n\n{body}"
+        print(f"## {SECTION_TITLES[section]}\n\n{fresh[SECTION_TITLES[section]]}\n", flush=True)
+    if not args.quick:  # the measured sections replace theirs in docs/; the others stay as they were measured
+        old = args.out.read_text() if args.out.exists() else ""
+        atomic_write_bytes(args.out, [merge_sections(old, fresh).encode()])
+
+
+SECTION_TITLES = {
+    "topk": "Hamming top-k against faiss IndexBinaryFlat",
+    "range": "Hamming range search against faiss IndexBinaryFlat",
+    "mih": "Multi-index hashing against the linear scans",
+    "map": "mAP@1000 against the original evaluation loop",
+    "metrics": "Other retrieval metrics against plain PyTorch",
+    "loss": "BRCD loss, forward + backward",
+}
+HEADER = ("# CPU benchmarks\n\nWritten by `./dev.sh bench` (benchmarks/run_cpu.py); `run_cpu.py --only SECTION ...` "
+          "measures some sections again and keeps the others. Each section names its commit, day and machine.\n")
+
+
+def merge_sections(old: str, fresh: dict) -> str:
+    """The tables file: the fresh sections (title -> body) in place of their namesakes in `old`, every section in
+    SECTION_TITLES' order (a section of `old` that is not measured again is kept as it is)."""
+    bodies = {}
+    for chunk in old.split("\n## ")[1:]:
+        title, _, body = chunk.partition("\n")
+        bodies[title.strip()] = body.strip()
+    bodies.update(fresh)
+    ordered = [t for t in SECTION_TITLES.values() if t in bodies] + [t for t in bodies if t not in
+                                                                     SECTION_TITLES.values()]
+    return HEADER + "".join(f"\n## {title}\n\n{bodies[title]}\n" for title in ordered)
 
 
 if __name__ == "__main__":

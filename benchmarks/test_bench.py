@@ -16,7 +16,8 @@ import torch
 import brcd
 from brcd import metrics
 from brcd import reference as ref
-from cases import fused_loss, loss_case, loss_step, map_case, one_hot, original_map, packed_codes
+from cases import (eager_ranking_metrics, fused_loss, loss_case, loss_step, map_case, multi_hot, one_hot, original_map,
+                   packed_codes)
 from conftest import SMOKE, size, timed
 
 
@@ -188,6 +189,29 @@ def test_map_at_1000(benchmark, device, impl):
     qc, dc, ql, dl = (t.to(device) for t in (qc, dc, ql, dl))
     run = lambda: metrics.mean_average_precision(qc, dc, ql, dl, 1000)
     assert run() == pytest.approx(original_map(*args, kind="stable"), abs=1e-12)
+    benchmark(timed(run, device))
+
+
+@pytest.mark.parametrize("labels", ["ids", "multi-hot"])
+@pytest.mark.parametrize("impl", ["brcd", "plain"])
+def test_retrieval_metrics(benchmark, device, labels, impl):
+    """Everything the plain loop computes from one sort (mAP, P@K, NDCG@K, precision within a radius, P@N and R@N
+    curves) against brcd's retrieval_scores and precision_recall_at_k."""
+    q, n = size((500, 50_000), (20, 2000))
+    qc, dc, ql, dl = map_case(q, n)
+    if labels == "multi-hot":
+        ql, dl = multi_hot(ql, 21, seed=1), multi_hot(dl, 21, seed=2)
+    benchmark.group = f"retrieval metrics, K = 1000, {labels}, {q} x {n:,}, 64 bits, {device}"
+    on = [t.to(device) for t in (qc, dc, ql, dl)]
+    plain = lambda: eager_ranking_metrics(*on, 1000, 20)
+    if impl == "plain":
+        benchmark.pedantic(timed(plain, device), rounds=3)
+        return
+    run = lambda: (metrics.retrieval_scores(*on, topk=1000, radius=20), metrics.precision_recall_at_k(*on, 1000))
+    (scores, curves), want = run(), plain()
+    assert all(abs(scores[key] - want[key]) <= 1e-12 for key in scores)
+    assert all(float((curves[key].to(want[key].device) - want[key]).abs().max()) <= 1e-12
+               for key in ("precision", "recall"))
     benchmark(timed(run, device))
 
 

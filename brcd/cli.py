@@ -233,9 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "a code file for brcd score or other tools")
     enc.add_argument("--checkpoint", type=Path, required=True)
     enc.add_argument("--out", type=Path, required=True,
-                     help="the file to write: .bhi (a HammingIndex), or .npy, .pt, .txt, .csv (±1 columns, one per bit)")
+                     help="the file to write: .bhi (a HammingIndex), or .npy, .pt, .txt, .csv (±1 columns, one per "
+                          "bit)")
     enc.add_argument("--part", choices=ENCODED_PARTS, default="database",
-                     help="which images of the split (default database; test-queries: those brcd evaluate queries with)")
+                     help="which images of the split (default database; test-queries: those brcd evaluate queries "
+                          "with)")
     enc.add_argument("--labels-out", type=Path, default=None,
                      help="also write their labels (class ids, or multi-hot rows) to this .npy, .pt, .txt or .csv file")
     _data_args(enc)
@@ -273,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SCORE_DESCRIPTION = """Score the codes of any hashing method, saved as files: a row per item, a column per bit (+-1, 0/1 or real values,
+_SCORE_DESCRIPTION = """\
+Score the codes of any hashing method, saved as files: a row per item, a column per bit (+-1, 0/1 or real values,
 bit = value > 0) or, with --packed, bytes of packed bits. Labels: integer class ids (one per item) or 0/1 multi-hot
 rows. An item is relevant to a query when they share a label; rankings are by Hamming distance, ties to the smaller
 database index. Prints mAP@K, precision@K, NDCG@K and precision within --radius as JSON.
