@@ -491,7 +491,8 @@ def _train_students(run: _Run, teacher, name: str, epochs: int, kd=("brcd",), pl
 
 
 def _final_test(run: _Run, teacher, students: dict):
-    """Test mAP@topk of the teacher (symmetric) and of every student in both paradigms, the statistics of each model's
+    """Test scores of the teacher (symmetric) and of every student in both paradigms (metrics.retrieval_scores: mAP,
+    precision and NDCG at topk, precision within radius 2; keys "<score>_<paradigm>"), the statistics of each model's
     database codes, their curves (precision-recall of Hamming-ball retrieval, and precision@N up to topk), and the
     encoding throughput of the teacher and of the (first) student. Returns (results, curves): curves[model] =
     {"ball": ..., "top_n": ...}."""
@@ -502,22 +503,23 @@ def _final_test(run: _Run, teacher, students: dict):
     run.log(f"test: {len(test_q)} queries over {len(db_images)} database codes, mAP@{args.topk}")
     enc = lambda model, images: encode(model, images, device=args.device, desc="encoding test sets",
                                        progress=not args.no_progress)
-    mean_ap = lambda q, db: metrics.mean_average_precision(q, db, test_ql, db_labels, args.topk)
+    # mAP@topk, P@topk, NDCG@topk and precision within Hamming radius 2 (the hash-lookup figure of hashing papers).
+    scores = lambda q, db, paradigm: {f"{key}_{paradigm}": value for key, value in metrics.retrieval_scores(
+        q, db, test_ql, db_labels, args.topk, radius=2).items()}
     curve = lambda q, db: {"ball": metrics.precision_recall_curve(q, db, test_ql, db_labels),
                            "top_n": metrics.precision_recall_at_k(q, db, test_ql, db_labels, args.topk)}
     teacher_db, teacher_q = enc(teacher, db_images), enc(teacher, test_q)
-    results = {"teacher": {"map_symmetric": mean_ap(teacher_q, teacher_db),
-                           "code_statistics": _code_summary(teacher_db)}}
+    results = {"teacher": {**scores(teacher_q, teacher_db, "symmetric"), "code_statistics": _code_summary(teacher_db)}}
     curves = {"teacher": curve(teacher_q, teacher_db)}
     for name, model in students.items():
         q, db = enc(model, test_q), enc(model, db_images)
-        results[name] = {"map_symmetric": mean_ap(q, db), "code_statistics": _code_summary(db)}
+        results[name] = {**scores(q, db, "symmetric"), "code_statistics": _code_summary(db)}
         curves[name] = curve(q, db)
         # The asymmetric test uses the checkpoint that validated best in that paradigm, where there is one.
         asym_path = checkpoint_path(run.out, name, "asymmetric", args.checkpoint_format)
         if asym_path.exists():
             q = enc(load_model(asym_path, args.device), test_q)
-        results[name]["map_asymmetric"] = mean_ap(q, teacher_db)
+        results[name].update(scores(q, teacher_db, "asymmetric"))
         curves[name + " (asymmetric)"] = curve(q, teacher_db)
     speed = {"teacher": throughput(teacher, test_q, device=args.device)}
     if students:

@@ -97,14 +97,15 @@ def _data_name(args) -> str:
 
 def render_report(out: Path, args, results: dict, curves: dict, backbones: dict, bits: int) -> str:
     """report.md of a run directory (demo, train-teacher or distill). results: {model: {"map_symmetric",
-    "code_statistics", and for students "map_asymmetric"}, "throughput_images_per_s": {"teacher", optional
-    "student"}, "seconds"}; backbones: {model: timm name}; curves: {model: {"ball": precision_recall_curve's,
-    "top_n": precision_recall_at_k's}}. Writes the plots beside it."""
+    "code_statistics", for students "map_asymmetric", and the other test scores of _final_test},
+    "throughput_images_per_s": {"teacher", optional "student"}, "seconds"}; backbones: {model: timm name}; curves:
+    {model: {"ball": precision_recall_curve's, "top_n": precision_recall_at_k's}}. Writes the plots beside it."""
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
     models = [m for m in _ROLES if m in results]
     table = "| model | backbone | mAP symmetric | mAP asymmetric (teacher database) |\n|---|---|---|---|\n"
     table += "".join(f"| {_ROLES[m]} | {backbones[m]} | {fmt(results[m].get('map_symmetric'))} | "
                      f"{fmt(results[m].get('map_asymmetric'))} |\n" for m in models)
+    others = _other_scores_table(results, models)
     stats = ("| model | mean bit entropy | mean imbalance | mean \\|bit correlation\\| | distinct codes |\n"
              "|---|---|---|---|---|\n")
     stats += "".join(f"| {_ROLES[m]} | {c['mean_bit_entropy']:.4f} | {c['mean_imbalance']:.4f} | "
@@ -124,7 +125,7 @@ def render_report(out: Path, args, results: dict, curves: dict, backbones: dict,
     data = _data_name(args)
     return (
         f"# brcd {args.command}\n\n{bits}-bit codes, mAP@{args.topk}, data: {data}, {seeds}, "
-        f"device {args.device}, {results['seconds']:.0f} s in all.\n\n## Test results\n\n{table}\n"
+        f"device {args.device}, {results['seconds']:.0f} s in all.\n\n## Test results\n\n{table}\n{others}"
         f"## Database codes\n\nOf the test database as each model encodes it (brcd.code_statistics): bit entropy 1 and "
         f"imbalance 0 where every bit splits the codes evenly, correlation 0 between independent bits.\n\n{stats}\n"
         f"## Encoding throughput\n\n{speed_table}\n{chart}\n"
@@ -132,6 +133,29 @@ def render_report(out: Path, args, results: dict, curves: dict, backbones: dict,
         f"## Precision@N (test)\n\n{_plot_top_n(out, curves)}\n"
         f"## Validation during training\n\n{_plot_curves(out)}"
     )
+
+
+_OTHER_SCORES = (("precision_at_", "P@{}"), ("ndcg_at_", "NDCG@{}"), ("precision_within_radius_", "P(r <= {})"))
+
+
+def _other_scores_table(results: dict, models: list) -> str:
+    """The test scores beside mAP (precision and NDCG at the cutoff, precision within a Hamming radius), each in
+    both paradigms, where the results hold them (runs before they were recorded hold mAP only)."""
+    columns = []  # (heading, key prefix and paradigm)
+    for paradigm in ("symmetric", "asymmetric"):
+        for prefix, heading in _OTHER_SCORES:
+            key = next((k for m in models for k in results[m] if k.startswith(prefix)
+                        and k.endswith(f"_{paradigm}")), None)
+            if key is not None:
+                columns.append((heading.format(key[len(prefix): -len(paradigm) - 1]) + f" {paradigm[:4]}.", key))
+    if not columns:
+        return ""
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
+    head = "| model | " + " | ".join(h for h, _ in columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+    rows = "".join(f"| {_ROLES[m]} | " + " | ".join(fmt(results[m].get(k)) for _, k in columns) + " |\n"
+                   for m in models)
+    return ("Beside mAP: precision and NDCG among the top results, and the precision of a hash lookup (the codes "
+            "within a Hamming radius; 0 for a query that finds none).\n\n" + head + rows + "\n")
 
 
 def render_comparison(args, summary: dict, backbones: dict, split_seed: int) -> str:
