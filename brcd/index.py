@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .ops import hamming_range_search, hamming_topk, pack_codes
+from .ops import _check_k, _check_radius, hamming_range_search, hamming_topk, pack_codes
 
 MAGIC = b"BRCDHIX\0"
 VERSION = 1
@@ -158,9 +158,7 @@ class HammingIndex:
         packed = self._check_packed(packed, "packed")
         if len(self) == 0:
             raise ValueError("the index is empty: add codes before searching")
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= len(self):
-            raise ValueError(f"k must be an integer between 1 and the index size {len(self)}, got {k!r}")
-        return hamming_topk(packed.to(self.device), self.packed_codes, int(k))
+        return hamming_topk(packed.to(self.device), self.packed_codes, _check_k(k, len(self), "the index size"))
 
     def range_search(self, codes: Tensor, radius: int) -> Tuple[Tensor, Tensor, Tensor]:
         """Every stored code within Hamming distance ``radius`` of each query: (lims int64 [q + 1], distances int32,
@@ -172,9 +170,7 @@ class HammingIndex:
         packed = self._check_packed(packed, "packed")
         if len(self) == 0:
             raise ValueError("the index is empty: add codes before searching")
-        if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 0:
-            raise ValueError(f"radius must be a non-negative integer, got {radius!r}")
-        return hamming_range_search(packed.to(self.device), self.packed_codes, int(radius))
+        return hamming_range_search(packed.to(self.device), self.packed_codes, _check_radius(radius))
 
     def to(self, device: Union[str, torch.device]) -> "HammingIndex":
         """Move the stored codes to `device` (in place); returns self."""

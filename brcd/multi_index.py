@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .ops import _order_hits, _require_tensor, hamming_range_search, hamming_topk
+from .ops import _check_k, _check_radius, _order_hits, _require_tensor, hamming_range_search, hamming_topk
 
 __all__ = ["MultiIndexHashing"]
 
@@ -105,12 +105,9 @@ class MultiIndexHashing:
         """Every code within Hamming distance ``radius``: exactly :func:`brcd.hamming_range_search`'s answer (lims,
         distances, indices; each query's results sorted by (distance, index))."""
         q = self._check_queries(query_packed)
-        if isinstance(radius, bool) or not isinstance(radius, numbers.Integral):
-            raise TypeError(f"radius must be an int, got {type(radius).__name__}")
-        if radius < 0:
-            raise ValueError(f"radius must be a non-negative Hamming distance, got {radius}")
-        found = self._lookup(q, int(radius))
-        return found if found is not None else hamming_range_search(q, self.db_packed, int(radius))
+        radius = _check_radius(radius)
+        found = self._lookup(q, radius)
+        return found if found is not None else hamming_range_search(q, self.db_packed, radius)
 
     def search(self, query_packed: Tensor, k: int) -> Tuple[Tensor, Tensor]:
         """The k nearest codes: exactly :func:`brcd.hamming_topk`'s answer (distances int32 [q, k], indices int64
@@ -119,10 +116,7 @@ class MultiIndexHashing:
         queries left when a lookup would cost more than the scan go to hamming_topk, and so does a batch no larger
         than the sample."""
         q = self._check_queries(query_packed)
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"k must be an int, got {type(k).__name__}")
-        if not 1 <= k <= len(self):
-            raise ValueError(f"k must be between 1 and the database size {len(self)}, got {k}")
+        k = _check_k(k, len(self))
         count, m = q.shape[0], self.substrings
         if count <= _SAMPLED_QUERIES:
             return hamming_topk(q, self.db_packed, k)

@@ -38,6 +38,29 @@ def _require_tensor(value, name: str) -> Tensor:
     return value
 
 
+def _check_int(value, name: str) -> int:
+    """An integer argument (k, a radius): a Python or NumPy integer, never a bool or a float (TypeError naming it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _check_radius(radius) -> int:
+    """A Hamming radius: an integer >= 0. The searches (the op, the indexes) share this check and its messages."""
+    radius = _check_int(radius, "radius")
+    if radius < 0:
+        raise ValueError(f"radius must be a non-negative Hamming distance, got {radius}")
+    return radius
+
+
+def _check_k(k, n: int, of: str = "the database size") -> int:
+    """A number of nearest codes: an integer from 1 to n, the size of what is searched (`of` names it)."""
+    k = _check_int(k, "k")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and {of} {n}, got {k}")
+    return k
+
+
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -101,9 +124,7 @@ def hamming_topk(query_packed: Tensor, db_packed: Tensor, k: int) -> Tuple[Tenso
     """
     _require_tensor(query_packed, "query_packed")
     _require_tensor(db_packed, "db_packed")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    return _ops.hamming_topk(query_packed, db_packed, int(k))
+    return _ops.hamming_topk(query_packed, db_packed, _check_int(k, "k"))  # its range: the op's own check
 
 
 def hamming_range_search(query_packed: Tensor, db_packed: Tensor, radius: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -128,9 +149,7 @@ def hamming_range_search(query_packed: Tensor, db_packed: Tensor, radius: int) -
     """
     _require_tensor(query_packed, "query_packed")
     _require_tensor(db_packed, "db_packed")
-    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral):
-        raise TypeError(f"radius must be an int, got {type(radius).__name__}")
-    return _ops.hamming_range_search(query_packed, db_packed, int(radius))
+    return _ops.hamming_range_search(query_packed, db_packed, _check_radius(radius))
 
 
 # Query-code pairs whose distances the composed range search holds at once (256 MiB of int32, plus a byte each).

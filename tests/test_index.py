@@ -2,6 +2,7 @@
 import os
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,8 +124,16 @@ def test_bad_arguments():
         index.add(brcd.pack_codes(torch.randn(5, 16)))  # packed bytes through the real-codes path
     with pytest.raises(ValueError, match="packed"):
         index.add_packed(torch.randn(5, 16))
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="k must be between 1 and the index size 5, got 6"):
         index.search(torch.randn(1, 16), 6)
+    for bad in (2.0, True, "3"):  # the searches' shared checks: a type error names the argument
+        with pytest.raises(TypeError, match="k must be an int"):
+            index.search(torch.randn(1, 16), bad)
+        with pytest.raises(TypeError, match="radius must be an int"):
+            index.range_search(torch.randn(1, 16), bad)
+    with pytest.raises(ValueError, match="radius must be a non-negative Hamming distance, got -1"):
+        index.range_search(torch.randn(1, 16), -1)
+    assert index.search(torch.randn(1, 16), np.int64(2))[1].shape == (1, 2)  # NumPy integers are integers
     odd = HammingIndex(12)
     with pytest.raises(ValueError, match="beyond nbits"):
         odd.add_packed(torch.full((1, 2), 255, dtype=torch.uint8))

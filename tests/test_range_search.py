@@ -181,7 +181,7 @@ def test_index_range_search_bad_arguments():
     index.add(torch.randn(5, 16))
     with pytest.raises(ValueError, match="radius"):
         index.range_search(torch.randn(1, 16), -2)
-    with pytest.raises(ValueError, match="radius"):
+    with pytest.raises(TypeError, match="radius must be an int"):  # as hamming_range_search and MultiIndexHashing
         index.range_search(torch.randn(1, 16), 1.5)
     with pytest.raises(ValueError, match="shape"):
         index.range_search(torch.randn(1, 15), 1)
