@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .ops import hamming_distance, hamming_topk, pack_codes
+from .ops import _check_radius, hamming_distance, hamming_topk, pack_codes
 
 __all__ = [
     "mean_average_precision",
@@ -310,11 +310,6 @@ def precision_within_radius(query_codes, db_codes, query_labels, db_labels, radi
     """Mean precision of the items within Hamming distance <= radius; a query that retrieves nothing scores 0."""
     _check_radius(radius)
     return _precision_within_radius(*_prepare(query_codes, db_codes, query_labels, db_labels), radius)
-
-
-def _check_radius(radius) -> None:
-    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
-        raise ValueError(f"radius must be a non-negative integer, got {radius!r}")
 
 
 def _precision_within_radius(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, radius: int) -> float:

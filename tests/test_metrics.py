@@ -396,9 +396,11 @@ def test_retrieval_scores_chunks_and_bad_input(monkeypatch):
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="topk must be a positive integer or None"):
             metrics.retrieval_scores(qc, dc, ql, dl, topk=bad)
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="radius must be a non-negative integer"):
-            metrics.retrieval_scores(qc, dc, ql, dl, radius=bad)
+    with pytest.raises(ValueError, match="radius must be a non-negative Hamming distance"):
+        metrics.retrieval_scores(qc, dc, ql, dl, radius=-1)
+    for bad in (1.5, True):
+        with pytest.raises(TypeError, match="radius must be an int"):
+            metrics.precision_within_radius(qc, dc, ql, dl, radius=bad)
     with pytest.raises(ValueError, match="query_codes is empty"):
         metrics.retrieval_scores(qc[:0], dc, ql[:0], dl)
     with pytest.raises(ValueError, match="query_codes is empty"):
