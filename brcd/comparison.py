@@ -1,20 +1,24 @@
-"""Summaries of a comparison over seeds (`brcd compare`): each model's test mAP in each paradigm, its mean, range
-and value per seed, from the runs' results (metrics.json's layout)."""
+"""Summaries of a comparison over seeds (`brcd compare`): each model's test scores (mAP and the others of the run's
+results, in each paradigm), their mean, sample standard deviation, range and value per seed, from the runs' results
+(metrics.json's layout)."""
 from __future__ import annotations
 
+import statistics
 from typing import Dict, List
 
-PARADIGMS = ("map_symmetric", "map_asymmetric")
+# The score every model has, in the paradigm every model is tested in: what tells a model's results apart.
+PRIMARY = "map_symmetric"
 
 
 def summarise_seeds(per_seed: Dict[int, dict]) -> dict:
     """per_seed: {seed: a run's results ({model: {"map_symmetric", ...}, ...})}, every run with the same models.
-    Returns {"seeds": [...], "models": {model: {paradigm: {"mean", "min", "max", "by_seed"}}}}, the models in the
-    first run's order, each paradigm a model was tested in."""
+    Returns {"seeds": [...], "models": {model: {score: {"mean", "std", "min", "max", "by_seed"}}}}, the models in
+    the first run's order, each score (a number in the model's results) the first run gives it; "std" is the sample
+    standard deviation, None for one seed."""
     if not per_seed:
         raise ValueError("per_seed is empty: a comparison needs at least one seed's results")
     seeds: List[int] = list(per_seed)
-    tested = lambda results: [m for m, v in results.items() if isinstance(v, dict) and PARADIGMS[0] in v]
+    tested = lambda results: [m for m, v in results.items() if isinstance(v, dict) and PRIMARY in v]
     models = tested(per_seed[seeds[0]])
     for seed in seeds[1:]:
         if tested(per_seed[seed]) != models:
@@ -22,10 +26,14 @@ def summarise_seeds(per_seed: Dict[int, dict]) -> dict:
     summary = {}
     for model in models:
         summary[model] = {}
-        for paradigm in PARADIGMS:
-            if paradigm not in per_seed[seeds[0]][model]:
-                continue
-            values = [float(per_seed[seed][model][paradigm]) for seed in seeds]
-            summary[model][paradigm] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values),
-                                        "by_seed": values}
+        for score, first in per_seed[seeds[0]][model].items():
+            if isinstance(first, bool) or not isinstance(first, (int, float)):
+                continue  # the code statistics: a description of each run's codes, not a score
+            missing = [seed for seed in seeds if score not in per_seed[seed][model]]
+            if missing:
+                raise ValueError(f"seed {missing[0]} has no {score} for {model}; seed {seeds[0]} has")
+            values = [float(per_seed[seed][model][score]) for seed in seeds]
+            summary[model][score] = {"mean": statistics.fmean(values),
+                                     "std": statistics.stdev(values) if len(values) > 1 else None,
+                                     "min": min(values), "max": max(values), "by_seed": values}
     return {"seeds": seeds, "models": summary}

@@ -106,6 +106,7 @@ def render_report(out: Path, args, results: dict, curves: dict, backbones: dict,
     table += "".join(f"| {_ROLES[m]} | {backbones[m]} | {fmt(results[m].get('map_symmetric'))} | "
                      f"{fmt(results[m].get('map_asymmetric'))} |\n" for m in models)
     others = _other_scores_table(results, models)
+    others = f"{_OTHER_SCORES_INTRO}.\n\n{others}\n" if others else ""
     stats = ("| model | mean bit entropy | mean imbalance | mean \\|bit correlation\\| | distinct codes |\n"
              "|---|---|---|---|---|\n")
     stats += "".join(f"| {_ROLES[m]} | {c['mean_bit_entropy']:.4f} | {c['mean_imbalance']:.4f} | "
@@ -138,10 +139,11 @@ def render_report(out: Path, args, results: dict, curves: dict, backbones: dict,
 _OTHER_SCORES = (("precision_at_", "P@{}"), ("ndcg_at_", "NDCG@{}"), ("precision_within_radius_", "P(r <= {})"))
 
 
-def _other_scores_table(results: dict, models: list) -> str:
-    """The test scores beside mAP (precision and NDCG at the cutoff, precision within a Hamming radius), each in
-    both paradigms, where the results hold them (runs before they were recorded hold mAP only)."""
-    columns = []  # (heading, key prefix and paradigm)
+def _other_scores_table(results: dict, models: list, fmt=lambda v: f"{v:.4f}" if isinstance(v, float) else "-") -> str:
+    """A table of the test scores beside mAP (precision and NDCG at the cutoff, precision within a Hamming radius),
+    each in both paradigms, where the results hold them (runs before they were recorded hold mAP only: ""). fmt
+    writes one stored value (a number, or a comparison's statistics)."""
+    columns = []  # (heading, key)
     for paradigm in ("symmetric", "asymmetric"):
         for prefix, heading in _OTHER_SCORES:
             key = next((k for m in models for k in results[m] if k.startswith(prefix)
@@ -150,30 +152,36 @@ def _other_scores_table(results: dict, models: list) -> str:
                 columns.append((heading.format(key[len(prefix): -len(paradigm) - 1]) + f" {paradigm[:4]}.", key))
     if not columns:
         return ""
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
     head = "| model | " + " | ".join(h for h, _ in columns) + " |\n|---|" + "---|" * len(columns) + "\n"
-    rows = "".join(f"| {_ROLES[m]} | " + " | ".join(fmt(results[m].get(k)) for _, k in columns) + " |\n"
-                   for m in models)
-    return ("Beside mAP: precision and NDCG among the top results, and the precision of a hash lookup (the codes "
-            "within a Hamming radius; 0 for a query that finds none).\n\n" + head + rows + "\n")
+    return head + "".join(f"| {_ROLES.get(m, m)} | " + " | ".join(fmt(results[m].get(k)) for _, k in columns) + " |\n"
+                          for m in models)
+
+
+_OTHER_SCORES_INTRO = ("Beside mAP: precision and NDCG among the top results, and the precision of a hash lookup (the "
+                       "codes within a Hamming radius; 0 for a query that finds none)")
 
 
 def render_comparison(args, summary: dict, backbones: dict, split_seed: int) -> str:
     """comparison.md of `brcd compare`: summary is comparison.summarise_seeds's; backbones {model: timm name}."""
     seeds = summary["seeds"]
-    fmt = lambda stats: (f"{stats['mean']:.4f}", f"{stats['min']:.4f} to {stats['max']:.4f}",
+    spread = lambda stats: f"{stats['mean']:.4f} ± {stats['std']:.4f}" if stats["std"] is not None else (
+        f"{stats['mean']:.4f}")
+    fmt = lambda stats: (spread(stats), f"{stats['min']:.4f} to {stats['max']:.4f}",
                          " / ".join(f"{v:.4f}" for v in stats["by_seed"])) if stats else ("-", "-", "-")
     rows = []
-    for model, paradigms in summary["models"].items():
-        sym, asym = fmt(paradigms.get("map_symmetric")), fmt(paradigms.get("map_asymmetric"))
+    for model, scores in summary["models"].items():
+        sym, asym = fmt(scores.get("map_symmetric")), fmt(scores.get("map_asymmetric"))
         rows.append(f"| {_ROLES.get(model, model)} | {backbones[model]} | {sym[0]} | {sym[1]} | {asym[0]} | "
                     f"{asym[1]} | {sym[2]} | {asym[2]} |\n")
+    models = list(summary["models"])
+    others = _other_scores_table(summary["models"], models, fmt=lambda stats: spread(stats) if stats else "-")
     return (
         f"# brcd compare\n\nTest mAP@{args.topk} of each model over the seeds {', '.join(map(str, seeds))} "
         f"(students trained once per seed from the same teacher checkpoint, on the split of seed {split_seed}; data: "
-        f"{_data_name(args)}): the mean, the range and each seed's value. The asymmetric paradigm searches the "
-        "teacher's database codes with the student's query codes. Each seed's run, with its report, is in "
-        "seed<N>/.\n\n"
+        f"{_data_name(args)}): the mean ± the sample standard deviation, the range and each seed's value. The "
+        "asymmetric paradigm searches the teacher's database codes with the student's query codes. Each seed's run, "
+        "with its report, is in seed<N>/.\n\n"
         "| model | backbone | symmetric mean | range | asymmetric mean | range | symmetric by seed | "
         "asymmetric by seed |\n|---|---|---|---|---|---|---|---|\n" + "".join(rows)
+        + (f"\n{_OTHER_SCORES_INTRO}, mean ± sample standard deviation over the seeds.\n\n{others}" if others else "")
     )

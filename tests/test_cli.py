@@ -396,17 +396,22 @@ def test_compare_tabulates_objectives_over_seeds(demo_run, tmp_path, capsys):
         config = json.loads((out / f"seed{seed}" / "config.json").read_text())
         assert config["seed"] == seed and config["split_seed"] == 3  # one split, the students' own seeds
     assert runs[3]["teacher"]["map_symmetric"] == runs[5]["teacher"]["map_symmetric"]  # same teacher, same split
-    for model, paradigms in summary["models"].items():
-        assert set(paradigms) == ({"map_symmetric"} if model == "teacher" else {"map_symmetric", "map_asymmetric"})
-        for paradigm, stats in paradigms.items():
-            values = [runs[3][model][paradigm], runs[5][model][paradigm]]
+    for model, scores in summary["models"].items():
+        assert set(scores) == set(runs[3][model]) - {"code_statistics"}  # mAP, P@K, NDCG@K, P(r <= 2): each paradigm
+        assert {"map_symmetric", "ndcg_at_50_symmetric"} <= set(scores)
+        assert ("map_asymmetric" in scores) == (model != "teacher")
+        for score, stats in scores.items():
+            values = [runs[3][model][score], runs[5][model][score]]
             assert stats["by_seed"] == values and stats["min"] == min(values) and stats["max"] == max(values)
             assert stats["mean"] == pytest.approx(sum(values) / 2, abs=1e-15)
+            assert stats["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5, abs=1e-15)
     assert json.loads((out / "comparison.json").read_text()) == summary
     table = (out / "comparison.md").read_text()
     brcd_row = next(line for line in table.splitlines() if line.startswith("| student with BRCD |"))
     sym = summary["models"]["student_brcd"]["map_symmetric"]
-    assert f"| {sym['mean']:.4f} | {sym['min']:.4f} to {sym['max']:.4f} |" in brcd_row
+    assert f"| {sym['mean']:.4f} ± {sym['std']:.4f} | {sym['min']:.4f} to {sym['max']:.4f} |" in brcd_row
+    ndcg = summary["models"]["student_brcd"]["ndcg_at_50_asymmetric"]
+    assert f"{ndcg['mean']:.4f} ± {ndcg['std']:.4f} |" in table.split("Beside mAP")[1]  # the other scores' table
     assert f"{sym['by_seed'][0]:.4f} / {sym['by_seed'][1]:.4f}" in brcd_row
     assert "seeds 3, 5" in table and "split of seed 3" in table and (out / "seed5" / "report.md").exists()
     # --resume finds every student finished: nothing trains again, the same table comes out.
