@@ -87,44 +87,75 @@ def _relevance(ql: Tensor, dl_ranked: Tensor) -> Tensor:
 
 
 class _DatabaseLabels:
-    """The database's labels, prepared to answer for chunks of queries without a [q, n, C] broadcast: how many items
-    are relevant to each query (share a label with it) and, for multi-hot rows, how many labels each item shares."""
+    """The database's labels, prepared to answer for chunks of queries without a [q, n, C] broadcast: which items are
+    relevant to each query (share a label with it), how many, and each query's ideal DCG.
+
+    Class ids: a query's relevant items are its class, whose size is counted once. Multi-hot rows: the distinct label
+    rows, each with its multiplicity (a multi-label set has far fewer distinct rows than images: a few labels of 21
+    or 80 each); a matmul of 0/1 rows counts the labels each shares with a query exactly (float32 holds integers to
+    2^24), and sums weighted by multiplicity count the items."""
 
     def __init__(self, dl: Tensor):
         self.labels = dl
-        if dl.dim() == 1:  # class ids: a query's relevant items are its class, whose size is known once
+        if dl.dim() == 1:
             self.classes, self.class_sizes = torch.unique(dl, return_counts=True)
-        else:  # 0/1 rows: a matmul counts shared labels exactly (float32 holds integers to 2^24)
-            self.rows = dl.float()
+        else:
+            rows, self.row_of_item, self.multiplicity = torch.unique(dl, dim=0, return_inverse=True,
+                                                                     return_counts=True)
+            self.rows = rows.float()
+            self.most_labels = int(rows.sum(dim=1).max())  # no item shares more labels with a query
 
-    def shared(self, queries: Tensor) -> Tensor:
-        """Multi-hot labels: how many labels each database item shares with each query (float [q, n], integers)."""
+    def _shared_by_row(self, queries: Tensor) -> Tensor:
+        """How many labels each distinct database row shares with each query (float [q, rows], integers)."""
         return queries.float() @ self.rows.T
 
     def relevant(self, queries: Tensor) -> Tensor:
         """Whether each database item is relevant to each query (bool [q, n])."""
         if self.labels.dim() == 1:
             return self.labels[None, :] == queries[:, None]
-        return self.shared(queries) > 0
+        return (self._shared_by_row(queries) > 0)[:, self.row_of_item]
 
     def relevant_counts(self, queries: Tensor) -> Tensor:
         """How many database items are relevant to each query (int64 [q])."""
         if self.labels.dim() == 1:
             at = torch.searchsorted(self.classes, queries).clamp_(max=len(self.classes) - 1)
             return torch.where(self.classes[at] == queries, self.class_sizes[at], 0)
-        n = self.rows.shape[0]
-        step = max(1, _CHUNK_BYTES // (8 * n))
-        # Sums of clamped counts, not of booleans (several times faster); exact in float32 below 2^24 items.
-        wide = torch.float64 if n >= 2**24 else None
-        counts = [self.shared(queries[q0 : q0 + step]).clamp_(max=1).sum(dim=1, dtype=wide).long()
-                  for q0 in range(0, queries.shape[0], step)]
-        return torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int64, device=queries.device)
+        return self.labels.shape[0] - self._items_by_shared(queries)[:, 0]
+
+    def ideal_dcgs(self, queries: Tensor, discounts: Tensor) -> Tensor:
+        """Each query's ideal DCG@k (k = len(discounts); gain 2^r - 1 for an item sharing r labels): the database's
+        items in descending r. The items sharing at least r labels take the first positions, so the ideal sums, for
+        r from the largest down, gain 2^r - 1 over positions [items sharing > r, items sharing >= r), from prefix sums
+        of the discounts: no sort of the database."""
+        k = discounts.shape[0]
+        before = torch.cat([discounts.new_zeros(1), discounts.cumsum(0)])  # before[i]: the discounts of positions < i
+        if self.labels.dim() == 1:  # the items of the query's class, gain 1 each
+            return before[self.relevant_counts(queries).clamp_(max=k)]
+        at_least = self._items_by_shared(queries).flip(1).cumsum(1).flip(1)  # [:, r]: items sharing >= r labels
+        ideal = torch.zeros(queries.shape[0], dtype=torch.float64, device=discounts.device)
+        filled = torch.zeros(queries.shape[0], dtype=torch.int64, device=discounts.device)
+        for r in range(self.most_labels, 0, -1):
+            upto = at_least[:, r].clamp(max=k)
+            ideal += (2.0**r - 1) * (before[upto] - before[filled])
+            filled = upto
+        return ideal
+
+    def _items_by_shared(self, queries: Tensor) -> Tensor:
+        """How many database items share exactly r labels with each query: int64 [q, most_labels + 1], column r; a
+        histogram of the distinct rows' shared counts weighted by their multiplicities, over chunks of queries."""
+        step = max(1, _CHUNK_BYTES // (16 * self.rows.shape[0]))
+        parts = [torch.zeros((0, self.most_labels + 1), dtype=torch.int64, device=queries.device)]
+        for q0 in range(0, queries.shape[0], step):
+            shared = self._shared_by_row(queries[q0 : q0 + step]).long()
+            counts = torch.zeros((shared.shape[0], self.most_labels + 1), dtype=torch.int64, device=queries.device)
+            parts.append(counts.scatter_add_(1, shared, self.multiplicity.expand(shared.shape[0], -1)))
+        return torch.cat(parts)
 
 
-def _ranked_chunks(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int, extra_per_query: int = 0):
+def _ranked_chunks(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int):
     """The top-k op's rankings of chunks of queries: (the chunk's first query, the labels of its ranked items, their
-    relevance [q, k]). extra_per_query: bytes per query that the caller's own work on a chunk adds."""
-    per_query = k * (16 + (dl.shape[1] if dl.dim() == 2 else 1) * 2) + extra_per_query
+    relevance [q, k])."""
+    per_query = k * (16 + (dl.shape[1] if dl.dim() == 2 else 1) * 2)
     step = max(1, _CHUNK_BYTES // per_query)
     for q0 in range(0, qp.shape[0], step):
         _, idx = hamming_topk(qp[q0 : q0 + step], dp, k)
@@ -233,21 +264,14 @@ def _ranked_sums(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int, ndcg: b
     hits = torch.zeros((), dtype=torch.int64, device=device)
     ndcg_sum = torch.zeros((), dtype=torch.float64, device=device)
     aps = [torch.zeros(0, dtype=torch.float64, device=device)]
-    gains = lambda shared: (torch.exp2(shared.double()) - 1).mul_(discounts).sum(dim=1)  # DCG of ranked shared counts
     database = _DatabaseLabels(dl) if ndcg else None
-    # Class ids: a query's ideal ranking puts the items of its class first, so its ideal DCG is a sum of discounts.
-    ideal_of_size = torch.cat([discounts.new_zeros(1), discounts.cumsum(0)])  # [i]: the discounts of positions < i
-    # Multi-hot labels: the ideal ranking counts the labels every database item shares with each query of a chunk.
-    every_item_bytes = dp.shape[0] * 12 if ndcg and dl.dim() == 2 else 0
-    for q0, ranked_labels, rel in _ranked_chunks(qp, dp, ql, dl, k, every_item_bytes):
+    for q0, ranked_labels, rel in _ranked_chunks(qp, dp, ql, dl, k):
         hits += rel.sum()
         if ndcg:
             queries = ql[q0 : q0 + rel.shape[0]]
-            if dl.dim() == 1:
-                ideal = ideal_of_size[database.relevant_counts(queries).clamp_(max=k)]
-            else:
-                ideal = gains(database.shared(queries).topk(k, dim=1).values)
-            ndcg_sum += (gains(_shared_labels(queries, ranked_labels)) / ideal.where(ideal > 0, 1.0)).sum()  # 0 / 1
+            dcg = (torch.exp2(_shared_labels(queries, ranked_labels).double()) - 1).mul_(discounts).sum(dim=1)
+            ideal = database.ideal_dcgs(queries, discounts)
+            ndcg_sum += (dcg / ideal.where(ideal > 0, 1.0)).sum()  # a query with nothing relevant: 0 / 1
         if average_precision:
             aps.append(_average_precisions_of_ranked(rel, inv_positions))
     return {"hits": int(hits), "ndcg": float(ndcg_sum), "ap": torch.cat(aps)}

@@ -409,22 +409,26 @@ def test_retrieval_scores_chunks_and_bad_input(monkeypatch):
 
 @pytest.mark.parametrize("labels", ["ids", "multi-hot"])
 def test_database_label_counts_against_a_broadcast(labels, monkeypatch):
-    """The relevant-item counts and shared-label counts behind recall@N, NDCG's ideal and the GPU histograms."""
+    """The relevance, relevant-item counts and ideal DCGs behind recall@N, NDCG and the GPU histograms, against a
+    broadcast of every query's labels against every item's and a sort."""
     gen = torch.Generator().manual_seed(8)
     if labels == "ids":
         dl = torch.tensor([-3, 7, 400])[torch.randint(0, 3, (500,), generator=gen)].to(torch.int32)
         ql = torch.tensor([-3, 7, 400, 9], dtype=torch.int32)[torch.randint(0, 4, (60,), generator=gen)]  # 9: none
-        broadcast = dl[None, :] == ql[:, None]
+        shared = (dl[None, :] == ql[:, None]).long()
     else:
         dl = torch.rand(500, 6, generator=gen) < 0.3
+        dl[:100] = dl[100:200]  # repeated label rows, as a multi-label set has
         ql = torch.rand(60, 6, generator=gen) < 0.3
         ql[0] = False  # shares nothing
-        broadcast = (dl[None, :, :] & ql[:, None, :]).any(-1)
         shared = (dl[None, :, :] & ql[:, None, :]).sum(-1)
-        assert torch.equal(metrics._DatabaseLabels(dl).shared(ql).long(), shared)
-    database = metrics._DatabaseLabels(dl)
-    assert torch.equal(database.relevant(ql), broadcast)
-    assert torch.equal(database.relevant_counts(ql), broadcast.sum(1))
-    monkeypatch.setattr(metrics, "_CHUNK_BYTES", 1)  # one query per chunk
-    assert torch.equal(database.relevant_counts(ql), broadcast.sum(1))
-    assert database.relevant_counts(ql[:0]).shape == (0,)
+    discounts = 1.0 / torch.log2(torch.arange(2, 40 + 2, dtype=torch.float64))
+    ideal = ((2.0 ** shared.sort(dim=1, descending=True).values[:, :40]) - 1).mul(discounts).sum(1)
+    for chunk_bytes in (metrics._CHUNK_BYTES, 1):  # and one query per chunk
+        monkeypatch.setattr(metrics, "_CHUNK_BYTES", chunk_bytes)
+        database = metrics._DatabaseLabels(dl)
+        assert torch.equal(database.relevant(ql), shared > 0)
+        assert torch.equal(database.relevant_counts(ql), (shared > 0).sum(1))
+        torch.testing.assert_close(database.ideal_dcgs(ql, discounts), ideal, rtol=1e-14, atol=0)
+        assert database.relevant_counts(ql[:0]).shape == (0,) and database.ideal_dcgs(ql[:0], discounts).shape == (0,)
+    assert database.ideal_dcgs(ql[:1], discounts).item() == (0.0 if labels == "multi-hot" else ideal[0].item())
