@@ -79,13 +79,6 @@ def _prepare(query_codes, db_codes, query_labels, db_labels):
     return qp.to(dev), dp, ql.to(dev), dl.to(dev)
 
 
-def _relevance(ql: Tensor, dl_ranked: Tensor) -> Tensor:
-    """ql [q] or [q, C]; dl_ranked [q, k] or [q, k, C] (labels of the ranked items) -> bool [q, k]."""
-    if ql.dim() == 1:
-        return dl_ranked == ql[:, None]
-    return (dl_ranked & ql[:, None, :]).any(dim=-1)
-
-
 class _DatabaseLabels:
     """The database's labels, prepared to answer for chunks of queries without a [q, n, C] broadcast: which items are
     relevant to each query (share a label with it), how many, and each query's ideal DCG.
@@ -114,6 +107,13 @@ class _DatabaseLabels:
         if self.labels.dim() == 1:
             return self.labels[None, :] == queries[:, None]
         return (self._shared_by_row(queries) > 0)[:, self.row_of_item]
+
+    def ranked_shared(self, queries: Tensor, ranked: Tensor) -> Tensor:
+        """How many labels each ranked item shares with its query (int32 [q, k]; 0 or 1 for class ids): ranked holds
+        the items' indices [q, k]."""
+        if self.labels.dim() == 1:
+            return (self.labels[ranked] == queries[:, None]).to(torch.int32)
+        return self._shared_by_row(queries).gather(1, self.row_of_item[ranked]).to(torch.int32)
 
     def relevant_counts(self, queries: Tensor) -> Tensor:
         """How many database items are relevant to each query (int64 [q])."""
@@ -152,15 +152,15 @@ class _DatabaseLabels:
         return torch.cat(parts)
 
 
-def _ranked_chunks(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int):
-    """The top-k op's rankings of chunks of queries: (the chunk's first query, the labels of its ranked items, their
-    relevance [q, k])."""
-    per_query = k * (16 + (dl.shape[1] if dl.dim() == 2 else 1) * 2)
+def _ranked_chunks(qp: Tensor, dp: Tensor, ql: Tensor, database: _DatabaseLabels, k: int):
+    """The top-k op's rankings of chunks of queries: (the chunk's first query, how many labels each ranked item shares
+    with its query [q, k], their relevance [q, k])."""
+    per_query = k * 24 + (4 * database.rows.shape[0] if database.labels.dim() == 2 else 0)
     step = max(1, _CHUNK_BYTES // per_query)
     for q0 in range(0, qp.shape[0], step):
         _, idx = hamming_topk(qp[q0 : q0 + step], dp, k)
-        ranked_labels = dl[idx]
-        yield q0, ranked_labels, _relevance(ql[q0 : q0 + step], ranked_labels)
+        shared = database.ranked_shared(ql[q0 : q0 + step], idx)
+        yield q0, shared, shared > 0
 
 
 def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: Optional[int] = None) -> Tensor:
@@ -232,7 +232,7 @@ def _precision_recall_sums(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: in
     recall = torch.zeros_like(precision)
     with_relevant = 0
     database = _DatabaseLabels(dl)
-    for q0, _, rel in _ranked_chunks(qp, dp, ql, dl, k):
+    for q0, _, rel in _ranked_chunks(qp, dp, ql, database, k):
         hits = torch.cumsum(rel, dim=1, dtype=torch.int64).double()
         precision += (hits / cutoffs).sum(0)
         relevant = database.relevant_counts(ql[q0 : q0 + rel.shape[0]]).double()
@@ -264,24 +264,16 @@ def _ranked_sums(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int, ndcg: b
     hits = torch.zeros((), dtype=torch.int64, device=device)
     ndcg_sum = torch.zeros((), dtype=torch.float64, device=device)
     aps = [torch.zeros(0, dtype=torch.float64, device=device)]
-    database = _DatabaseLabels(dl) if ndcg else None
-    for q0, ranked_labels, rel in _ranked_chunks(qp, dp, ql, dl, k):
+    database = _DatabaseLabels(dl)
+    for q0, shared, rel in _ranked_chunks(qp, dp, ql, database, k):
         hits += rel.sum()
         if ndcg:
-            queries = ql[q0 : q0 + rel.shape[0]]
-            dcg = (torch.exp2(_shared_labels(queries, ranked_labels).double()) - 1).mul_(discounts).sum(dim=1)
-            ideal = database.ideal_dcgs(queries, discounts)
+            dcg = (torch.exp2(shared.double()) - 1).mul_(discounts).sum(dim=1)
+            ideal = database.ideal_dcgs(ql[q0 : q0 + rel.shape[0]], discounts)
             ndcg_sum += (dcg / ideal.where(ideal > 0, 1.0)).sum()  # a query with nothing relevant: 0 / 1
         if average_precision:
             aps.append(_average_precisions_of_ranked(rel, inv_positions))
     return {"hits": int(hits), "ndcg": float(ndcg_sum), "ap": torch.cat(aps)}
-
-
-def _shared_labels(ql: Tensor, dl_items: Tensor) -> Tensor:
-    """How many labels each item shares with its query (int [q, m]): ql [q] or [q, C], dl_items [q, m] or [q, m, C]."""
-    if ql.dim() == 1:
-        return (dl_items == ql[:, None]).to(torch.int32)
-    return (dl_items & ql[:, None, :]).sum(dim=-1, dtype=torch.int32)
 
 
 def _radius_histograms(qp, dp, ql, dl) -> Tuple[Tensor, Tensor, int]:

@@ -409,7 +409,7 @@ def test_retrieval_scores_chunks_and_bad_input(monkeypatch):
 
 @pytest.mark.parametrize("labels", ["ids", "multi-hot"])
 def test_database_label_counts_against_a_broadcast(labels, monkeypatch):
-    """The relevance, relevant-item counts and ideal DCGs behind recall@N, NDCG and the GPU histograms, against a
+    """The relevance, shared-label counts, relevant-item counts and ideal DCGs behind every ranking metric, against a
     broadcast of every query's labels against every item's and a sort."""
     gen = torch.Generator().manual_seed(8)
     if labels == "ids":
@@ -429,6 +429,8 @@ def test_database_label_counts_against_a_broadcast(labels, monkeypatch):
         database = metrics._DatabaseLabels(dl)
         assert torch.equal(database.relevant(ql), shared > 0)
         assert torch.equal(database.relevant_counts(ql), (shared > 0).sum(1))
+        ranked = torch.randint(0, 500, (60, 25), generator=gen)
+        assert torch.equal(database.ranked_shared(ql, ranked).long(), shared.gather(1, ranked))
         torch.testing.assert_close(database.ideal_dcgs(ql, discounts), ideal, rtol=1e-14, atol=0)
         assert database.relevant_counts(ql[:0]).shape == (0,) and database.ideal_dcgs(ql[:0], discounts).shape == (0,)
     assert database.ideal_dcgs(ql[:1], discounts).item() == (0.0 if labels == "multi-hot" else ideal[0].item())
