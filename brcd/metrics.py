@@ -10,6 +10,7 @@ asymmetric (student queries against a teacher-encoded database); see :func:`eval
 """
 from __future__ import annotations
 
+import numbers
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -168,7 +169,7 @@ def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: Opt
     qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
     n = dp.shape[0]
     if topk is not None:
-        _check_cutoff(topk, None, "topk", or_none=True)
+        topk = _check_cutoff(topk, None, "topk", or_none=True)
     k = n if topk is None else min(topk, n)
     if dp.device.type == "cpu":  # one fused pass: candidates below the k-th distance, AP without a sort
         return torch.ops.brcd.average_precision(qp, dp, ql, dl, k)
@@ -197,7 +198,7 @@ def mean_average_precision(query_codes, db_codes, query_labels, db_labels, topk:
 def precision_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> float:
     """Mean over queries of the fraction of relevant items among the top k."""
     qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
-    _check_cutoff(k, dp.shape[0], "k")
+    k = _check_cutoff(k, dp.shape[0], "k")
     return _ranked_sums(qp, dp, ql, dl, k)["hits"] / (k * qp.shape[0])
 
 
@@ -210,18 +211,22 @@ def precision_recall_at_k(query_codes, db_codes, query_labels, db_labels, max_k:
     in its top N, over the queries that have one in the database.
     """
     qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
-    _check_cutoff(max_k, None, "max_k")
+    max_k = _check_cutoff(max_k, None, "max_k")
     k = min(max_k, dp.shape[0])
     precision, (recall, with_relevant) = _precision_recall_sums(qp, dp, ql, dl, k)
     return {"k": torch.arange(1, k + 1), "precision": (precision / max(qp.shape[0], 1)).cpu(),
             "recall": (recall / max(with_relevant, 1)).cpu()}
 
 
-def _check_cutoff(k, n: Optional[int], name: str, or_none: bool = False) -> None:
-    """k must be an integer from 1 to n (any positive one where n is None); or_none says None was allowed too."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or (n is not None and k > n):
+def _check_cutoff(k, n: Optional[int], name: str, or_none: bool = False) -> int:
+    """A cutoff of a ranking: an integer (Python or NumPy; a TypeError otherwise, as for the searches' k) from 1 to n
+    (any positive one where n is None); or_none says None was allowed too (the caller's case)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{name} must be an int{' or None' if or_none else ''}, got {type(k).__name__}")
+    if k < 1 or (n is not None and k > n):
         bound = "a positive integer" if n is None else f"an integer between 1 and the database size {n}"
         raise ValueError(f"{name} must be {bound}{' or None' if or_none else ''}, got {k!r}")
+    return int(k)
 
 
 def _precision_recall_sums(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int):
@@ -248,7 +253,7 @@ def ndcg_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> float:
     discounted by ``log2(1 + position)``; each query's DCG is divided by its ideal one (its database items in
     descending r), and a query with nothing relevant in the database scores 0. The mean over queries."""
     qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
-    _check_cutoff(k, dp.shape[0], "k")
+    k = _check_cutoff(k, dp.shape[0], "k")
     return _ranked_sums(qp, dp, ql, dl, k, ndcg=True)["ndcg"] / qp.shape[0]
 
 
@@ -324,7 +329,7 @@ def precision_recall_curve(query_codes, db_codes, query_labels, db_labels) -> Di
 
 def precision_within_radius(query_codes, db_codes, query_labels, db_labels, radius: int = 2) -> float:
     """Mean precision of the items within Hamming distance <= radius; a query that retrieves nothing scores 0."""
-    _check_radius(radius)
+    radius = _check_radius(radius)
     return _precision_within_radius(*_prepare(query_codes, db_codes, query_labels, db_labels), radius)
 
 
@@ -343,8 +348,8 @@ def retrieval_scores(query_codes, db_codes, query_labels, db_labels, topk: Optio
     ``precision_within_radius_R`` (R = radius). Each equals its own function's value to the last digit, but the
     database is ranked once for all of them (on the CPU, mAP comes from its own fused pass, which sorts nothing)."""
     if topk is not None:
-        _check_cutoff(topk, None, "topk", or_none=True)
-    _check_radius(radius)
+        topk = _check_cutoff(topk, None, "topk", or_none=True)
+    radius = _check_radius(radius)
     qp, dp, ql, dl = _prepare(query_codes, db_codes, query_labels, db_labels)
     k = dp.shape[0] if topk is None else min(topk, dp.shape[0])
     on_cpu = dp.device.type == "cpu"

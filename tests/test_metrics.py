@@ -174,9 +174,13 @@ def test_metric_bad_input():
         metrics.mean_average_precision(qc, torch.randn(10, 24), ql, dl)
     with pytest.raises(ValueError, match="empty"):
         metrics.mean_average_precision(qc, dc[:0], ql, dl[:0])
-    for bad in (0, 2.0, True):  # larger than the database is allowed: the whole ranking
-        with pytest.raises(ValueError, match=f"topk must be a positive integer or None, got {bad!r}"):
+    with pytest.raises(ValueError, match="topk must be a positive integer or None, got 0"):  # above n: the whole
+        metrics.mean_average_precision(qc, dc, ql, dl, topk=0)
+    for bad in (2.0, True):
+        with pytest.raises(TypeError, match=f"topk must be an int or None, got {type(bad).__name__}"):
             metrics.mean_average_precision(qc, dc, ql, dl, topk=bad)
+    whole = metrics.mean_average_precision(qc, dc, ql, dl, topk=5)
+    assert metrics.mean_average_precision(qc, dc, ql, dl, topk=np.int64(5)) == whole  # NumPy integers are integers
     with pytest.raises(ValueError, match="k must be an integer between 1 and the database size 10, got 11"):
         metrics.precision_at_k(qc, dc, ql, dl, 11)
     with pytest.raises(ValueError, match="classes"):
@@ -285,8 +289,8 @@ def test_precision_recall_at_k_chunks_and_bad_input(monkeypatch):
     chunked = metrics.precision_recall_at_k(qc, dc, ql, dl, max_k=50)
     for key in ("precision", "recall"):
         torch.testing.assert_close(chunked[key], whole[key], rtol=0, atol=1e-12)
-    for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="max_k"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="max_k"):
             metrics.precision_recall_at_k(qc, dc, ql, dl, max_k=bad)
     with pytest.raises(ValueError, match="k must be"):
         metrics.precision_at_k(qc, dc, ql, dl, 201)
@@ -349,8 +353,11 @@ def test_ndcg_chunks_and_bad_input(monkeypatch):
     whole = metrics.ndcg_at_k(qc, dc, ql, dl, 50)
     monkeypatch.setattr(metrics, "_CHUNK_BYTES", 1)  # one query per chunk
     assert abs(metrics.ndcg_at_k(qc, dc, ql, dl, 50) - whole) <= 1e-12
-    for bad in (0, 201, 2.5, True):
+    for bad in (0, 201):
         with pytest.raises(ValueError, match="k must be an integer between 1 and the database size 200"):
+            metrics.ndcg_at_k(qc, dc, ql, dl, bad)
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match="k must be an int"):
             metrics.ndcg_at_k(qc, dc, ql, dl, bad)
     with pytest.raises(ValueError, match="db_labels"):
         metrics.ndcg_at_k(qc, dc, ql, dl[:5], 5)
@@ -393,8 +400,11 @@ def test_retrieval_scores_chunks_and_bad_input(monkeypatch):
     chunked = metrics.retrieval_scores(qc, dc, ql, dl, topk=50)
     assert chunked.keys() == whole.keys() and all(abs(chunked[key] - whole[key]) <= 1e-12 for key in whole)
     assert chunked["precision_at_50"] == whole["precision_at_50"]  # an exact count either way
-    for bad in (0, -3, 2.5, True):
+    for bad in (0, -3):
         with pytest.raises(ValueError, match="topk must be a positive integer or None"):
+            metrics.retrieval_scores(qc, dc, ql, dl, topk=bad)
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match="topk must be an int or None"):
             metrics.retrieval_scores(qc, dc, ql, dl, topk=bad)
     with pytest.raises(ValueError, match="radius must be a non-negative Hamming distance"):
         metrics.retrieval_scores(qc, dc, ql, dl, radius=-1)
