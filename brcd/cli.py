@@ -28,7 +28,7 @@ from . import metrics
 from .code_stats import code_statistics
 from .comparison import summarise_seeds
 from .clustering import GROUP_MODES
-from .code_files import check_file_type, load_codes, load_labels, save_codes, save_labels
+from .code_files import check_file_type, load_codes, load_labels, save_codes, save_labels, save_scores
 from .data import DataFileError, load_cifar10, load_fashion_mnist, load_image_list, make_split, synthetic_data
 from .checkpoint import CHECKPOINT_FORMATS, load_model
 from .index import HammingIndex, IndexFileError, atomic_write_bytes
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--curves", type=Path, default=None,
                        help="also write to this JSON file the precision-recall curve of Hamming-ball retrieval (each "
                             "radius) and precision@N and recall@N up to topk")
+    score.add_argument("--per-query", type=Path, default=None,
+                       help="also write each query's AP@K to this .npy, .pt, .txt or .csv file (for paired tests "
+                            "between methods on the same queries); their mean is the mAP printed")
     score.add_argument("--device", type=_device, default="cpu", help="where to rank (cpu, cuda)")
     return parser
 
@@ -330,7 +333,10 @@ def run_evaluate(args) -> dict:
 
 
 def run_score(args) -> dict:
-    """The retrieval metrics of code files (brcd.code_files), and their curves where --curves names a file."""
+    """The retrieval metrics of code files (brcd.code_files), their curves where --curves names a file and each
+    query's AP where --per-query does."""
+    if args.per_query is not None:
+        check_file_type(args.per_query, "--per-query")  # before the work
     queries = load_codes(args.query_codes, "--query-codes", packed=args.packed)
     database = load_codes(args.db_codes, "--db-codes", packed=args.packed)
     same_width = queries.packed.shape[1] == database.packed.shape[1] and (
@@ -352,6 +358,8 @@ def run_score(args) -> dict:
                   "top_n": {"n": top_n["k"].tolist(), "precision": top_n["precision"].tolist(),
                             "recall": top_n["recall"].tolist()}}
         atomic_write_bytes(args.curves, [json.dumps(curves).encode()])
+    if args.per_query is not None:  # the same values as the printed mAP's, query by query
+        save_scores(args.per_query, metrics.average_precisions(*on, topk=args.topk), "--per-query")
     width = {"bits": bits} if bits else {"code_bytes": queries.packed.shape[1]}
     return {"queries": len(queries), "database": len(database), **width, "topk": k, **scores}
 

@@ -27,7 +27,7 @@ from .data import DataFileError
 from .index import HammingIndex, IndexFileError, atomic_write_bytes
 from .ops import pack_codes
 
-__all__ = ["PackedCodes", "check_file_type", "load_codes", "load_labels", "save_codes", "save_labels"]
+__all__ = ["PackedCodes", "check_file_type", "load_codes", "load_labels", "save_codes", "save_labels", "save_scores"]
 
 _TEXT_DELIMITERS = {".txt": None, ".tsv": "\t", ".csv": ","}
 _ARRAY_SUFFIXES = (".npy", ".pt", ".pth", *_TEXT_DELIMITERS)
@@ -166,6 +166,14 @@ def save_labels(path: Union[str, Path], labels: Tensor, name: str = "labels") ->
     _write_array(Path(path), (labels > 0).to(torch.uint8) if labels.dim() == 2 else labels.to(torch.int64), name)
 
 
+def save_scores(path: Union[str, Path], scores: Tensor, name: str = "scores") -> None:
+    """Write one number per query (float [q], such as each query's AP) in the format the suffix names, atomically;
+    text keeps every digit (%.17g), so a file read back holds the same float64 values."""
+    if not isinstance(scores, Tensor) or scores.dim() != 1 or not scores.is_floating_point():
+        raise ValueError(f"{name}: expected a float tensor [q] of per-query scores")
+    _write_array(Path(path), scores.detach().cpu().double(), name)
+
+
 def _write_array(path: Path, values: Tensor, name: str) -> None:
     suffix = check_file_type(path, name)
     buffer = io.BytesIO()
@@ -175,5 +183,6 @@ def _write_array(path: Path, values: Tensor, name: str) -> None:
         torch.save(values.clone(), buffer)
     else:
         rows = values.numpy() if values.dim() == 2 else values.numpy()[:, None]
-        np.savetxt(buffer, rows, fmt="%d", delimiter=_TEXT_DELIMITERS[suffix] or " ")
+        fmt = "%.17g" if values.is_floating_point() else "%d"
+        np.savetxt(buffer, rows, fmt=fmt, delimiter=_TEXT_DELIMITERS[suffix] or " ")
     atomic_write_bytes(path, [buffer.getvalue()])

@@ -9,7 +9,7 @@ import torch
 
 import brcd
 from brcd import cli, metrics
-from brcd.code_files import load_codes, load_labels, save_codes, save_labels
+from brcd.code_files import load_codes, load_labels, save_codes, save_labels, save_scores
 from brcd.data import DataFileError
 from conftest import device_params
 
@@ -99,6 +99,21 @@ def test_multi_hot_labels_whole_database_and_curves(codes, tmp_path, capsys):
     assert curves["hamming_ball"] == {key: ball[key].tolist() for key in ("radius", "precision", "recall")}
     assert curves["top_n"] == {"n": list(range(1, 301)), "precision": top_n["precision"].tolist(),
                                "recall": top_n["recall"].tolist()}
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv"])
+def test_per_query_average_precisions(codes, tmp_path, capsys, suffix):
+    """Each query's AP@K, for paired tests between methods: the values behind the printed mAP."""
+    qc, dc, ql, dl = codes
+    files = [save(tmp_path / f"{name}.npy", t) for name, t in (("q", qc), ("db", dc), ("ql", ql), ("dl", dl))]
+    per_query = tmp_path / f"ap{suffix}"
+    status, got = score(capsys, *files, "--topk", "50", "--per-query", str(per_query))
+    assert status == 0
+    aps = torch.from_numpy(np.load(per_query) if suffix == ".npy" else np.loadtxt(per_query, delimiter=","))
+    assert torch.equal(aps, metrics.average_precisions(qc, dc, ql, dl, topk=50))  # every digit, text included
+    assert aps.shape == (40,) and aps.mean().item() == got["map"]
+    status, err = score(capsys, *files, "--per-query", str(tmp_path / "ap.mat"))
+    assert status == 2 and "--per-query" in err and "unknown file type '.mat'" in err
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -240,4 +255,13 @@ def test_written_files_read_back(codes, tmp_path, suffix):
         save_codes(tmp_path / "q.mat", qc)
     with pytest.raises(ValueError, match="expected integer class ids"):
         save_labels(tmp_path / "l.npy", ql.double())
+    if suffix != ".bhi":
+        values = torch.rand(40, generator=torch.Generator().manual_seed(2), dtype=torch.float64) / 3
+        save_scores(tmp_path / f"s{suffix}", values)
+        delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix)
+        read = {".npy": lambda p: np.load(p), ".pt": torch.load, ".pth": torch.load}.get(
+            suffix, lambda p: np.loadtxt(p, delimiter=delimiter))(tmp_path / f"s{suffix}")
+        assert torch.equal(torch.as_tensor(read), values)  # every digit
+    with pytest.raises(ValueError, match="per-query scores"):
+        save_scores(tmp_path / "s.npy", ql)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files left
