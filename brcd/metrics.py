@@ -81,8 +81,8 @@ def _prepare(query_codes, db_codes, query_labels, db_labels):
 
 
 class _DatabaseLabels:
-    """The database's labels, prepared to answer for chunks of queries without a [q, n, C] broadcast: which items are
-    relevant to each query (share a label with it), how many, and each query's ideal DCG.
+    """The database's labels, prepared to answer for chunks of queries without a [q, n, C] broadcast (see
+    :class:`_ChunkLabels`).
 
     Class ids: a query's relevant items are its class, whose size is counted once. Multi-hot rows: the distinct label
     rows, each with its multiplicity (a multi-label set has far fewer distinct rows than images: a few labels of 21
@@ -99,69 +99,88 @@ class _DatabaseLabels:
             self.rows = rows.float()
             self.most_labels = int(rows.sum(dim=1).max())  # no item shares more labels with a query
 
-    def _shared_by_row(self, queries: Tensor) -> Tensor:
+    def bytes_per_query(self) -> int:
+        """The working set of a query in a chunk: its shared-label counts with every distinct row (float and int64)."""
+        return 0 if self.labels.dim() == 1 else 12 * self.rows.shape[0]
+
+    def of(self, queries: Tensor) -> "_ChunkLabels":
+        return _ChunkLabels(self, queries)
+
+
+class _ChunkLabels:
+    """What a chunk of queries asks of the database's labels: which items are relevant to each query (share a label
+    with it), how many labels ranked items share, how many items are relevant, and each query's ideal DCG. Multi-hot
+    labels count the labels each distinct row shares with each query once per chunk, for all of them."""
+
+    def __init__(self, database: _DatabaseLabels, queries: Tensor):
+        self.database, self.queries = database, queries
+        self._by_row = None
+
+    def _shared_by_row(self) -> Tensor:
         """How many labels each distinct database row shares with each query (float [q, rows], integers)."""
-        return queries.float() @ self.rows.T
+        if self._by_row is None:
+            self._by_row = self.queries.float() @ self.database.rows.T
+        return self._by_row
 
-    def relevant(self, queries: Tensor) -> Tensor:
+    def relevant(self) -> Tensor:
         """Whether each database item is relevant to each query (bool [q, n])."""
-        if self.labels.dim() == 1:
-            return self.labels[None, :] == queries[:, None]
-        return (self._shared_by_row(queries) > 0)[:, self.row_of_item]
+        db = self.database
+        if db.labels.dim() == 1:
+            return db.labels[None, :] == self.queries[:, None]
+        return (self._shared_by_row() > 0)[:, db.row_of_item]
 
-    def ranked_shared(self, queries: Tensor, ranked: Tensor) -> Tensor:
+    def ranked_shared(self, ranked: Tensor) -> Tensor:
         """How many labels each ranked item shares with its query (int32 [q, k]; 0 or 1 for class ids): ranked holds
         the items' indices [q, k]."""
-        if self.labels.dim() == 1:
-            return (self.labels[ranked] == queries[:, None]).to(torch.int32)
-        return self._shared_by_row(queries).gather(1, self.row_of_item[ranked]).to(torch.int32)
+        db = self.database
+        if db.labels.dim() == 1:
+            return (db.labels[ranked] == self.queries[:, None]).to(torch.int32)
+        return self._shared_by_row().gather(1, db.row_of_item[ranked]).to(torch.int32)
 
-    def relevant_counts(self, queries: Tensor) -> Tensor:
+    def relevant_counts(self) -> Tensor:
         """How many database items are relevant to each query (int64 [q])."""
-        if self.labels.dim() == 1:
-            at = torch.searchsorted(self.classes, queries).clamp_(max=len(self.classes) - 1)
-            return torch.where(self.classes[at] == queries, self.class_sizes[at], 0)
-        return self.labels.shape[0] - self._items_by_shared(queries)[:, 0]
+        db = self.database
+        if db.labels.dim() == 1:
+            at = torch.searchsorted(db.classes, self.queries).clamp_(max=len(db.classes) - 1)
+            return torch.where(db.classes[at] == self.queries, db.class_sizes[at], 0)
+        return db.labels.shape[0] - self._items_by_shared()[:, 0]
 
-    def ideal_dcgs(self, queries: Tensor, discounts: Tensor) -> Tensor:
+    def ideal_dcgs(self, discounts: Tensor) -> Tensor:
         """Each query's ideal DCG@k (k = len(discounts); gain 2^r - 1 for an item sharing r labels): the database's
         items in descending r. The items sharing at least r labels take the first positions, so the ideal sums, for
         r from the largest down, gain 2^r - 1 over positions [items sharing > r, items sharing >= r), from prefix sums
         of the discounts: no sort of the database."""
         k = discounts.shape[0]
         before = torch.cat([discounts.new_zeros(1), discounts.cumsum(0)])  # before[i]: the discounts of positions < i
-        if self.labels.dim() == 1:  # the items of the query's class, gain 1 each
-            return before[self.relevant_counts(queries).clamp_(max=k)]
-        at_least = self._items_by_shared(queries).flip(1).cumsum(1).flip(1)  # [:, r]: items sharing >= r labels
-        ideal = torch.zeros(queries.shape[0], dtype=torch.float64, device=discounts.device)
-        filled = torch.zeros(queries.shape[0], dtype=torch.int64, device=discounts.device)
-        for r in range(self.most_labels, 0, -1):
+        if self.database.labels.dim() == 1:  # the items of the query's class, gain 1 each
+            return before[self.relevant_counts().clamp_(max=k)]
+        at_least = self._items_by_shared().flip(1).cumsum(1).flip(1)  # [:, r]: items sharing >= r labels
+        ideal = torch.zeros(self.queries.shape[0], dtype=torch.float64, device=discounts.device)
+        filled = torch.zeros(self.queries.shape[0], dtype=torch.int64, device=discounts.device)
+        for r in range(self.database.most_labels, 0, -1):
             upto = at_least[:, r].clamp(max=k)
             ideal += (2.0**r - 1) * (before[upto] - before[filled])
             filled = upto
         return ideal
 
-    def _items_by_shared(self, queries: Tensor) -> Tensor:
+    def _items_by_shared(self) -> Tensor:
         """How many database items share exactly r labels with each query: int64 [q, most_labels + 1], column r; a
-        histogram of the distinct rows' shared counts weighted by their multiplicities, over chunks of queries."""
-        step = max(1, _CHUNK_BYTES // (16 * self.rows.shape[0]))
-        parts = [torch.zeros((0, self.most_labels + 1), dtype=torch.int64, device=queries.device)]
-        for q0 in range(0, queries.shape[0], step):
-            shared = self._shared_by_row(queries[q0 : q0 + step]).long()
-            counts = torch.zeros((shared.shape[0], self.most_labels + 1), dtype=torch.int64, device=queries.device)
-            parts.append(counts.scatter_add_(1, shared, self.multiplicity.expand(shared.shape[0], -1)))
-        return torch.cat(parts)
+        histogram of the distinct rows' shared counts weighted by their multiplicities."""
+        db = self.database
+        shared = self._shared_by_row().long()
+        counts = torch.zeros((shared.shape[0], db.most_labels + 1), dtype=torch.int64, device=shared.device)
+        return counts.scatter_add_(1, shared, db.multiplicity.expand(shared.shape[0], -1))
 
 
 def _ranked_chunks(qp: Tensor, dp: Tensor, ql: Tensor, database: _DatabaseLabels, k: int):
-    """The top-k op's rankings of chunks of queries: (the chunk's first query, how many labels each ranked item shares
-    with its query [q, k], their relevance [q, k])."""
-    per_query = k * 24 + (4 * database.rows.shape[0] if database.labels.dim() == 2 else 0)
-    step = max(1, _CHUNK_BYTES // per_query)
+    """The top-k op's rankings of chunks of queries: (the chunk's labels (_ChunkLabels), how many labels each ranked
+    item shares with its query [q, k], their relevance [q, k])."""
+    step = max(1, _CHUNK_BYTES // (k * 24 + database.bytes_per_query()))
     for q0 in range(0, qp.shape[0], step):
         _, idx = hamming_topk(qp[q0 : q0 + step], dp, k)
-        shared = database.ranked_shared(ql[q0 : q0 + step], idx)
-        yield q0, shared, shared > 0
+        chunk = database.of(ql[q0 : q0 + step])
+        shared = chunk.ranked_shared(idx)
+        yield chunk, shared, shared > 0
 
 
 def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: Optional[int] = None) -> Tensor:
@@ -237,10 +256,10 @@ def _precision_recall_sums(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: in
     recall = torch.zeros_like(precision)
     with_relevant = 0
     database = _DatabaseLabels(dl)
-    for q0, _, rel in _ranked_chunks(qp, dp, ql, database, k):
+    for chunk, _, rel in _ranked_chunks(qp, dp, ql, database, k):
         hits = torch.cumsum(rel, dim=1, dtype=torch.int64).double()
         precision += (hits / cutoffs).sum(0)
-        relevant = database.relevant_counts(ql[q0 : q0 + rel.shape[0]]).double()
+        relevant = chunk.relevant_counts().double()
         found = relevant > 0
         recall += (hits[found] / relevant[found, None]).sum(0)
         with_relevant += int(found.sum())
@@ -270,11 +289,11 @@ def _ranked_sums(qp: Tensor, dp: Tensor, ql: Tensor, dl: Tensor, k: int, ndcg: b
     ndcg_sum = torch.zeros((), dtype=torch.float64, device=device)
     aps = [torch.zeros(0, dtype=torch.float64, device=device)]
     database = _DatabaseLabels(dl)
-    for q0, shared, rel in _ranked_chunks(qp, dp, ql, database, k):
+    for chunk, shared, rel in _ranked_chunks(qp, dp, ql, database, k):
         hits += rel.sum()
         if ndcg:
             dcg = (torch.exp2(shared.double()) - 1).mul_(discounts).sum(dim=1)
-            ideal = database.ideal_dcgs(ql[q0 : q0 + rel.shape[0]], discounts)
+            ideal = chunk.ideal_dcgs(discounts)
             ndcg_sum += (dcg / ideal.where(ideal > 0, 1.0)).sum()  # a query with nothing relevant: 0 / 1
         if average_precision:
             aps.append(_average_precisions_of_ranked(rel, inv_positions))
@@ -301,7 +320,7 @@ def _radius_histograms_by_ops(qp, dp, ql, dl) -> Tuple[Tensor, Tensor, int]:
         dist = hamming_distance(qp[q0 : q0 + step], dp).long()
         rows = torch.arange(dist.shape[0], device=dp.device)[:, None] * width
         flat = (rows + dist).reshape(-1)
-        rel = database.relevant(ql[q0 : q0 + step])
+        rel = database.of(ql[q0 : q0 + step]).relevant()
         size = dist.shape[0] * width
         all_counts[q0 : q0 + step] = torch.bincount(flat, minlength=size).view(-1, width)
         rel_counts[q0 : q0 + step] = torch.bincount(flat, weights=rel.reshape(-1).double(), minlength=size).view(

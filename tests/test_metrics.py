@@ -418,7 +418,7 @@ def test_retrieval_scores_chunks_and_bad_input(monkeypatch):
 
 
 @pytest.mark.parametrize("labels", ["ids", "multi-hot"])
-def test_database_label_counts_against_a_broadcast(labels, monkeypatch):
+def test_database_label_counts_against_a_broadcast(labels):
     """The relevance, shared-label counts, relevant-item counts and ideal DCGs behind every ranking metric, against a
     broadcast of every query's labels against every item's and a sort."""
     gen = torch.Generator().manual_seed(8)
@@ -434,13 +434,17 @@ def test_database_label_counts_against_a_broadcast(labels, monkeypatch):
         shared = (dl[None, :, :] & ql[:, None, :]).sum(-1)
     discounts = 1.0 / torch.log2(torch.arange(2, 40 + 2, dtype=torch.float64))
     ideal = ((2.0 ** shared.sort(dim=1, descending=True).values[:, :40]) - 1).mul(discounts).sum(1)
-    for chunk_bytes in (metrics._CHUNK_BYTES, 1):  # and one query per chunk
-        monkeypatch.setattr(metrics, "_CHUNK_BYTES", chunk_bytes)
-        database = metrics._DatabaseLabels(dl)
-        assert torch.equal(database.relevant(ql), shared > 0)
-        assert torch.equal(database.relevant_counts(ql), (shared > 0).sum(1))
-        ranked = torch.randint(0, 500, (60, 25), generator=gen)
-        assert torch.equal(database.ranked_shared(ql, ranked).long(), shared.gather(1, ranked))
-        torch.testing.assert_close(database.ideal_dcgs(ql, discounts), ideal, rtol=1e-14, atol=0)
-        assert database.relevant_counts(ql[:0]).shape == (0,) and database.ideal_dcgs(ql[:0], discounts).shape == (0,)
-    assert database.ideal_dcgs(ql[:1], discounts).item() == (0.0 if labels == "multi-hot" else ideal[0].item())
+    database = metrics._DatabaseLabels(dl)
+    chunk = database.of(ql)
+    ranked = torch.randint(0, 500, (60, 25), generator=gen)
+    assert torch.equal(chunk.relevant(), shared > 0)
+    assert torch.equal(chunk.relevant_counts(), (shared > 0).sum(1))
+    assert torch.equal(chunk.ranked_shared(ranked).long(), shared.gather(1, ranked))
+    torch.testing.assert_close(chunk.ideal_dcgs(discounts), ideal, rtol=1e-14, atol=0)
+    # One query per chunk: the same answers (and none for no queries).
+    singles = [database.of(ql[i : i + 1]) for i in range(60)]
+    assert torch.equal(torch.cat([c.relevant_counts() for c in singles]), (shared > 0).sum(1))
+    torch.testing.assert_close(torch.cat([c.ideal_dcgs(discounts) for c in singles]), ideal, rtol=1e-14, atol=0)
+    nothing = database.of(ql[:0])
+    assert nothing.relevant_counts().shape == (0,) and nothing.ideal_dcgs(discounts).shape == (0,)
+    assert database.of(ql[:1]).ideal_dcgs(discounts).item() == (0.0 if labels == "multi-hot" else ideal[0].item())
