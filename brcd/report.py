@@ -88,6 +88,11 @@ _ROLES = {"teacher": "teacher", "student_no_kd": "student without KD",
           **{ablation_run_name(name): f"student with BRCD ({left})" for name, (_, left) in BRCD_ABLATIONS.items()}}
 
 
+def _score(value) -> str:
+    """A score in a table: four decimals, or "-" where the model has none (a teacher's asymmetric mAP)."""
+    return f"{value:.4f}" if isinstance(value, float) else "-"
+
+
 def _data_name(args) -> str:
     if args.synthetic:
         return "synthetic"
@@ -100,11 +105,10 @@ def render_report(out: Path, args, results: dict, curves: dict, backbones: dict,
     "code_statistics", for students "map_asymmetric", and the other test scores of _final_test},
     "throughput_images_per_s": {"teacher", optional "student"}, "seconds"}; backbones: {model: timm name}; curves:
     {model: {"ball": precision_recall_curve's, "top_n": precision_recall_at_k's}}. Writes the plots beside it."""
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
     models = [m for m in _ROLES if m in results]
     table = "| model | backbone | mAP symmetric | mAP asymmetric (teacher database) |\n|---|---|---|---|\n"
-    table += "".join(f"| {_ROLES[m]} | {backbones[m]} | {fmt(results[m].get('map_symmetric'))} | "
-                     f"{fmt(results[m].get('map_asymmetric'))} |\n" for m in models)
+    table += "".join(f"| {_ROLES[m]} | {backbones[m]} | {_score(results[m].get('map_symmetric'))} | "
+                     f"{_score(results[m].get('map_asymmetric'))} |\n" for m in models)
     others = _other_scores_table(results, models)
     others = f"{_OTHER_SCORES_INTRO}.\n\n{others}\n" if others else ""
     stats = ("| model | mean bit entropy | mean imbalance | mean \\|bit correlation\\| | distinct codes |\n"
@@ -139,7 +143,7 @@ def render_report(out: Path, args, results: dict, curves: dict, backbones: dict,
 _OTHER_SCORES = (("precision_at_", "P@{}"), ("ndcg_at_", "NDCG@{}"), ("precision_within_radius_", "P(r <= {})"))
 
 
-def _other_scores_table(results: dict, models: list, fmt=lambda v: f"{v:.4f}" if isinstance(v, float) else "-") -> str:
+def _other_scores_table(results: dict, models: list, fmt=_score) -> str:
     """A table of the test scores beside mAP (precision and NDCG at the cutoff, precision within a Hamming radius),
     each in both paradigms, where the results hold them (runs before they were recorded hold mAP only: ""). fmt
     writes one stored value (a number, or a comparison's statistics)."""
