@@ -313,6 +313,12 @@ def _split_seed(args) -> int:
     return args.seed if args.split_seed is None else args.split_seed
 
 
+def _paradigm_scores(paradigm: str, *on, topk: int, radius: int) -> dict:
+    """metrics.retrieval_scores of (query codes, database codes, their labels), keyed "<score>_<paradigm>" as
+    metrics.json and brcd evaluate name them."""
+    return {f"{key}_{paradigm}": value for key, value in metrics.retrieval_scores(*on, topk, radius).items()}
+
+
 def run_evaluate(args) -> dict:
     data, split = _data_and_split(args)
     model = load_model(args.checkpoint, args.device)
@@ -320,9 +326,8 @@ def run_evaluate(args) -> dict:
     db, db_labels = data.train_images[split.database], data.train_labels[split.database]
     q = encode(model, queries, device=args.device, desc="encoding queries")
 
-    def scores(db_codes, paradigm: str) -> dict:
-        found = metrics.retrieval_scores(q, db_codes, query_labels, db_labels, args.topk, args.radius)
-        return {f"{key}_{paradigm}": value for key, value in found.items()}
+    scores = lambda db_codes, paradigm: _paradigm_scores(paradigm, q, db_codes, query_labels, db_labels,
+                                                         topk=args.topk, radius=args.radius)
 
     results = scores(encode(model, db, device=args.device, desc="encoding the database"), "symmetric")
     if args.teacher_checkpoint is not None:
@@ -512,8 +517,7 @@ def _final_test(run: _Run, teacher, students: dict):
     enc = lambda model, images: encode(model, images, device=args.device, desc="encoding test sets",
                                        progress=not args.no_progress)
     # mAP@topk, P@topk, NDCG@topk and precision within Hamming radius 2 (the hash-lookup figure of hashing papers).
-    scores = lambda q, db, paradigm: {f"{key}_{paradigm}": value for key, value in metrics.retrieval_scores(
-        q, db, test_ql, db_labels, args.topk, radius=2).items()}
+    scores = lambda q, db, paradigm: _paradigm_scores(paradigm, q, db, test_ql, db_labels, topk=args.topk, radius=2)
     curve = lambda q, db: {"ball": metrics.precision_recall_curve(q, db, test_ql, db_labels),
                            "top_n": metrics.precision_recall_at_k(q, db, test_ql, db_labels, args.topk)}
     teacher_db, teacher_q = enc(teacher, db_images), enc(teacher, test_q)
