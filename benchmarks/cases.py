@@ -127,3 +127,26 @@ def eager_ranking_metrics(q_codes: torch.Tensor, db_codes: torch.Tensor, q_label
     return {"map": sums["ap"] / q, f"precision_at_{k}": sums["hits"] / (k * q), f"ndcg_at_{k}": sums["ndcg"] / q,
             f"precision_within_radius_{radius}": sums["radius"] / q, "precision": precision / q,
             "recall": recall / max(with_relevant, 1)}
+
+
+def augment_case(channels: int, size: int, batch: int, seed: int = 0):
+    """A uint8 image batch and the two ways of making its two training views, each a function of no arguments:
+    torchvision's transforms image by image (a data loader's work for one batch) and BatchAugment on a copy of the
+    batch on `device` (returned by `batched(device)`)."""
+    from brcd.augment import BatchAugment
+    from brcd.data import TwoViewDataset, two_view_transform
+
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, channels, size, size), generator=gen, dtype=torch.uint8)
+    dataset = TwoViewDataset(images, two_view_transform(size, channels))
+    augment = BatchAugment(size, channels)
+
+    def per_image():
+        views = [dataset[i] for i in range(batch)]
+        return torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
+
+    def batched(device: str = "cpu"):
+        on = images.to(device)
+        return lambda: (augment(on, gen), augment(on, gen))
+
+    return per_image, batched

@@ -1,5 +1,6 @@
-"""GPU benchmarks: fused Hamming top-k against PyTorch (±1 matmul + torch.topk), and the fused contrastive loss
-(forward + backward) against the eager PyTorch reference. Prints Markdown tables and writes them to --out.
+"""GPU benchmarks: fused Hamming top-k against PyTorch (±1 matmul + torch.topk), the fused contrastive loss
+(forward + backward) against the eager PyTorch reference, and the two-view augmentation of a training batch on the GPU
+against torchvision's per-image transforms on one CPU core. Prints Markdown tables and writes them to --out.
 
 Run by scripts/gpu_check.sh on the lent GPU machine.
 """
@@ -14,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import brcd  # noqa: E402
 from brcd import reference as ref  # noqa: E402
-from cases import fused_loss, loss_case, loss_step  # noqa: E402
-from common import git_revision, machine, table, time_cuda  # noqa: E402
+from cases import augment_case, fused_loss, loss_case, loss_step  # noqa: E402
+from common import git_revision, machine, table, time_cpu, time_cuda  # noqa: E402
 
 
 def popc_pairs_limit(nbits: int) -> float:
@@ -126,6 +127,23 @@ def bench_loss(sizes, K: int, eager_max: int) -> str:
                   "fused ms, student grad only"], rows) + note
 
 
+def bench_augment(cases) -> str:
+    rows, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # a data-loader worker's share: one core
+    for channels, size, batch in cases:
+        per_image, batched = augment_case(channels, size, batch)
+        t_gpu = time_cuda(batched("cuda"), repeat=20, warmup=3)
+        t_cpu = time_cpu(per_image, repeat=1, warmup=0)
+        rows.append([f"{channels}x{size}x{size}", batch, t_gpu * 1e3, t_cpu * 1e3, t_cpu / t_gpu])
+    torch.set_num_threads(threads)
+    return table(["images", "batch", "BatchAugment on the GPU ms", "torchvision image by image, one core ms",
+                  "loader processes to keep pace"], rows) + (
+        "\n\nBoth views of a batch of uint8 images as model input: BatchAugment on the GPU, the images already there (the "
+        "choices drawn on the host and copied, pinned, per view; `brcd --augment batch`, the default on a GPU) "
+        "against torchvision's transforms image by image on one core (a data-loader worker's work for the batch). "
+        "The last column is how many loader processes would make the views as fast.")
+
+
 def loss_breakdown(B: int, K: int) -> str:
     """Where one forward + backward of the fused loss spends its time: the profiler's table of device kernels and
     host-side operators."""
@@ -150,7 +168,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("out/gpu"))
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
-    ap.add_argument("--only", choices=["topk", "loss"], help="run one of the two benchmarks")
+    ap.add_argument("--only", choices=["topk", "loss", "augment"], help="run one of the benchmarks")
     ap.add_argument("--breakdown", action="store_true", help="also profile one loss step at B = 64 and 8192")
     ap.add_argument("--loss-sizes", type=int, nargs="+", metavar="B",
                     help="batch sizes of the loss benchmark (default: 64 1024 8192 65536 262144; an A/B of two "
@@ -160,7 +178,7 @@ def main():
     head = f"GPU benchmarks, brcd {git_revision()}, {machine('cuda')}\n"
     print(head, flush=True)
     text = head
-    if args.only != "loss":
+    if args.only in (None, "topk"):
         if args.quick:
             topk = topk_table(bench_topk(1000, 100_000, 64, [10, 1000]))
         else:
@@ -168,7 +186,7 @@ def main():
                               + bench_topk(10_000, 1_000_000, 256, [10, 1000]))
         print(topk, flush=True)
         text += f"\n## Hamming top-k\n\n{topk}\n"
-    if args.only != "topk":
+    if args.only in (None, "loss"):
         if args.loss_sizes:
             loss = bench_loss(args.loss_sizes, 64, eager_max=8192)
         elif args.quick:
@@ -177,6 +195,11 @@ def main():
             loss = bench_loss([64, 1024, 8192, 65536, 262144], 64, eager_max=8192)
         print(loss, flush=True)
         text += f"\n## Contrastive loss, forward + backward\n\n{loss}\n"
+    if args.only in (None, "augment"):
+        augment = bench_augment([(3, 32, 128)] if args.quick else [(1, 28, 128), (3, 32, 128), (3, 32, 512),
+                                                                    (3, 224, 128)])
+        print(augment, flush=True)
+        text += f"\n## Two-view augmentation of a training batch\n\n{augment}\n"
     if args.breakdown:
         parts = [loss_breakdown(B, 64) for B in (64, 8192)]
         (args.out / "loss_breakdown.md").write_text("\n\n".join(parts) + "\n")

@@ -12,8 +12,10 @@
         precision within a radius at once), class ids and multi-hot labels, against plain PyTorch (one sort).
   loss  fused BRCD loss forward + backward against the eager PyTorch reference and torch.compile of it, with the
         peak extra memory of each (measured in a fresh process per case).
+  augment  the two training views of a batch: brcd.augment.BatchAugment (the whole batch at once) against
+        torchvision's transforms image by image (the data loader's work).
 
-Usage: python benchmarks/run_cpu.py [--only topk range mih map metrics loss] [--quick]
+Usage: python benchmarks/run_cpu.py [--only topk range mih map metrics loss augment] [--quick]
 """
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ import brcd  # noqa: E402
 from brcd import metrics  # noqa: E402
 from brcd.index import atomic_write_bytes  # noqa: E402
 from brcd import reference as ref  # noqa: E402
-from cases import (eager_ranking_metrics, fused_loss, loss_case, loss_step, map_case, multi_hot, one_hot,  # noqa: E402
-                   original_map)
+from cases import (augment_case, eager_ranking_metrics, fused_loss, loss_case, loss_step, map_case,  # noqa: E402
+                   multi_hot, one_hot, original_map)
 from common import git_revision, machine, table, time_cpu  # noqa: E402
 
 
@@ -209,6 +211,25 @@ def bench_metrics(q_count: int, n: int, nbits: int = 64, k: int = 1000, radius: 
         "the plain loop does. The largest difference is over every score and every point of the curves.")
 
 
+# ------------------------------------------------------------------------------------------------- augmentation
+AUGMENT_IMAGES = ((1, 28, "Fashion-MNIST size"), (3, 32, "CIFAR-10 size"))
+
+
+def bench_augment(batches) -> str:
+    rows = []
+    for channels, size, what in AUGMENT_IMAGES:
+        for batch in batches:
+            per_image, batched = augment_case(channels, size, batch)
+            t_loader = time_cpu(per_image, repeat=5)
+            t_batch = time_cpu(batched("cpu"), repeat=5)
+            rows.append([f"{channels}x{size}x{size} ({what})", batch, t_loader * 1e3, t_batch * 1e3,
+                         t_loader / t_batch])
+    return table(["images", "batch", "torchvision image by image ms", "BatchAugment ms", "speed-up"], rows) + (
+        "\n\nBoth views of a batch of uint8 images, as model input (medians of 5). Image by image is what the data "
+        "loader does for one batch (in the training process, or in each worker process); BatchAugment draws the same "
+        "law for the whole batch at once (`brcd --augment batch`).")
+
+
 # ------------------------------------------------------------------------------------------------- loss
 class PeakRss:
     """Samples this process's resident memory every millisecond on a thread: the peak over a region."""
@@ -352,6 +373,7 @@ SECTIONS = {  # name -> (quick) -> the section's tables
     "metrics": lambda quick: bench_metrics(*((500, 5000) if quick else (5000, 50_000))),
     "loss": lambda quick: bench_loss([64, 1024] if quick else [64, 1024, 4096, 8192, 65536], eager_max=8192,
                                      compile_max=8192),
+    "augment": lambda quick: bench_augment([32] if quick else [128, 512]),
 }
 
 
@@ -384,6 +406,7 @@ SECTION_TITLES = {
     "map": "mAP@1000 against the original evaluation loop",
     "metrics": "Other retrieval metrics against plain PyTorch",
     "loss": "BRCD loss, forward + backward",
+    "augment": "Two-view augmentation of a training batch",
 }
 HEADER = ("# CPU benchmarks\n\nWritten by `./dev.sh bench` (benchmarks/run_cpu.py); `run_cpu.py --only SECTION ...` "
           "measures some sections again and keeps the others. Each section names its commit, day and machine.\n")

@@ -16,8 +16,8 @@ import torch
 import brcd
 from brcd import metrics
 from brcd import reference as ref
-from cases import (eager_ranking_metrics, fused_loss, loss_case, loss_step, map_case, multi_hot, one_hot, original_map,
-                   packed_codes)
+from cases import (augment_case, eager_ranking_metrics, fused_loss, loss_case, loss_step, map_case, multi_hot, one_hot,
+                   original_map, packed_codes)
 from conftest import SMOKE, size, timed
 
 
@@ -240,3 +240,20 @@ def test_loss_step(benchmark, device, B, impl):
         assert loss.item() == pytest.approx(want.item(), rel=1e-5)
         assert torch.allclose(grad, a.grad, rtol=1e-4, atol=1e-6)
     benchmark(timed(step, device))
+
+
+# ------------------------------------------------------------------------------------------------- augmentation
+@pytest.mark.parametrize("impl", ["batch", "torchvision"])
+def test_two_view_augmentation(benchmark, device, impl):
+    """Both training views of a batch of 32 x 32 RGB images: BatchAugment on the device against torchvision's
+    transforms image by image on the CPU (a data loader's work for the batch)."""
+    if impl == "torchvision" and device != "cpu":
+        pytest.skip("torchvision's per-image transforms run in the CPU's data loader")
+    batch = size(128, 16)
+    per_image, batched = augment_case(3, 32, batch)
+    run = batched(device) if impl == "batch" else per_image
+    benchmark.group = f"two-view augmentation, {batch} x 3 x 32 x 32, {device}"
+    for view in run():  # the model's input: float32 in [-1, 1], the batch's shape
+        assert view.shape == (batch, 3, 32, 32) and view.dtype == torch.float32
+        assert float(view.min()) >= -1 and float(view.max()) <= 1
+    benchmark(timed(run, device))

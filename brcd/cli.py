@@ -34,8 +34,9 @@ from .checkpoint import CHECKPOINT_FORMATS, load_model
 from .index import HammingIndex, IndexFileError, atomic_write_bytes
 from .models import STUDENT_DEFAULT, TEACHER_DEFAULT, ModelError, build_model
 from .objectives import DISTILLATION_OBJECTIVES, LABELS
-from .train import (BRCD_ABLATIONS, PRECISIONS, TrainConfig, TrainingError, ablation_run_name, checkpoint_path,
-                    encode, fit_clusters, student_run_name, throughput, train_student, train_teacher)
+from .train import (AUGMENTATIONS, BRCD_ABLATIONS, PRECISIONS, TrainConfig, TrainingError, ablation_run_name,
+                    augmentation, check_loop_config, checkpoint_path, encode, fit_clusters, student_run_name, throughput, train_student,
+                    train_teacher)
 
 
 def _int_at_least(minimum: int, expected: str):
@@ -129,10 +130,14 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="the models' forward passes in training: fp32, or bf16 under torch.autocast (tensor cores on a "
                         "GPU); the losses compute in float32, validation and encoding run in float32")
+    p.add_argument("--augment", choices=AUGMENTATIONS, default="auto",
+                   help="where the two augmented views are made: 'batch', the whole batch at once on the training "
+                        "device (no loader work per step); 'loader', torchvision image by image in the data loader "
+                        "(--workers); 'auto' (default): batch on a GPU, loader on the CPU")
     p.add_argument("--workers", type=_nonnegative_int, default=None,
-                   help="data-loader processes for the augmentation (default: none on the CPU, where they would "
-                        "take the training's cores; on a GPU half the cores, at most 8). A run is reproducible for "
-                        "a given count")
+                   help="data-loader processes for the loader's augmentation (default: none on the CPU, where they "
+                        "would take the training's cores, and with --augment batch; else half the cores, at most 8). "
+                        "A run is reproducible for a given count")
 
 
 def _distill_args(p: argparse.ArgumentParser) -> None:
@@ -428,11 +433,12 @@ class _Run:
 
 
 def _workers(args) -> int:
-    """--workers, or its default: none where the model trains on the CPU (workers would compete with it for the cores),
-    else half the cores, at most 8 (in the training process, a GPU would wait for the augmentation at every step)."""
+    """--workers, or its default: none where the model trains on the CPU (workers would compete with it for the cores)
+    or where the views are made on the device (--augment batch), else half the cores, at most 8 (in the training
+    process, a GPU would wait for the loader's augmentation at every step)."""
     if args.workers is not None:
         return args.workers
-    if torch.device(args.device).type == "cpu":
+    if torch.device(args.device).type == "cpu" or augmentation(args.augment, args.device) == "batch":
         return 0
     return min(8, max(1, (os.cpu_count() or 2) // 2))
 
@@ -457,7 +463,8 @@ def _prepare_run(args) -> _Run:
                       group_mode=getattr(args, "group_mode", "offset+fn"), use_mask=not getattr(args, "no_mask", False),
                       topk=args.topk, val_every=args.val_every, seed=args.seed, device=args.device,
                       progress=not args.no_progress, resume=args.resume, checkpoint_format=args.checkpoint_format,
-                      workers=_workers(args), precision=args.precision)
+                      augment=args.augment, workers=_workers(args), precision=args.precision)
+    check_loop_config(cfg)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     atomic_write_bytes(out / "config.json", [json.dumps(config, indent=2).encode()])
     return _Run(args, out, (data, split), train_images, val, cfg, started)

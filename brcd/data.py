@@ -263,7 +263,8 @@ def to_model_input(images: Tensor) -> Tensor:
 
 def two_view_transform(size: int, channels: int):
     """SimCLR / CIBHash style augmentation sized to the images: random resized crop, flip, brightness and contrast
-    jitter (colour jitter and random grayscale for RGB), blur."""
+    jitter (colour jitter and random grayscale for RGB), blur. One image at a time, in the data loader;
+    `brcd.augment.BatchAugment` draws the same on a whole batch at once, on the training device."""
     from torchvision.transforms import v2
 
     ops = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]

@@ -17,15 +17,21 @@ from tqdm.auto import tqdm
 from . import metrics
 from .checkpoint import CHECKPOINT_FORMATS, TrainingError, load_checkpoint, save_checkpoint
 from .clustering import bit_masks, kmeans, nearest_centroid, negative_groups
+from .augment import BatchAugment
 from .data import TwoViewDataset, to_model_input, two_view_transform
 from .models import HashModel
 from .objectives import DATASET_OBJECTIVES, DISTILLATION_OBJECTIVES, make_objective
 
 __all__ = ["TrainConfig", "TrainingError", "checkpoint_path", "encode", "train_teacher", "fit_clusters",
-           "train_student", "student_run_name", "Clusters", "throughput", "PRECISIONS"]
+           "train_student", "student_run_name", "Clusters", "throughput", "PRECISIONS", "AUGMENTATIONS",
+           "augmentation", "check_loop_config"]
 
 # The precisions of the training steps' forward passes: float32, or bfloat16 under torch.autocast.
 PRECISIONS = ("fp32", "bf16")
+# Where the two views are made: "loader" (torchvision, image by image, in the data loader or its workers), "batch"
+# (brcd.augment.BatchAugment, the whole batch at once on the training device), "auto" (batch on a GPU, loader on the
+# CPU, where docs/demo.md's runs were made with it).
+AUGMENTATIONS = ("auto", "loader", "batch")
 
 
 @dataclass
@@ -52,8 +58,10 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False
     checkpoint_format: str = "pt"  # "pt" | "safetensors": the best checkpoints (the resume state is always .pt)
-    # Data-loader processes for the two-view augmentation; 0: in the training process, where a GPU waits for it at
-    # every step (a batch of 128 Fashion-MNIST images: about 75 ms of one core of the development machine).
+    # Where the two views are made: one of AUGMENTATIONS (see `augmentation`).
+    augment: str = "auto"
+    # Data-loader processes for the loader's two-view augmentation; 0: in the training process, where a GPU waits for
+    # it at every step (a batch of 128 Fashion-MNIST images: about 75 ms of one core of the development machine).
     workers: int = 0
     # Steps between reads of the loss (its finiteness check and the progress bar's value): each read waits for the
     # device. None: every step on the CPU (where nothing is queued), every 25 on a GPU.
@@ -105,14 +113,49 @@ def fit_clusters(teacher: HashModel, train_images: Tensor, cfg: TrainConfig) -> 
                                                                      cfg.margin))
 
 
+def augmentation(augment: str, device) -> str:
+    """Where a run on `device` makes its two views: "batch" or "loader" (`augment`, one of AUGMENTATIONS, with "auto"
+    decided by the device)."""
+    if augment != "auto":
+        return augment
+    return "loader" if torch.device(device).type == "cpu" else "batch"
+
+
 def _loader(images: Tensor, cfg: TrainConfig, gen: torch.Generator):
-    """Shuffled two-view batches. With workers, each epoch's workers seed their augmentation from `gen` (as the
-    shuffling is), so a run is reproducible for a given worker count and a resumed one continues exactly. Workers are
-    not kept between epochs: persistent ones would take their seeds once, and a resumed run could not match."""
+    """Shuffled two-view batches (view 1, view 2, positions in `images`), as `augmentation` decides for cfg.
+    With loader workers, each epoch's workers seed their augmentation from `gen` (as the shuffling is), so a run is
+    reproducible for a given worker count and a resumed one continues exactly. Workers are not kept between epochs:
+    persistent ones would take their seeds once, and a resumed run could not match."""
     channels, size = images.shape[1], images.shape[-1]
+    if augmentation(cfg.augment, cfg.device) == "batch":
+        return _BatchAugmentedLoader(images, cfg, gen)
     return torch.utils.data.DataLoader(TwoViewDataset(images, two_view_transform(size, channels)),
                                        batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen,
                                        num_workers=cfg.workers, pin_memory=cfg.device_type == "cuda")
+
+
+class _BatchAugmentedLoader:
+    """Shuffled batches whose two views BatchAugment makes on the training device from the uint8 images: the host
+    gathers and copies a batch of bytes, and draws the views' random choices from `gen` (so the state saved with
+    the loader's resumes the augmentation too)."""
+
+    def __init__(self, images: Tensor, cfg: TrainConfig, gen: torch.Generator):
+        self.images, self.gen, self.batch_size = images, gen, cfg.batch_size
+        self.device, self.pin = torch.device(cfg.device), cfg.device_type == "cuda"
+        self.augment = BatchAugment(images.shape[-1], images.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.images) // self.batch_size  # full batches only, as the loader's drop_last
+
+    def __iter__(self):
+        order = torch.randperm(len(self.images), generator=self.gen)
+        for first in range(0, len(self) * self.batch_size, self.batch_size):
+            idx = order[first : first + self.batch_size]
+            batch = self.images[idx]
+            if self.pin:  # the copy then does not wait for the GPU's queue
+                batch = batch.pin_memory()
+            batch = batch.to(self.device, non_blocking=True)
+            yield self.augment(batch, self.gen), self.augment(batch, self.gen), idx
 
 
 def student_run_name(objective: str) -> str:
@@ -174,10 +217,16 @@ class _StepLosses:
         self.pending.clear()
 
 
-def _check_loop_config(cfg: TrainConfig) -> None:
-    """The settings of the training loop itself, checked before anything runs."""
+def check_loop_config(cfg: TrainConfig) -> None:
+    """The settings of the training loop itself, checked before anything runs (the command line checks them before
+    it builds the models)."""
     if cfg.workers < 0:
         raise ValueError(f"workers must be >= 0, got {cfg.workers}")
+    if cfg.augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {cfg.augment!r}")
+    if cfg.workers and augmentation(cfg.augment, cfg.device) == "batch":
+        raise ValueError(f"workers ({cfg.workers}) run the loader's augmentation; with the batch augmentation the "
+                         "views are made on the training device: workers must be 0")
     if cfg.read_loss_every is not None and cfg.read_loss_every < 1:
         raise ValueError(f"read_loss_every must be >= 1, got {cfg.read_loss_every}")
     if cfg.precision not in PRECISIONS:
@@ -195,7 +244,7 @@ def _fit(model: HashModel, objective: torch.nn.Module, step: Callable, images: T
     paradigm; early stopping when no paradigm improved for `patience` validations; a stop on a NaN loss.
     The objective's own parameters (CRD's heads) train with the model, and its state (CRD's memory banks) is part of
     the resume state. Leaves the model with its best symmetric weights; returns the best score of each paradigm."""
-    _check_loop_config(cfg)
+    check_loop_config(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = _loader(images, cfg, gen)
     objective.to(cfg.device)
@@ -207,8 +256,9 @@ def _fit(model: HashModel, objective: torch.nn.Module, step: Callable, images: T
     torch.manual_seed(cfg.seed)
     if cfg.resume and last.exists():
         # Everything the next epoch depends on: weights, optimizer, progress, and the random streams (the loader's
-        # shuffling and its workers' seeds, the global one of the augmentations, and the stochastic hash threshold's:
-        # the device's own generator on a GPU).
+        # shuffling, its workers' seeds and the batch augmentation's choices; the global one of the loader's
+        # augmentation in the training process, and the stochastic hash threshold's: the device's own generator on
+        # a GPU).
         state = load_checkpoint(last)
         model.load_state_dict(state["state_dict"])
         objective.load_state_dict(state.get("objective", {}))

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from brcd import cli, metrics
+from brcd import cli, metrics, train
 from brcd.index import HammingIndex
 from brcd.objectives import CIBHashObjective
 from conftest import device_params
@@ -289,12 +289,13 @@ def test_train_teacher_then_distill_in_steps(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("device", device_params())
-@pytest.mark.parametrize("workers", ["0", "2"])
-def test_resume_continues_exactly(tmp_path, capsys, workers, device):
-    """Also with data-loader workers (their augmentation is seeded from the saved loader state) and on a GPU (whose
-    own generator draws the stochastic hash thresholds)."""
+@pytest.mark.parametrize("augment, workers", [("loader", "0"), ("loader", "2"), ("batch", "0")])
+def test_resume_continues_exactly(tmp_path, capsys, augment, workers, device):
+    """Also with data-loader workers (their augmentation is seeded from the saved loader state), with the batch
+    augmentation (its choices drawn from the loader's generator) and on a GPU (whose own generator draws the
+    stochastic hash thresholds)."""
     common = DATA + ["--val-database", "100", "--topk", "50", "--no-progress", "--bits", "16", "--workers", workers,
-                     "--device", device]
+                     "--augment", augment, "--device", device]
     straight = tmp_path / "straight"
     assert cli.main(["train-teacher", "--out", str(straight), "--epochs", "3", *common]) == 0
     interrupted = tmp_path / "interrupted"
@@ -331,10 +332,32 @@ def test_default_workers_by_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device is checked against the machine's GPUs
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert cli._workers(parse()) == 0  # the CPU trains on every core
-    assert cli._workers(parse("--device", "cuda")) == 8
-    assert cli._workers(parse("--device", "cuda:1", "--workers", "3")) == 3
+    assert cli._workers(parse("--device", "cuda")) == 0  # the views are made on the GPU (--augment auto: batch)
+    assert cli._workers(parse("--device", "cuda", "--augment", "loader")) == 8
+    assert cli._workers(parse("--device", "cuda:1", "--augment", "loader", "--workers", "3")) == 3
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
-    assert cli._workers(parse("--device", "cuda")) == 1
+    assert cli._workers(parse("--device", "cuda", "--augment", "loader")) == 1
+
+
+def test_augmentation_by_device_and_its_checks(tmp_path, capsys):
+    assert train.augmentation("auto", "cpu") == "loader" and train.augmentation("auto", "cuda:0") == "batch"
+    assert train.augmentation("batch", "cpu") == "batch" and train.augmentation("loader", "cuda") == "loader"
+    common = DATA + ["--val-database", "100", "--topk", "50", "--no-progress", "--bits", "16", "--epochs", "1"]
+    assert cli.main(["train-teacher", "--out", str(tmp_path / "w"), "--augment", "batch", "--workers", "2",
+                     *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "workers" in err[0] and "batch" in err[0]
+    with pytest.raises(ValueError, match="augment must be one of"):
+        train.check_loop_config(train.TrainConfig(augment="gpu"))
+    runs = {}
+    for augment in ("loader", "batch"):
+        out = tmp_path / augment
+        assert cli.main(["train-teacher", "--out", str(out), "--augment", augment, *common]) == 0
+        state = torch.load(out / "teacher.last.pt", weights_only=True)
+        assert state["config"]["augment"] == augment
+        runs[augment] = state["state_dict"]
+    # The same split, model and shuffling; other views: other weights.
+    assert any(not torch.equal(runs["loader"][k], runs["batch"][k]) for k in runs["loader"])
 
 
 def test_list_dataset_with_safetensors_checkpoints(tmp_path, capsys):

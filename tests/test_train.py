@@ -69,11 +69,34 @@ def test_bf16_forward_passes_feed_float32_objectives(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("read_every, settings, named", [(0, {}, "read_loss_every"), (1, {"workers": -1}, "workers"),
-                                                          (1, {"precision": "fp16"}, "precision")])
+                                                          (1, {"precision": "fp16"}, "precision"),
+                                                          (1, {"augment": "gpu"}, "augment"),
+                                                          (1, {"augment": "batch", "workers": 2}, "workers")])
 def test_bad_loop_settings_are_refused_first(tmp_path, read_every, settings, named):
     with pytest.raises(ValueError, match=named):
         train(tmp_path / "run", read_every, **settings)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained, nothing logged
+
+
+def test_batch_augmentation_trains_reproducibly_with_its_own_views(tmp_path, monkeypatch):
+    """The views come from BatchAugment (from the loader's generator): the same seed trains the same weights, and
+    other weights than the loader's augmentation."""
+    from brcd import augment
+    calls = []
+    real = augment.BatchAugment.__call__
+
+    def count(self, images, gen):
+        calls.append(images.shape)
+        return real(self, images, gen)
+
+    monkeypatch.setattr(augment.BatchAugment, "__call__", count)
+    first, log = train(tmp_path / "a", 1, epochs=1, augment="batch")
+    assert calls == [(16, 1, 16, 16)] * 12  # two views of each of the 6 full batches of 96 images
+    again, _ = train(tmp_path / "b", 1, epochs=1, augment="batch")
+    loader, _ = train(tmp_path / "c", 1, epochs=1, augment="loader")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], loader[k]) for k in first)
+    assert math.isfinite(log[0]["loss"])
 
 
 def _student_run(tmp_path, **settings):

@@ -1,0 +1,271 @@
+"""The two-view augmentation of a whole batch at once, on the batch's device.
+
+The same distribution as `brcd.data.two_view_transform` (torchvision's transforms, one image at a time in the data
+loader): a random resized crop (scale 0.5 to 1, aspect ratio 3/4 to 4/3, ten tries then the centre, as torchvision
+draws it) with bilinear resampling, a horizontal flip, colour jitter with probability 0.8 (brightness and contrast 0.4;
+for RGB also saturation 0.4 and hue 0.1, the factors applied in a random order per image), random grayscale with
+probability 0.2 (RGB), and a 3 x 3 Gaussian blur with probability 0.5 (sigma 0.1 to 1, reflected borders).
+
+Every random choice is drawn on the CPU from one generator (the training loop's, saved with its resume state), as one
+small table per batch; the pixels are worked on where the images are. On a GPU a training step then waits for no
+loader process and copies uint8 images rather than two float views; the same generator state gives the same views on
+any device. The pixel arithmetic is in float32 throughout (torchvision rounds a uint8 image after each step).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["BatchAugment", "AugmentParams", "COLOR_OPS"]
+
+_CROP_SCALE = (0.5, 1.0)
+_CROP_RATIO = (3 / 4, 4 / 3)
+_CROP_TRIES = 10
+_JITTER_P, _GRAYSCALE_P, _BLUR_P, _FLIP_P = 0.8, 0.2, 0.5, 0.5
+_BRIGHTNESS = _CONTRAST = _SATURATION = 0.4
+_HUE = 0.1
+_BLUR_SIGMA = (0.1, 1.0)
+_LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's grayscale
+
+# The colour-jitter operations, in the order of AugmentParams.color_factors' columns; a grayscale image has the first two.
+COLOR_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+@dataclass
+class AugmentParams:
+    """One batch's random choices (CPU tensors, one row per image), drawn by BatchAugment.sample.
+
+    crop: [B, 4] int64 (top, left, height, width) of the crop in the source image; flip: [B] bool;
+    color_order: [B, n_ops] int64, the jitter operations (indices into COLOR_OPS) in the order they apply, -1 where the
+    image is not jittered; color_factors: [B, 4] (brightness, contrast, saturation factors, hue shift);
+    grayscale: [B] bool; blur_sigma: [B] float, 0 where the image is not blurred.
+    """
+
+    crop: Tensor
+    flip: Tensor
+    color_order: Tensor
+    color_factors: Tensor
+    grayscale: Tensor
+    blur_sigma: Tensor
+
+    def pack(self) -> Tensor:
+        """The choices as one float32 table [B, 4 + 1 + n_ops + 4 + 1 + 1] (every integer in it is exact): one copy
+        takes it to a GPU."""
+        return torch.cat([self.crop.float(), self.flip.float()[:, None], self.color_order.float(),
+                          self.color_factors.float(), self.grayscale.float()[:, None],
+                          self.blur_sigma.float()[:, None]], dim=1)
+
+    @classmethod
+    def unpack(cls, table: Tensor) -> "AugmentParams":
+        """The choices from `pack`'s table, on the table's device."""
+        ops = table.shape[1] - 11
+        crop, flip, order, factors, gray, sigma = table.split([4, 1, ops, 4, 1, 1], dim=1)
+        return cls(crop.long(), flip[:, 0] > 0.5, order.long(), factors, gray[:, 0] > 0.5, sigma[:, 0])
+
+
+class BatchAugment:
+    """Two-view augmentation of uint8 image batches [B, C, H, W] (C = 1 or 3) into `size` x `size` model input in
+    [-1, 1] (as `brcd.data.to_model_input`), on the images' device.
+
+    >>> aug = BatchAugment(size=28, channels=1)
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> view = aug(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), gen)   # float32 [4, 1, 28, 28]
+    """
+
+    def __init__(self, size: int, channels: int):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+        self.size, self.channels = size, channels
+        self.color_ops = len(COLOR_OPS) if channels == 3 else 2
+
+    # ------------------------------------------------------------------------------------------------ the draws
+    def sample(self, batch: int, height: int, width: int, gen: torch.Generator) -> AugmentParams:
+        """The random choices for `batch` images of height x width, from `gen` (a CPU generator)."""
+        def uniform(*shape, low=0.0, high=1.0):
+            return torch.rand(*shape, generator=gen, dtype=torch.float64) * (high - low) + low
+
+        crop = self._sample_crops(batch, height, width, uniform)
+        flip = uniform(batch) < _FLIP_P
+        jitter = uniform(batch) < _JITTER_P
+        order = torch.argsort(uniform(batch, self.color_ops), dim=1)  # a random permutation per image
+        order = torch.where(jitter[:, None], order, torch.full_like(order, -1))
+        factors = torch.stack([uniform(batch, low=1 - _BRIGHTNESS, high=1 + _BRIGHTNESS),
+                               uniform(batch, low=1 - _CONTRAST, high=1 + _CONTRAST),
+                               uniform(batch, low=1 - _SATURATION, high=1 + _SATURATION),
+                               uniform(batch, low=-_HUE, high=_HUE)], dim=1).float()
+        grayscale = (uniform(batch) < _GRAYSCALE_P) & (self.channels == 3)
+        blur = uniform(batch) < _BLUR_P
+        sigma = torch.where(blur, uniform(batch, low=_BLUR_SIGMA[0], high=_BLUR_SIGMA[1]), 0.0).float()
+        return AugmentParams(crop, flip, order, factors, grayscale, sigma)
+
+    @staticmethod
+    def _sample_crops(batch: int, height: int, width: int, uniform) -> Tensor:
+        """torchvision's RandomResizedCrop draw for each image: up to ten (area, aspect ratio) tries, the first whose
+        box fits, at a uniform position; the whole image (or its centre at the nearest allowed ratio) otherwise."""
+        area = uniform(batch, _CROP_TRIES, low=_CROP_SCALE[0], high=_CROP_SCALE[1]) * (height * width)
+        ratio = torch.exp(uniform(batch, _CROP_TRIES, low=math.log(_CROP_RATIO[0]), high=math.log(_CROP_RATIO[1])))
+        w = torch.round(torch.sqrt(area * ratio)).long()
+        h = torch.round(torch.sqrt(area / ratio)).long()
+        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = fits.long().argmax(dim=1, keepdim=True)
+        w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+        found = fits.any(dim=1)
+        in_ratio = width / height
+        if in_ratio < _CROP_RATIO[0]:
+            fallback_w, fallback_h = width, int(round(width / _CROP_RATIO[0]))
+        elif in_ratio > _CROP_RATIO[1]:
+            fallback_w, fallback_h = int(round(height * _CROP_RATIO[1])), height
+        else:
+            fallback_w, fallback_h = width, height
+        w = torch.where(found, w, fallback_w)
+        h = torch.where(found, h, fallback_h)
+        top = torch.where(found, (uniform(batch) * (height - h + 1)).long(), (height - h) // 2)
+        left = torch.where(found, (uniform(batch) * (width - w + 1)).long(), (width - w) // 2)
+        return torch.stack([top, left, h, w], dim=1)
+
+    # ------------------------------------------------------------------------------------------------ the pixels
+    def apply(self, images: Tensor, params: AugmentParams) -> Tensor:
+        """The augmented images, float32 in [0, 1], [B, C, size, size] (params on the images' device)."""
+        x = self.resized_crop(images, params.crop, params.flip)
+        x = self.color_jitter(x, params.color_order, params.color_factors)
+        if self.channels == 3:
+            x = torch.where(_per_image(params.grayscale), grayscale(x).expand_as(x), x)
+        return gaussian_blur3(x, params.blur_sigma)
+
+    def __call__(self, images: Tensor, gen: torch.Generator) -> Tensor:
+        """One view of a uint8 batch as model input in [-1, 1]: the choices drawn from `gen`, then applied where the
+        images are (one copy of the choices' table to a GPU)."""
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError("images must be a uint8 tensor [B, C, H, W]")
+        if images.shape[1] != self.channels:
+            raise ValueError(f"images have {images.shape[1]} channels, the augmentation was made for {self.channels}")
+        table = self.sample(images.shape[0], images.shape[2], images.shape[3], gen).pack()
+        if images.device.type != "cpu":  # pinned, the copy does not wait for the GPU's queue
+            table = table.pin_memory().to(images.device, non_blocking=True)
+        return self.apply(images, AugmentParams.unpack(table)).mul_(2.0).sub_(1.0)
+
+    def resized_crop(self, images: Tensor, crop: Tensor, flip: Tensor) -> Tensor:
+        """Each image's crop box resized to size x size, bilinear (the centres of the output pixels mapped into the
+        box, clamped to its edge pixels, as interpolating the cropped image does), then mirrored where `flip`."""
+        n, _, height, width = images.shape
+        crop = crop.to(torch.float32)
+        top, left, h, w = crop.unbind(1)
+        centres = torch.arange(self.size, device=images.device, dtype=torch.float32) + 0.5
+
+        def source(start, length):  # [B, size] source coordinates of the output pixels along one axis
+            at = start[:, None] + centres * (length / self.size)[:, None] - 0.5
+            return torch.minimum(torch.maximum(at, start[:, None]), (start + length - 1)[:, None])
+
+        ys, xs = source(top, h), source(left, w)
+        xs = torch.where(flip[:, None], xs.flip(1), xs)
+        # grid_sample's coordinates (align_corners=False): -1 and 1 are the outer edges of the first and last pixels.
+        gx = (2 * xs + 1) / width - 1
+        gy = (2 * ys + 1) / height - 1
+        grid = torch.stack([gx[:, None, :].expand(n, self.size, self.size),
+                            gy[:, :, None].expand(n, self.size, self.size)], dim=-1)
+        x = images.to(torch.float32).div_(255.0)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def color_jitter(self, x: Tensor, order: Tensor, factors: Tensor) -> Tensor:
+        """The jitter operations in each image's own order, a position at a time. Brightness, contrast and
+        saturation are each a blend, f * x + (1 - f) * g (g: black, the mean luma, the pixel's luma), so one blend
+        serves every image at a position, with f = 1 where the image's operation there is another (which leaves it
+        exactly as it was); the hue shift follows for the images whose operation it is."""
+        for position in range(order.shape[1]):
+            op = order[:, position]
+            is_blend = (op >= 0) & (op <= 2)
+            f = torch.where(is_blend, factors.gather(1, op.clamp(0, 2)[:, None])[:, 0], torch.ones_like(factors[:, 0]))
+            gray = grayscale(x)
+            toward = torch.where(_per_image(op == 1), gray.mean(dim=(2, 3), keepdim=True),
+                                 torch.where(_per_image(op == 2), gray, torch.zeros_like(gray)))
+            f = _per_image(f)
+            x = (f * x + (1 - f) * toward).clamp_(0.0, 1.0)
+            if self.channels == 3:
+                x = _shift_hue_of(x, op == 3, factors[:, 3])
+        return x
+
+
+def _shift_hue_of(x: Tensor, chosen: Tensor, shift: Tensor) -> Tensor:
+    """x with the hue of the `chosen` images shifted. On the CPU only those are converted; on a GPU every image is
+    (finding the chosen ones, a data-dependent size, would wait for the device) and the others are kept."""
+    if x.device.type == "cpu":
+        rows = chosen.nonzero()[:, 0]
+        if len(rows) == 0:
+            return x
+        x = x.clone()
+        x[rows] = adjust_hue(x[rows], shift[rows])
+        return x
+    return torch.where(_per_image(chosen), adjust_hue(x, shift), x)
+
+
+def _per_image(values: Tensor) -> Tensor:
+    return values[:, None, None, None]
+
+
+def grayscale(x: Tensor) -> Tensor:
+    """[B, 1, H, W] luma of RGB images (a grayscale image is its own)."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b)[:, None]
+
+
+def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+    return (x * _per_image(factor)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend with the mean of the image's luma."""
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_image(factor)
+    return (f * x + (1 - f) * mean).clamp_(0.0, 1.0)
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend with the image's own luma, pixel by pixel."""
+    f = _per_image(factor)
+    return (f * x + (1 - f) * grayscale(x)).clamp_(0.0, 1.0)
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Hue turned by `shift` (a fraction of the circle) in HSV, saturation and value kept."""
+    r, g, b = x.unbind(1)
+    value = torch.maximum(torch.maximum(r, g), b)
+    chroma = value - torch.minimum(torch.minimum(r, g), b)
+    inverse = torch.where(chroma > 0, chroma.reciprocal(), torch.zeros_like(chroma))  # grays keep hue 0
+    # The hue in sixths of the circle, from the largest channel (red first where channels tie, as torchvision's
+    # conversion picks it), then shifted and brought back into [0, 6).
+    hue6 = torch.where(value == r, (g - b) * inverse,
+                       torch.where(value == g, (b - r) * inverse + 2.0, (r - g) * inverse + 4.0))
+    hue6 = hue6 + (6.0 * shift)[:, None, None]
+    hue6 = hue6 - 6.0 * torch.floor(hue6 * (1.0 / 6.0))
+    # HSV back to RGB: channel c (offset 5 for red, 3 for green, 1 for blue) is
+    # value - chroma * clamp(min(k, 4 - k), 0, 1) with k = (offset + hue6) mod 6, i.e. min(k, 4 - k) = 2 - |k - 2|.
+    # offset - 2 for the three channels: 3, 1, -1 (arange, not a tensor from a list: that would be a copy to a GPU
+    # that waits for its queue).
+    offset = (3.0 - 2.0 * torch.arange(3, device=x.device, dtype=x.dtype))[None, :, None, None]
+    d = offset + hue6[:, None]
+    d = torch.where(d >= 4.0, d - 6.0, d)  # k - 2 in [-2, 4)
+    return (value[:, None] - chroma[:, None] * (2.0 - d.abs()).clamp_(0.0, 1.0)).clamp_(0.0, 1.0)
+
+
+def gaussian_blur3(x: Tensor, sigma: Tensor) -> Tensor:
+    """A 3 x 3 Gaussian blur of each image with its own sigma (0: left as it is), reflected at the borders."""
+    n, c, h, w = x.shape
+    if h < 2 or w < 2:  # reflection needs two pixels: nothing to blur across
+        return x
+    s = sigma.to(x.dtype)
+    side = torch.exp(-0.5 / torch.where(s > 0, s, torch.ones_like(s)) ** 2)
+    side = torch.where(s > 0, side, torch.zeros_like(side)) / (1 + 2 * side)  # the outer taps; 0: no blur
+    taps = torch.stack([side, 1 - 2 * side, side], dim=1).repeat_interleave(c, dim=0)  # per image and channel
+    # Separable, as a grouped convolution (a group per image and channel) along the rows, then the columns.
+    flat = F.pad(x.reshape(1, n * c, h, w), (1, 1, 1, 1), mode="reflect")
+    flat = F.conv2d(flat, taps[:, None, None, :], groups=n * c)
+    flat = F.conv2d(flat, taps[:, None, :, None], groups=n * c)
+    return flat.reshape(n, c, h, w)
