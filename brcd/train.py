@@ -85,10 +85,12 @@ def encode(model: HashModel, images: Tensor, *, batch_size: int = 256, device: s
     with torch.no_grad():
         for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress or desc is None,
                       leave=False):
-            _, codes = model(to_model_input(images[i : i + batch_size]).to(device))
-            out.append(codes.cpu())
+            # The uint8 batch goes to the device (a quarter of the float input's bytes) and the codes stay there
+            # until the end: one wait for the device, not one per batch.
+            _, codes = model(to_model_input(images[i : i + batch_size].to(device)))
+            out.append(codes)
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def throughput(model: HashModel, images: Tensor, *, batch_size: int = 256, device: str = "cpu") -> float:
@@ -152,8 +154,8 @@ class _BatchAugmentedLoader:
         for first in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[first : first + self.batch_size]
             batch = self.images[idx]
-            if self.pin:  # the copy then does not wait for the GPU's queue
-                batch = batch.pin_memory()
+            if self.pin:  # pinned, the copies do not wait for the GPU's queue (as the data loader pins its batches)
+                batch, idx = batch.pin_memory(), idx.pin_memory()
             batch = batch.to(self.device, non_blocking=True)
             yield self.augment(batch, self.gen), self.augment(batch, self.gen), idx
 
@@ -372,10 +374,13 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clust
     if objective.needs_clusters:
         centroids = clusters.centroids.to(cfg.device)
         masks = clusters.masks.to(cfg.device)
+        assignments = clusters.assignments.to(cfg.device)
 
         def step(v1, v2, idx):
             (t1, t2), ((p1, s1), (p2, s2)) = _forward(cfg, model, (v1, v2), teacher, 2)
-            c = clusters.assignments[idx].to(cfg.device)
+            # The batch's positions come pinned from the loader on a GPU: the copy does not wait for the device's
+            # queue (gathering on the host and copying the result would, at every step).
+            c = assignments[idx.to(cfg.device, non_blocking=True)]
             cv = nearest_centroid(t2, centroids)
             rows, cols, alpha = negative_groups(c, cv, base_alpha=cfg.alpha, mode=cfg.group_mode)
             # alpha is base_alpha or 1 (negative_groups checks base_alpha): no per-step device sync to check it again.

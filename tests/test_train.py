@@ -10,7 +10,8 @@ import torch
 from brcd.data import synthetic_data
 from brcd.models import STUDENT_DEFAULT, build_model
 from brcd.objectives import CIBHashObjective
-from brcd.train import TrainConfig, TrainingError, train_student, train_teacher
+from brcd.train import TrainConfig, TrainingError, fit_clusters, train_student, train_teacher
+from conftest import device_params
 
 
 def train(out, read_every, epochs=2, **settings):
@@ -97,6 +98,47 @@ def test_batch_augmentation_trains_reproducibly_with_its_own_views(tmp_path, mon
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], loader[k]) for k in first)
     assert math.isfinite(log[0]["loss"])
+
+
+@pytest.mark.parametrize("device", device_params()[1:])  # a GPU: what a step could wait for
+@pytest.mark.parametrize("augment", ["batch", "loader"])
+def test_distillation_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, device, augment):
+    """Under torch.cuda's sync debug mode "error", a wait for the device raises: none in a BRCD step (the models'
+    passes, the batch's clusters, groups and masks, the loss) nor in the batch augmentation, so the host queues steps
+    ahead of the GPU."""
+    from brcd import augment as augment_module
+    from brcd import train as train_module
+
+    def without_waits(fn):
+        def run(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return run
+
+    steps = []
+    real_fit = train_module._fit
+
+    def fit(model, objective, step, *args, **kwargs):
+        def checked(*step_args):
+            steps.append(step_args[2].shape)
+            return without_waits(step)(*step_args)
+        return real_fit(model, objective, checked, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_fit", fit)
+    monkeypatch.setattr(augment_module.BatchAugment, "__call__", without_waits(augment_module.BatchAugment.__call__))
+    data = synthetic_data(num_train=96, num_test=40)
+    torch.manual_seed(0)
+    teacher = build_model(STUDENT_DEFAULT, 16, in_chans=1, img_size=16).to(device)
+    student = build_model(STUDENT_DEFAULT, 16, in_chans=1, img_size=16)
+    cfg = TrainConfig(bits=16, epochs=1, batch_size=16, topk=20, progress=False, num_clusters=4, device=device,
+                      augment=augment)
+    clusters = fit_clusters(teacher, data.train_images, cfg)
+    train_student(student, teacher, clusters, data.train_images, data.test_images[:10], data.test_labels[:10],
+                  data.train_images[:60], data.train_labels[:60], cfg, tmp_path)
+    assert len(steps) == 6  # every step of the epoch ran under the check
 
 
 def _student_run(tmp_path, **settings):
