@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .data import to_device
+
 __all__ = ["BatchAugment", "AugmentParams", "COLOR_OPS"]
 
 _CROP_SCALE = (0.5, 1.0)
@@ -145,9 +147,7 @@ class BatchAugment:
             raise ValueError("images must be a uint8 tensor [B, C, H, W]")
         if images.shape[1] != self.channels:
             raise ValueError(f"images have {images.shape[1]} channels, the augmentation was made for {self.channels}")
-        table = self.sample(images.shape[0], images.shape[2], images.shape[3], gen).pack()
-        if images.device.type != "cpu":  # pinned, the copy does not wait for the GPU's queue
-            table = table.pin_memory().to(images.device, non_blocking=True)
+        table = to_device(self.sample(images.shape[0], images.shape[2], images.shape[3], gen).pack(), images.device)
         return self.apply(images, AugmentParams.unpack(table)).mul_(2.0).sub_(1.0)
 
     def resized_crop(self, images: Tensor, crop: Tensor, flip: Tensor) -> Tensor:

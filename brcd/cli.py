@@ -35,8 +35,8 @@ from .index import HammingIndex, IndexFileError, atomic_write_bytes
 from .models import STUDENT_DEFAULT, TEACHER_DEFAULT, ModelError, build_model
 from .objectives import DISTILLATION_OBJECTIVES, LABELS
 from .train import (AUGMENTATIONS, BRCD_ABLATIONS, PRECISIONS, TrainConfig, TrainingError, ablation_run_name,
-                    augmentation, check_loop_config, checkpoint_path, encode, fit_clusters, student_run_name, throughput, train_student,
-                    train_teacher)
+                    augmentation, check_loop_config, checkpoint_path, encode, fit_clusters, student_run_name,
+                    throughput, train_student, train_teacher)
 
 
 def _int_at_least(minimum: int, expected: str):

@@ -256,6 +256,15 @@ def synthetic_data(num_train: int = 256, num_test: int = 128, classes: int = 4, 
     return ImageData(tr, trl, te, tel, classes, "synthetic")
 
 
+def to_device(tensor: Tensor, device) -> Tensor:
+    """`tensor` on `device`; from the host to a GPU through pinned memory, so that the copy does not wait for the GPU's
+    queue of work (a copy from pageable memory synchronises the stream first)."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def to_model_input(images: Tensor) -> Tensor:
     """uint8 images [n, C, H, W] to float in [-1, 1]."""
     return images.float().div(127.5).sub(1.0)

@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .checkpoint import CHECKPOINT_FORMATS, TrainingError, load_checkpoint, save_checkpoint
-from .clustering import bit_masks, kmeans, nearest_centroid, negative_groups
 from .augment import BatchAugment
-from .data import TwoViewDataset, to_model_input, two_view_transform
+from .clustering import bit_masks, kmeans, nearest_centroid, negative_groups
+from .data import TwoViewDataset, to_device, to_model_input, two_view_transform
 from .models import HashModel
 from .objectives import DATASET_OBJECTIVES, DISTILLATION_OBJECTIVES, make_objective
 
@@ -85,9 +85,9 @@ def encode(model: HashModel, images: Tensor, *, batch_size: int = 256, device: s
     with torch.no_grad():
         for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress or desc is None,
                       leave=False):
-            # The uint8 batch goes to the device (a quarter of the float input's bytes) and the codes stay there
-            # until the end: one wait for the device, not one per batch.
-            _, codes = model(to_model_input(images[i : i + batch_size].to(device)))
+            # The uint8 batch goes to the device (a quarter of the float input's bytes, through pinned memory) and the
+            # codes stay there until the end: one wait for the device, not one per batch.
+            _, codes = model(to_model_input(to_device(images[i : i + batch_size], device)))
             out.append(codes)
     model.train(was_training)
     return torch.cat(out).cpu()
@@ -128,9 +128,9 @@ def _loader(images: Tensor, cfg: TrainConfig, gen: torch.Generator):
     With loader workers, each epoch's workers seed their augmentation from `gen` (as the shuffling is), so a run is
     reproducible for a given worker count and a resumed one continues exactly. Workers are not kept between epochs:
     persistent ones would take their seeds once, and a resumed run could not match."""
-    channels, size = images.shape[1], images.shape[-1]
     if augmentation(cfg.augment, cfg.device) == "batch":
         return _BatchAugmentedLoader(images, cfg, gen)
+    channels, size = images.shape[1], images.shape[-1]
     return torch.utils.data.DataLoader(TwoViewDataset(images, two_view_transform(size, channels)),
                                        batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen,
                                        num_workers=cfg.workers, pin_memory=cfg.device_type == "cuda")
@@ -153,10 +153,9 @@ class _BatchAugmentedLoader:
         order = torch.randperm(len(self.images), generator=self.gen)
         for first in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[first : first + self.batch_size]
-            batch = self.images[idx]
-            if self.pin:  # pinned, the copies do not wait for the GPU's queue (as the data loader pins its batches)
-                batch, idx = batch.pin_memory(), idx.pin_memory()
-            batch = batch.to(self.device, non_blocking=True)
+            if self.pin:  # the step copies the positions to the GPU: pinned, as the data loader pins its batches
+                idx = idx.pin_memory()
+            batch = to_device(self.images[idx], self.device)
             yield self.augment(batch, self.gen), self.augment(batch, self.gen), idx
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from brcd.data import (DataFileError, TwoViewDataset, load_cifar10, load_fashion_mnist, load_image_list, make_split,
-                       read_idx, read_list_file, synthetic_data, two_view_transform)
+                       read_idx, read_list_file, synthetic_data, to_device, two_view_transform)
+from conftest import device_params
 
 
 def write_idx(path, array: np.ndarray, compress=False):
@@ -172,3 +173,13 @@ def test_multi_label_split_draws_labelled_images():
     assert torch.equal(split.train, again.train)
     with pytest.raises(ValueError, match="labelled training images"):
         make_split(labels, torch.zeros(60, 5, dtype=torch.long), train_per_class=100, val_queries=20)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_to_device_copies_from_the_host_and_leaves_the_rest(device):
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    moved = to_device(images, device)
+    assert moved.device.type == device and torch.equal(moved.cpu(), images)
+    assert to_device(moved, device) is moved  # already there: no copy
+    if device != "cpu":
+        assert torch.equal(to_device(moved, "cpu"), images)
