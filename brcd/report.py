@@ -43,6 +43,25 @@ def _plot_curves(out: Path) -> str:
     return "![validation mAP over epochs](map_over_epochs.png)\n"
 
 
+def _training_table(out: Path) -> str:
+    """The training throughput of each model of the run, from its per-epoch log (validation apart): "" for a log
+    without timings (written before they were kept)."""
+    log = out / "metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    totals: dict = {}
+    for r in records:
+        if "train_seconds" in r:
+            epochs, seconds, images = totals.get(r["model"], (0, 0.0, 0))
+            totals[r["model"]] = (epochs + 1, seconds + r["train_seconds"], images + r["train_images"])
+    if not totals:
+        return ""
+    rows = "".join(f"| {_ROLES.get(m, m)} | {epochs} | {seconds:.1f} | {images / seconds:.0f} |\n"
+                   for m, (epochs, seconds, images) in totals.items())
+    return ("## Training throughput\n\nThe epochs' steps, validation apart (an image: one step's two views through the "
+            "model and, for a distilled student, through the teacher).\n\n| model | epochs | training s | images/s |\n"
+            f"|---|---|---|---|\n{rows}\n")
+
+
 def _plot_pr(out: Path, curves: dict) -> str:
     fig, ax = _pyplot().subplots(figsize=(5, 4))
     for name, c in curves.items():
@@ -133,7 +152,7 @@ def render_report(out: Path, args, results: dict, curves: dict, backbones: dict,
         f"device {args.device}, {results['seconds']:.0f} s in all.\n\n## Test results\n\n{table}\n{others}"
         f"## Database codes\n\nOf the test database as each model encodes it (brcd.code_statistics): bit entropy 1 and "
         f"imbalance 0 where every bit splits the codes evenly, correlation 0 between independent bits.\n\n{stats}\n"
-        f"## Encoding throughput\n\n{speed_table}\n{chart}\n"
+        f"## Encoding throughput\n\n{speed_table}\n{chart}\n{_training_table(out)}"
         f"## Precision-recall (test)\n\n{_plot_pr(out, curves)}\n"
         f"## Precision@N (test)\n\n{_plot_top_n(out, curves)}\n"
         f"## Validation during training\n\n{_plot_curves(out)}"

@@ -278,6 +278,7 @@ def _fit(model: HashModel, objective: torch.nn.Module, step: Callable, images: T
     for epoch in range(first_epoch, cfg.epochs + 1):
         losses = _StepLosses(read_every, name, epoch, out_dir)
         bar = tqdm(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        started = time.perf_counter()
         for v1, v2, idx in bar:
             # From pinned memory (on a GPU) the copies are asynchronous: the host goes on to queue the step's kernels.
             loss = step(v1.to(cfg.device, non_blocking=True), v2.to(cfg.device, non_blocking=True), idx)
@@ -291,7 +292,13 @@ def _fit(model: HashModel, objective: torch.nn.Module, step: Callable, images: T
             loss.backward()
             optimizer.step()
         losses.read()
-        record = {"model": name, "epoch": epoch, "loss": losses.total / max(1, losses.steps)}
+        if cfg.device_type == "cuda":  # the last step's backward and update, still queued after its loss was read
+            torch.cuda.synchronize(cfg.device)
+        seconds = time.perf_counter() - started
+        # The epoch's training throughput (batches made, steps run; validation apart): images of the training set
+        # per second, each one step's two views through the model (and, distilling, the teacher's passes).
+        record = {"model": name, "epoch": epoch, "loss": losses.total / max(1, losses.steps),
+                  "train_seconds": seconds, "train_images": losses.steps * cfg.batch_size}
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
             scores = validate()
             record.update(scores)

@@ -42,12 +42,15 @@ def test_demo_writes_report_metrics_and_checkpoints(demo_run):
     report = (out / "report.md").read_text()
     assert "student with BRCD" in report and (out / "map_over_epochs.png").exists()
     assert "| student with SP |" in report and "| student with CRD |" in report  # baselines asked for
-    # In the results, the other scores' table and the database codes' statistics.
-    assert report.count("| student with CRD |") == 3
+    # In the results, the other scores' table, the database codes' statistics and the training throughput.
+    assert report.count("| student with CRD |") == 4
     assert "| model | P@50 symm. | NDCG@50 symm. | P(r <= 2) symm. | P@50 asym. |" in report
     assert (out / "pr_curves.png").exists() and "pr_curves.png" in report
     assert (out / "precision_at_n.png").exists() and "precision_at_n.png" in report
     assert (out / "throughput.png").exists() and "throughput.png" in report and "data: synthetic" in report
+    training = report.split("## Training throughput")[1].split("##")[0]
+    for role in ("teacher", "student without KD", "student with BRCD", "student with SP", "student with CRD"):
+        assert f"| {role} | 2 | " in training  # two epochs each, with their seconds and images per second
     for name in ("teacher", "student_no_kd", "student_brcd", "student_brcd.asymmetric"):
         ckpt = torch.load(out / f"{name}.pt", weights_only=True)
         assert "state_dict" in ckpt and ckpt["config"]["bits"] == 64 and ckpt["model"]["bits"] == 64
