@@ -24,13 +24,18 @@ from .data import to_device
 
 __all__ = ["BatchAugment", "AugmentParams", "COLOR_OPS"]
 
-_CROP_SCALE = (0.5, 1.0)
-_CROP_RATIO = (3 / 4, 4 / 3)
-_CROP_TRIES = 10
-_JITTER_P, _GRAYSCALE_P, _BLUR_P, _FLIP_P = 0.8, 0.2, 0.5, 0.5
-_BRIGHTNESS = _CONTRAST = _SATURATION = 0.4
-_HUE = 0.1
-_BLUR_SIGMA = (0.1, 1.0)
+# The law of the two views, the one place that states it (brcd.data.two_view_transform gives torchvision's transforms
+# these values too).
+CROP_SCALE = (0.5, 1.0)  # of the image's area
+CROP_RATIO = (3 / 4, 4 / 3)  # width / height
+CROP_TRIES = 10
+FLIP_P = 0.5
+JITTER_P = 0.8
+BRIGHTNESS = CONTRAST = SATURATION = 0.4
+HUE = 0.1
+GRAYSCALE_P = 0.2
+BLUR_P = 0.5
+BLUR_SIGMA = (0.1, 1.0)  # of a 3 x 3 kernel
 _LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's grayscale
 
 # The colour-jitter operations, in the order of AugmentParams.color_factors' columns; a grayscale image has the first two.
@@ -93,25 +98,25 @@ class BatchAugment:
             return torch.rand(*shape, generator=gen, dtype=torch.float64) * (high - low) + low
 
         crop = self._sample_crops(batch, height, width, uniform)
-        flip = uniform(batch) < _FLIP_P
-        jitter = uniform(batch) < _JITTER_P
+        flip = uniform(batch) < FLIP_P
+        jitter = uniform(batch) < JITTER_P
         order = torch.argsort(uniform(batch, self.color_ops), dim=1)  # a random permutation per image
         order = torch.where(jitter[:, None], order, torch.full_like(order, -1))
-        factors = torch.stack([uniform(batch, low=1 - _BRIGHTNESS, high=1 + _BRIGHTNESS),
-                               uniform(batch, low=1 - _CONTRAST, high=1 + _CONTRAST),
-                               uniform(batch, low=1 - _SATURATION, high=1 + _SATURATION),
-                               uniform(batch, low=-_HUE, high=_HUE)], dim=1).float()
-        grayscale = (uniform(batch) < _GRAYSCALE_P) & (self.channels == 3)
-        blur = uniform(batch) < _BLUR_P
-        sigma = torch.where(blur, uniform(batch, low=_BLUR_SIGMA[0], high=_BLUR_SIGMA[1]), 0.0).float()
+        factors = torch.stack([uniform(batch, low=1 - BRIGHTNESS, high=1 + BRIGHTNESS),
+                               uniform(batch, low=1 - CONTRAST, high=1 + CONTRAST),
+                               uniform(batch, low=1 - SATURATION, high=1 + SATURATION),
+                               uniform(batch, low=-HUE, high=HUE)], dim=1).float()
+        grayscale = (uniform(batch) < GRAYSCALE_P) & (self.channels == 3)
+        blur = uniform(batch) < BLUR_P
+        sigma = torch.where(blur, uniform(batch, low=BLUR_SIGMA[0], high=BLUR_SIGMA[1]), 0.0).float()
         return AugmentParams(crop, flip, order, factors, grayscale, sigma)
 
     @staticmethod
     def _sample_crops(batch: int, height: int, width: int, uniform) -> Tensor:
         """torchvision's RandomResizedCrop draw for each image: up to ten (area, aspect ratio) tries, the first whose
         box fits, at a uniform position; the whole image (or its centre at the nearest allowed ratio) otherwise."""
-        area = uniform(batch, _CROP_TRIES, low=_CROP_SCALE[0], high=_CROP_SCALE[1]) * (height * width)
-        ratio = torch.exp(uniform(batch, _CROP_TRIES, low=math.log(_CROP_RATIO[0]), high=math.log(_CROP_RATIO[1])))
+        area = uniform(batch, CROP_TRIES, low=CROP_SCALE[0], high=CROP_SCALE[1]) * (height * width)
+        ratio = torch.exp(uniform(batch, CROP_TRIES, low=math.log(CROP_RATIO[0]), high=math.log(CROP_RATIO[1])))
         w = torch.round(torch.sqrt(area * ratio)).long()
         h = torch.round(torch.sqrt(area / ratio)).long()
         fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
@@ -119,10 +124,10 @@ class BatchAugment:
         w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
         found = fits.any(dim=1)
         in_ratio = width / height
-        if in_ratio < _CROP_RATIO[0]:
-            fallback_w, fallback_h = width, int(round(width / _CROP_RATIO[0]))
-        elif in_ratio > _CROP_RATIO[1]:
-            fallback_w, fallback_h = int(round(height * _CROP_RATIO[1])), height
+        if in_ratio < CROP_RATIO[0]:
+            fallback_w, fallback_h = width, int(round(width / CROP_RATIO[0]))
+        elif in_ratio > CROP_RATIO[1]:
+            fallback_w, fallback_h = int(round(height * CROP_RATIO[1])), height
         else:
             fallback_w, fallback_h = width, height
         w = torch.where(found, w, fallback_w)

@@ -276,12 +276,17 @@ def two_view_transform(size: int, channels: int):
     `brcd.augment.BatchAugment` draws the same on a whole batch at once, on the training device."""
     from torchvision.transforms import v2
 
-    ops = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    from . import augment as law  # the law's values (imported here: brcd.augment imports this module)
+
+    ops = [v2.RandomResizedCrop(size, scale=law.CROP_SCALE, ratio=law.CROP_RATIO, antialias=True),
+           v2.RandomHorizontalFlip(p=law.FLIP_P)]
+    jitter = dict(brightness=law.BRIGHTNESS, contrast=law.CONTRAST)
     if channels == 3:
-        ops += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+        ops += [v2.RandomApply([v2.ColorJitter(**jitter, saturation=law.SATURATION, hue=law.HUE)], p=law.JITTER_P),
+                v2.RandomGrayscale(p=law.GRAYSCALE_P)]
     else:
-        ops += [v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8)]
-    ops += [v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.0))], p=0.5)]
+        ops += [v2.RandomApply([v2.ColorJitter(**jitter)], p=law.JITTER_P)]
+    ops += [v2.RandomApply([v2.GaussianBlur(3, sigma=law.BLUR_SIGMA)], p=law.BLUR_P)]
     return v2.Compose(ops)
 
 
