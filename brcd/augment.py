@@ -221,23 +221,6 @@ def grayscale(x: Tensor) -> Tensor:
     return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b)[:, None]
 
 
-def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    return (x * _per_image(factor)).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    """Blend with the mean of the image's luma."""
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    f = _per_image(factor)
-    return (f * x + (1 - f) * mean).clamp_(0.0, 1.0)
-
-
-def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    """Blend with the image's own luma, pixel by pixel."""
-    f = _per_image(factor)
-    return (f * x + (1 - f) * grayscale(x)).clamp_(0.0, 1.0)
-
-
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     """Hue turned by `shift` (a fraction of the circle) in HSV, saturation and value kept."""
     r, g, b = x.unbind(1)
