@@ -24,12 +24,18 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def _plot_curves(out: Path) -> str:
-    plt = _pyplot()
+def _log_records(out: Path):
+    """The run's per-epoch log (metrics.jsonl) as records; None where the run has none."""
     log = out / "metrics.jsonl"
     if not log.exists():
+        return None
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def _plot_curves(records, out: Path) -> str:
+    plt = _pyplot()
+    if records is None:
         return ""
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for model in dict.fromkeys(r["model"] for r in records):
         for key in ("val_map_symmetric", "val_map_asymmetric"):
@@ -43,13 +49,11 @@ def _plot_curves(out: Path) -> str:
     return "![validation mAP over epochs](map_over_epochs.png)\n"
 
 
-def _training_table(out: Path) -> str:
-    """The training throughput of each model of the run, from its per-epoch log (validation apart): "" for a log
-    without timings (written before they were kept)."""
-    log = out / "metrics.jsonl"
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+def _training_table(records) -> str:
+    """The training throughput of each model of the run, from its per-epoch log records (validation apart): "" for
+    no log, or one without timings (written before they were kept)."""
     totals: dict = {}
-    for r in records:
+    for r in records or []:
         if "train_seconds" in r:
             epochs, seconds, images = totals.get(r["model"], (0, 0.0, 0))
             totals[r["model"]] = (epochs + 1, seconds + r["train_seconds"], images + r["train_images"])
@@ -147,15 +151,16 @@ def render_report(out: Path, args, results: dict, curves: dict, backbones: dict,
     if getattr(args, "split_seed", None) not in (None, args.seed):
         seeds += f" (split seed {args.split_seed})"
     data = _data_name(args)
+    log = _log_records(out)
     return (
         f"# brcd {args.command}\n\n{bits}-bit codes, mAP@{args.topk}, data: {data}, {seeds}, "
         f"device {args.device}, {results['seconds']:.0f} s in all.\n\n## Test results\n\n{table}\n{others}"
         f"## Database codes\n\nOf the test database as each model encodes it (brcd.code_statistics): bit entropy 1 and "
         f"imbalance 0 where every bit splits the codes evenly, correlation 0 between independent bits.\n\n{stats}\n"
-        f"## Encoding throughput\n\n{speed_table}\n{chart}\n{_training_table(out)}"
+        f"## Encoding throughput\n\n{speed_table}\n{chart}\n{_training_table(log)}"
         f"## Precision-recall (test)\n\n{_plot_pr(out, curves)}\n"
         f"## Precision@N (test)\n\n{_plot_top_n(out, curves)}\n"
-        f"## Validation during training\n\n{_plot_curves(out)}"
+        f"## Validation during training\n\n{_plot_curves(log, out)}"
     )
 
 
