@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from .data import to_device
 
-__all__ = ["BatchAugment", "AugmentParams", "COLOR_OPS"]
+__all__ = ["BatchAugment", "AugmentParams", "COLOR_OPS", "hue_rows_of"]
 
 # The law of the two views, the one place that states it (brcd.data.two_view_transform gives torchvision's transforms
 # these values too).
@@ -44,12 +45,13 @@ COLOR_OPS = ("brightness", "contrast", "saturation", "hue")
 
 @dataclass
 class AugmentParams:
-    """One batch's random choices (CPU tensors, one row per image), drawn by BatchAugment.sample.
+    """One batch's random choices (one row per image), drawn on the CPU by BatchAugment.sample.
 
     crop: [B, 4] int64 (top, left, height, width) of the crop in the source image; flip: [B] bool;
     color_order: [B, n_ops] int64, the jitter operations (indices into COLOR_OPS) in the order they apply, -1 where the
     image is not jittered; color_factors: [B, 4] (brightness, contrast, saturation factors, hue shift);
-    grayscale: [B] bool; blur_sigma: [B] float, 0 where the image is not blurred.
+    grayscale: [B] bool; blur_sigma: [B] float, 0 where the image is not blurred; hue_rows: for each position of
+    the order, the rows (int64) of the images whose operation there is the hue (`hue_rows_of(color_order)`).
     """
 
     crop: Tensor
@@ -58,20 +60,25 @@ class AugmentParams:
     color_factors: Tensor
     grayscale: Tensor
     blur_sigma: Tensor
+    hue_rows: Tuple[Tensor, ...]
 
-    def pack(self) -> Tensor:
-        """The choices as one float32 table [B, 4 + 1 + n_ops + 4 + 1 + 1] (every integer in it is exact): one copy
-        takes it to a GPU."""
-        return torch.cat([self.crop.float(), self.flip.float()[:, None], self.color_order.float(),
-                          self.color_factors.float(), self.grayscale.float()[:, None],
-                          self.blur_sigma.float()[:, None]], dim=1)
+    def to(self, device) -> "AugmentParams":
+        """The choices on `device`, in two copies (pinned, to a GPU): one float32 table of every per-image choice
+        (each integer in it exact) and one vector of the hue rows, split by counts known here, on the host, so that
+        the device never has to report a size."""
+        table = to_device(torch.cat([self.crop.float(), self.flip.float()[:, None], self.color_order.float(),
+                                     self.color_factors.float(), self.grayscale.float()[:, None],
+                                     self.blur_sigma.float()[:, None]], dim=1), device)
+        rows = to_device(torch.cat(self.hue_rows), device).split([len(r) for r in self.hue_rows])
+        crop, flip, order, factors, gray, sigma = table.split([4, 1, self.color_order.shape[1], 4, 1, 1], dim=1)
+        return AugmentParams(crop.long(), flip[:, 0] > 0.5, order.long(), factors, gray[:, 0] > 0.5, sigma[:, 0],
+                             tuple(rows))
 
-    @classmethod
-    def unpack(cls, table: Tensor) -> "AugmentParams":
-        """The choices from `pack`'s table, on the table's device."""
-        ops = table.shape[1] - 11
-        crop, flip, order, factors, gray, sigma = table.split([4, 1, ops, 4, 1, 1], dim=1)
-        return cls(crop.long(), flip[:, 0] > 0.5, order.long(), factors, gray[:, 0] > 0.5, sigma[:, 0])
+
+def hue_rows_of(color_order: Tensor) -> Tuple[Tensor, ...]:
+    """For each position of a (CPU) jitter order, the rows whose operation there is the hue."""
+    hue = COLOR_OPS.index("hue")
+    return tuple((color_order[:, p] == hue).nonzero()[:, 0] for p in range(color_order.shape[1]))
 
 
 class BatchAugment:
@@ -109,7 +116,7 @@ class BatchAugment:
         grayscale = (uniform(batch) < GRAYSCALE_P) & (self.channels == 3)
         blur = uniform(batch) < BLUR_P
         sigma = torch.where(blur, uniform(batch, low=BLUR_SIGMA[0], high=BLUR_SIGMA[1]), 0.0).float()
-        return AugmentParams(crop, flip, order, factors, grayscale, sigma)
+        return AugmentParams(crop, flip, order, factors, grayscale, sigma, hue_rows_of(order))
 
     @staticmethod
     def _sample_crops(batch: int, height: int, width: int, uniform) -> Tensor:
@@ -140,20 +147,20 @@ class BatchAugment:
     def apply(self, images: Tensor, params: AugmentParams) -> Tensor:
         """The augmented images, float32 in [0, 1], [B, C, size, size] (params on the images' device)."""
         x = self.resized_crop(images, params.crop, params.flip)
-        x = self.color_jitter(x, params.color_order, params.color_factors)
+        x = self.color_jitter(x, params.color_order, params.color_factors, params.hue_rows)
         if self.channels == 3:
             x = torch.where(_per_image(params.grayscale), grayscale(x).expand_as(x), x)
         return gaussian_blur3(x, params.blur_sigma)
 
     def __call__(self, images: Tensor, gen: torch.Generator) -> Tensor:
         """One view of a uint8 batch as model input in [-1, 1]: the choices drawn from `gen`, then applied where the
-        images are (one copy of the choices' table to a GPU)."""
+        images are (two copies of the choices to a GPU)."""
         if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError("images must be a uint8 tensor [B, C, H, W]")
         if images.shape[1] != self.channels:
             raise ValueError(f"images have {images.shape[1]} channels, the augmentation was made for {self.channels}")
-        table = to_device(self.sample(images.shape[0], images.shape[2], images.shape[3], gen).pack(), images.device)
-        return self.apply(images, AugmentParams.unpack(table)).mul_(2.0).sub_(1.0)
+        params = self.sample(images.shape[0], images.shape[2], images.shape[3], gen).to(images.device)
+        return self.apply(images, params).mul_(2.0).sub_(1.0)
 
     def resized_crop(self, images: Tensor, crop: Tensor, flip: Tensor) -> Tensor:
         """Each image's crop box resized to size x size, bilinear (the centres of the output pixels mapped into the
@@ -177,11 +184,12 @@ class BatchAugment:
         x = images.to(torch.float32).div_(255.0)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    def color_jitter(self, x: Tensor, order: Tensor, factors: Tensor) -> Tensor:
+    def color_jitter(self, x: Tensor, order: Tensor, factors: Tensor, hue_rows: Tuple[Tensor, ...]) -> Tensor:
         """The jitter operations in each image's own order, a position at a time. Brightness, contrast and
         saturation are each a blend, f * x + (1 - f) * g (g: black, the mean luma, the pixel's luma), so one blend
         serves every image at a position, with f = 1 where the image's operation there is another (which leaves it
-        exactly as it was); the hue shift follows for the images whose operation it is."""
+        exactly as it was); then the hue turns the images whose operation it is there (`hue_rows`, found on the host:
+        on a GPU, finding them would wait for the device)."""
         for position in range(order.shape[1]):
             op = order[:, position]
             is_blend = (op >= 0) & (op <= 2)
@@ -191,22 +199,10 @@ class BatchAugment:
                                  torch.where(_per_image(op == 2), gray, torch.zeros_like(gray)))
             f = _per_image(f)
             x = (f * x + (1 - f) * toward).clamp_(0.0, 1.0)
-            if self.channels == 3:
-                x = _shift_hue_of(x, op == 3, factors[:, 3])
+            rows = hue_rows[position]
+            if len(rows):  # a size known on the host
+                x = x.index_copy(0, rows, adjust_hue(x[rows], factors[rows, 3]))
         return x
-
-
-def _shift_hue_of(x: Tensor, chosen: Tensor, shift: Tensor) -> Tensor:
-    """x with the hue of the `chosen` images shifted. On the CPU only those are converted; on a GPU every image is
-    (finding the chosen ones, a data-dependent size, would wait for the device) and the others are kept."""
-    if x.device.type == "cpu":
-        rows = chosen.nonzero()[:, 0]
-        if len(rows) == 0:
-            return x
-        x = x.clone()
-        x[rows] = adjust_hue(x[rows], shift[rows])
-        return x
-    return torch.where(_per_image(chosen), adjust_hue(x, shift), x)
 
 
 def _per_image(values: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ def _jitter_one(x, op, factor):
     factors = torch.ones(n, 4, device=x.device)
     factors[:, 3] = 0
     factors[:, op] = factor
-    return aug.color_jitter(x, order, factors)
+    return aug.color_jitter(x, order, factors, tuple(r.to(x.device) for r in A.hue_rows_of(order.cpu())))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -101,7 +101,7 @@ def test_color_jitter_applies_each_images_own_order(order, ops):
     x = _float(_images(2, channels), "cpu")
     factors = torch.tensor([[1.3, 0.7, 1.2, 0.08]] * 2)
     rows = torch.tensor([order, [-1] * len(order)])  # image 1 is not jittered
-    ours = aug.color_jitter(x, rows, factors)
+    ours = aug.color_jitter(x, rows, factors, A.hue_rows_of(rows))
     expected = x[0]
     for op in ops:
         name = op.__name__.removeprefix("adjust_")
@@ -114,7 +114,8 @@ def test_identity_choices_give_the_image_back():
     images = _images(3)
     params = AugmentParams(crop=torch.tensor([[0, 0, 20, 20]] * 3), flip=torch.zeros(3, dtype=torch.bool),
                            color_order=torch.full((3, 4), -1), color_factors=torch.ones(3, 4),
-                           grayscale=torch.zeros(3, dtype=torch.bool), blur_sigma=torch.zeros(3))
+                           grayscale=torch.zeros(3, dtype=torch.bool), blur_sigma=torch.zeros(3),
+                           hue_rows=A.hue_rows_of(torch.full((3, 4), -1)))
     torch.testing.assert_close(BatchAugment(20, 3).apply(images, params), images.float() / 255, rtol=0, atol=1e-6)
 
 
@@ -122,7 +123,8 @@ def test_grayscale_choice_gives_three_equal_luma_channels():
     images = _images(2)
     params = AugmentParams(crop=torch.tensor([[0, 0, 20, 20]] * 2), flip=torch.zeros(2, dtype=torch.bool),
                            color_order=torch.full((2, 4), -1), color_factors=torch.ones(2, 4),
-                           grayscale=torch.tensor([True, False]), blur_sigma=torch.zeros(2))
+                           grayscale=torch.tensor([True, False]), blur_sigma=torch.zeros(2),
+                           hue_rows=A.hue_rows_of(torch.full((2, 4), -1)))
     out = BatchAugment(20, 3).apply(images, params)
     expected = TF.rgb_to_grayscale(images[0].float() / 255, num_output_channels=3)
     torch.testing.assert_close(out[0], expected, rtol=0, atol=2e-6)
@@ -181,14 +183,22 @@ def test_probabilities_and_orders():
     assert not gray.grayscale.any() and gray.color_order.shape == (1000, 2)
 
 
-def test_pack_round_trip():
+@pytest.mark.parametrize("device", DEVICES)
+def test_choices_reach_the_device_unchanged(device):
     gen = torch.Generator().manual_seed(3)
     for channels in (1, 3):
         p = BatchAugment(16, channels).sample(50, 16, 16, gen)
-        q = AugmentParams.unpack(p.pack())
-        for name in ("crop", "flip", "color_order", "grayscale"):
-            assert torch.equal(getattr(p, name), getattr(q, name)), name
-        assert torch.equal(p.color_factors, q.color_factors) and torch.equal(p.blur_sigma, q.blur_sigma)
+        q = p.to(device)
+        for name in ("crop", "flip", "color_order", "grayscale", "color_factors", "blur_sigma"):
+            assert torch.equal(getattr(p, name), getattr(q, name).cpu()), name
+        assert len(q.hue_rows) == p.color_order.shape[1]
+        for mine, moved in zip(p.hue_rows, q.hue_rows):
+            assert moved.device.type == device and torch.equal(mine, moved.cpu())
+        # Each jittered RGB image turns its hue at exactly one position; a grayscale one never.
+        rows = torch.cat(p.hue_rows)
+        jittered = (p.color_order[:, 0] >= 0).nonzero()[:, 0]
+        expected = jittered if channels == 3 else jittered[:0]
+        assert torch.equal(rows.sort().values, expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)
