@@ -142,8 +142,7 @@ class _BatchAugmentedLoader:
     the loader's resumes the augmentation too)."""
 
     def __init__(self, images: Tensor, cfg: TrainConfig, gen: torch.Generator):
-        self.images, self.gen, self.batch_size = images, gen, cfg.batch_size
-        self.device, self.pin = torch.device(cfg.device), cfg.device_type == "cuda"
+        self.images, self.gen, self.batch_size, self.device = images, gen, cfg.batch_size, torch.device(cfg.device)
         self.augment = BatchAugment(images.shape[-1], images.shape[1])
 
     def __len__(self) -> int:
@@ -153,7 +152,7 @@ class _BatchAugmentedLoader:
         order = torch.randperm(len(self.images), generator=self.gen)
         for first in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[first : first + self.batch_size]
-            if self.pin:  # the step copies the positions to the GPU: pinned, as the data loader pins its batches
+            if self.device.type == "cuda":  # the step copies the positions there: pinned, as the data loader pins them
                 idx = idx.pin_memory()
             batch = to_device(self.images[idx], self.device)
             yield self.augment(batch, self.gen), self.augment(batch, self.gen), idx
