@@ -62,6 +62,12 @@ class AugmentParams:
     blur_sigma: Tensor
     hue_rows: Tuple[Tensor, ...]
 
+    def rows(self, start: int, stop: int) -> "AugmentParams":
+        """The choices of images start to stop - 1 (CPU)."""
+        order = self.color_order[start:stop]
+        return AugmentParams(self.crop[start:stop], self.flip[start:stop], order, self.color_factors[start:stop],
+                             self.grayscale[start:stop], self.blur_sigma[start:stop], hue_rows_of(order))
+
     def to(self, device) -> "AugmentParams":
         """The choices on `device`, in two copies (pinned, to a GPU): one float32 table of every per-image choice
         (each integer in it exact) and one vector of the hue rows, split by counts known here, on the host, so that
@@ -152,14 +158,25 @@ class BatchAugment:
             x = torch.where(_per_image(params.grayscale), grayscale(x).expand_as(x), x)
         return gaussian_blur3(x, params.blur_sigma)
 
-    def __call__(self, images: Tensor, gen: torch.Generator) -> Tensor:
+    def __call__(self, images: Tensor, gen: torch.Generator, shard: Tuple[int, int] = (0, 1)) -> Tensor:
         """One view of a uint8 batch as model input in [-1, 1]: the choices drawn from `gen`, then applied where the
-        images are (two copies of the choices to a GPU)."""
+        images are (two copies of the choices to a GPU).
+
+        `shard` = (rank, ranks): the images are that rank's share of a batch split evenly over the ranks of a
+        data-parallel run. The choices of the whole batch are drawn (every rank's `gen` in the same state) and the
+        rank's rows kept, so the ranks together make the views that one process makes of the whole batch."""
+        rank, ranks = shard
+        if not 0 <= rank < ranks:
+            raise ValueError(f"shard must be (rank, ranks) with 0 <= rank < ranks, got {shard!r}")
         if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError("images must be a uint8 tensor [B, C, H, W]")
         if images.shape[1] != self.channels:
             raise ValueError(f"images have {images.shape[1]} channels, the augmentation was made for {self.channels}")
-        params = self.sample(images.shape[0], images.shape[2], images.shape[3], gen).to(images.device)
+        n = images.shape[0]
+        params = self.sample(n * ranks, images.shape[2], images.shape[3], gen)
+        if ranks > 1:
+            params = params.rows(rank * n, (rank + 1) * n)
+        return self.apply(images, params.to(images.device)).mul_(2.0).sub_(1.0)
         return self.apply(images, params).mul_(2.0).sub_(1.0)
 
     def resized_crop(self, images: Tensor, crop: Tensor, flip: Tensor) -> Tensor:

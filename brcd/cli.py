@@ -9,6 +9,10 @@ nearest codes, or every code within `--radius`). `brcd score` scores any method'
 
 Errors in the input (missing or corrupt data, unknown model names, bad numbers) print one line on stderr and exit
 with status 2; a failed run (a NaN loss) exits with status 1. No traceback.
+
+The training subcommands (demo, train-teacher, distill, compare) also run data-parallel over several processes:
+`torchrun --nproc-per-node N -m brcd distill ...` (one GPU per process with --device cuda; --batch-size is the whole
+batch, shared out among them). The first process validates, tests and writes the run directory.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from . import metrics
+from . import distributed, metrics
 from .code_stats import code_statistics
 from .comparison import summarise_seeds
 from .clustering import GROUP_MODES
@@ -429,25 +433,27 @@ class _Run:
         return build_model(name, bits, in_chans=channels, img_size=size, pretrained_path=weights).to(self.args.device)
 
     def log(self, msg: str) -> None:
-        print(f"[brcd {self.args.command} {time.time() - self.started:6.0f}s] {msg}", file=sys.stderr, flush=True)
+        if distributed.is_main():
+            print(f"[brcd {self.args.command} {time.time() - self.started:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def _workers(args) -> int:
     """--workers, or its default: none where the model trains on the CPU (workers would compete with it for the cores)
-    or where the views are made on the device (--augment batch), else half the cores, at most 8 (in the training
-    process, a GPU would wait for the loader's augmentation at every step)."""
+    or where the views are made on the device (--augment batch), else half the cores (of this process's share, under
+    torchrun), at most 8 (in the training process, a GPU would wait for the loader's augmentation at every step)."""
     if args.workers is not None:
         return args.workers
     if torch.device(args.device).type == "cpu" or augmentation(args.augment, args.device) == "batch":
         return 0
-    return min(8, max(1, (os.cpu_count() or 2) // 2))
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(8, max(1, (os.cpu_count() or 2) // 2 // processes_here))
 
 
 def _prepare_run(args) -> _Run:
     started = time.time()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
+    if not args.resume and distributed.is_main():
         (out / "metrics.jsonl").unlink(missing_ok=True)
         for stale in out.glob("*.last.pt"):  # a fresh run must not resume from an older one by accident
             stale.unlink()
@@ -465,8 +471,11 @@ def _prepare_run(args) -> _Run:
                       progress=not args.no_progress, resume=args.resume, checkpoint_format=args.checkpoint_format,
                       augment=args.augment, workers=_workers(args), precision=args.precision)
     check_loop_config(cfg)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    atomic_write_bytes(out / "config.json", [json.dumps(config, indent=2).encode()])
+    if distributed.is_main():
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        config["processes"] = distributed.world_size()
+        atomic_write_bytes(out / "config.json", [json.dumps(config, indent=2).encode()])
+    distributed.barrier()  # no process trains before the main one has cleared the directory of an older run
     return _Run(args, out, (data, split), train_images, val, cfg, started)
 
 
@@ -567,6 +576,8 @@ def _finish(run: _Run, results: dict, curves: dict, backbones: dict, bits: int) 
 def run_train_teacher(args) -> dict:
     run = _prepare_run(args)
     teacher, scores = _train_teacher(run, args.teacher, args.epochs, args.bits)
+    if not distributed.is_main():  # the test and the report are the main process's
+        return {}
     results, curves = _final_test(run, teacher, {})
     _finish(run, results, curves, {"teacher": args.teacher}, teacher.bits)
     return {"checkpoint": str(checkpoint_path(run.out, "teacher", fmt=args.checkpoint_format)),
@@ -578,6 +589,8 @@ def run_distill(args) -> dict:
     teacher = load_model(args.teacher_checkpoint, args.device)
     students = _train_students(run, teacher, args.student, args.epochs, kd=() if args.no_kd else (args.kd,),
                                plain=args.no_kd)
+    if not distributed.is_main():
+        return {}
     results, curves = _final_test(run, teacher, {name: model for name, (model, _) in students.items()})
     backbones = {"teacher": teacher.name, **{name: args.student for name in students}}
     _finish(run, results, curves, backbones, teacher.bits)
@@ -601,6 +614,8 @@ def run_demo(args) -> dict:
     run = _prepare_run(args)
     teacher, _ = _train_teacher(run, args.teacher, args.teacher_epochs, args.bits)
     students = _train_students(run, teacher, args.student, args.student_epochs, kd=("brcd", *baselines))
+    if not distributed.is_main():
+        return {}
     # The BRCD student first: it is the one whose encoding throughput the report gives.
     order = (student_run_name("brcd"), "student_no_kd", *(student_run_name(b) for b in baselines))
     results, curves = _final_test(run, teacher, {name: students[name][0] for name in order})
@@ -637,10 +652,14 @@ def run_compare(args) -> dict:
             students.update(_train_students(run, teacher, args.student, args.epochs,
                                             kd=() if objective is None else (objective,), plain=objective is None,
                                             ablation=ablation))
+        if not distributed.is_main():
+            continue
         results, curves = _final_test(run, teacher, {name: model for name, (model, _) in students.items()})
         backbones = {"teacher": teacher.name, **{name: args.student for name in students}}
         _finish(run, results, curves, backbones, teacher.bits)
         per_seed[seed] = results
+    if not distributed.is_main():
+        return {}
     from .report import render_comparison
 
     summary = {**summarise_seeds(per_seed), "split_seed": split_seed, "topk": args.topk}
@@ -693,6 +712,10 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict:
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
+# The subcommands that train, and so can run over several processes under torchrun.
+DATA_PARALLEL_COMMANDS = ("demo", "train-teacher", "distill", "compare")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -705,7 +728,14 @@ def main(argv=None) -> int:
         run = {"demo": run_demo, "train-teacher": run_train_teacher, "distill": run_distill,
                "evaluate": run_evaluate, "encode": run_encode, "index": run_index,
                "compare": run_compare, "score": run_score}[args.command]
-        print(json.dumps(run(args), indent=2))
+        if distributed.launched_by_torchrun():
+            if args.command not in DATA_PARALLEL_COMMANDS:
+                raise ValueError(f"{args.command} runs in one process: start it without torchrun (the data-parallel "
+                                 f"ones: {', '.join(DATA_PARALLEL_COMMANDS)})")
+            args.device = distributed.init_from_environment(args.device)
+        result = run(args)
+        if distributed.is_main():
+            print(json.dumps(result, indent=2))
         return 0
     except (DataFileError, ModelError, IndexFileError, ValueError) as exc:
         print(f"brcd: error: {exc}", file=sys.stderr)
@@ -713,6 +743,9 @@ def main(argv=None) -> int:
     except TrainingError as exc:
         print(f"brcd: training stopped: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if distributed.distributed():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,7 @@ paradigms, best checkpoints written atomically, early stopping, a JSON-lines met
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import metrics
+from . import distributed, metrics
 from .checkpoint import CHECKPOINT_FORMATS, TrainingError, load_checkpoint, save_checkpoint
 from .augment import BatchAugment
 from .clustering import bit_masks, kmeans, nearest_centroid, negative_groups
@@ -24,7 +25,7 @@ from .objectives import DATASET_OBJECTIVES, DISTILLATION_OBJECTIVES, make_object
 
 __all__ = ["TrainConfig", "TrainingError", "checkpoint_path", "encode", "train_teacher", "fit_clusters",
            "train_student", "student_run_name", "Clusters", "throughput", "PRECISIONS", "AUGMENTATIONS",
-           "augmentation", "check_loop_config"]
+           "augmentation", "check_loop_config", "ShardedBatches"]
 
 # The precisions of the training steps' forward passes: float32, or bfloat16 under torch.autocast.
 PRECISIONS = ("fp32", "bf16")
@@ -109,10 +110,15 @@ class Clusters:
 
 
 def fit_clusters(teacher: HashModel, train_images: Tensor, cfg: TrainConfig) -> Clusters:
-    codes = encode(teacher, train_images, device=cfg.device, desc="teacher codes", progress=cfg.progress)
-    result = kmeans(codes, cfg.num_clusters, restarts=3, seed=cfg.seed, progress=cfg.progress)
-    return Clusters(result.centroids, result.assignments, bit_masks(codes, result.assignments, cfg.num_clusters,
-                                                                     cfg.margin))
+    """k-means of the teacher's codes of the training images, and each cluster's bit mask. In a data-parallel run
+    the main rank fits them and every rank receives its clusters."""
+    clusters = None
+    if distributed.is_main():
+        codes = encode(teacher, train_images, device=cfg.device, desc="teacher codes", progress=cfg.progress)
+        result = kmeans(codes, cfg.num_clusters, restarts=3, seed=cfg.seed, progress=cfg.progress)
+        clusters = Clusters(result.centroids, result.assignments, bit_masks(codes, result.assignments,
+                                                                            cfg.num_clusters, cfg.margin))
+    return distributed.broadcast_object(clusters)
 
 
 def augmentation(augment: str, device) -> str:
@@ -124,16 +130,53 @@ def augmentation(augment: str, device) -> str:
 
 
 def _loader(images: Tensor, cfg: TrainConfig, gen: torch.Generator):
-    """Shuffled two-view batches (view 1, view 2, positions in `images`), as `augmentation` decides for cfg.
-    With loader workers, each epoch's workers seed their augmentation from `gen` (as the shuffling is), so a run is
-    reproducible for a given worker count and a resumed one continues exactly. Workers are not kept between epochs:
-    persistent ones would take their seeds once, and a resumed run could not match."""
+    """Shuffled two-view batches (view 1, view 2, positions in `images`), as `augmentation` decides for cfg; in a
+    data-parallel run, this rank's share of each batch of cfg.batch_size images (every rank shuffles with the same
+    `gen`). With loader workers, each epoch's workers seed their augmentation from `gen` (as the shuffling is; each
+    rank's differently), so a run is reproducible for a given worker count and a resumed one continues exactly.
+    Workers are not kept between epochs: persistent ones would take their seeds once, and a resumed run could not
+    match."""
     if augmentation(cfg.augment, cfg.device) == "batch":
         return _BatchAugmentedLoader(images, cfg, gen)
     channels, size = images.shape[1], images.shape[-1]
     return torch.utils.data.DataLoader(TwoViewDataset(images, two_view_transform(size, channels)),
-                                       batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen,
-                                       num_workers=cfg.workers, pin_memory=cfg.device_type == "cuda")
+                                       batch_sampler=ShardedBatches(len(images), cfg.batch_size, gen,
+                                                                    as_random_sampler=True),
+                                       generator=gen, num_workers=cfg.workers, pin_memory=cfg.device_type == "cuda",
+                                       worker_init_fn=functools.partial(_seed_worker, distributed.rank()))
+
+
+def _seed_worker(rank: int, worker_id: int) -> None:
+    """A loader worker's augmentation stream on `rank`: the data loader's (from `gen`, the same on every rank) on rank
+    0, a different one on each other rank."""
+    if rank:
+        torch.manual_seed(distributed.rank_seed(torch.initial_seed(), rank))
+
+
+class ShardedBatches:
+    """The positions of each epoch's full batches of `batch_size` in a fresh shuffle of `n` drawn from `gen`: in a
+    data-parallel run this rank's consecutive share of each, in one process the whole batch.
+
+    `as_random_sampler`: draw from `gen` as torch's RandomSampler does, which a DataLoader with shuffle=True,
+    drop_last=True and generator `gen` uses (after each epoch's shuffle, a second one for the remainder of n samples,
+    of which it takes none): the batches of the runs made before this class, and of docs/demo.md, stay the same."""
+
+    def __init__(self, n: int, batch_size: int, gen: torch.Generator, *, as_random_sampler: bool = False):
+        ranks = distributed.world_size()
+        if batch_size % ranks:
+            raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of processes ({ranks})")
+        self.n, self.batch_size, self.gen, self.as_random_sampler = n, batch_size, gen, as_random_sampler
+        self.share, self.first = batch_size // ranks, distributed.rank() * (batch_size // ranks)
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.gen)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[start + self.first : start + self.first + self.share]
+        if self.as_random_sampler:
+            torch.randperm(self.n, generator=self.gen)
 
 
 class _BatchAugmentedLoader:
@@ -142,20 +185,22 @@ class _BatchAugmentedLoader:
     the loader's resumes the augmentation too)."""
 
     def __init__(self, images: Tensor, cfg: TrainConfig, gen: torch.Generator):
-        self.images, self.gen, self.batch_size, self.device = images, gen, cfg.batch_size, torch.device(cfg.device)
+        self.images, self.gen, self.device = images, gen, torch.device(cfg.device)
+        self.batches = ShardedBatches(len(images), cfg.batch_size, gen)
         self.augment = BatchAugment(images.shape[-1], images.shape[1])
+        # Each view's choices are drawn for the whole batch on every rank, which keeps the ranks' generators together
+        # and gives the views one process would make.
+        self.shard = (distributed.rank(), distributed.world_size())
 
     def __len__(self) -> int:
-        return len(self.images) // self.batch_size  # full batches only, as the loader's drop_last
+        return len(self.batches)
 
     def __iter__(self):
-        order = torch.randperm(len(self.images), generator=self.gen)
-        for first in range(0, len(self) * self.batch_size, self.batch_size):
-            idx = order[first : first + self.batch_size]
+        for idx in self.batches:
             if self.device.type == "cuda":  # the step copies the positions there: pinned, as the data loader pins them
                 idx = idx.pin_memory()
             batch = to_device(self.images[idx], self.device)
-            yield self.augment(batch, self.gen), self.augment(batch, self.gen), idx
+            yield self.augment(batch, self.gen, self.shard), self.augment(batch, self.gen, self.shard), idx
 
 
 def student_run_name(objective: str) -> str:
@@ -231,6 +276,9 @@ def check_loop_config(cfg: TrainConfig) -> None:
         raise ValueError(f"read_loss_every must be >= 1, got {cfg.read_loss_every}")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.batch_size % distributed.world_size():
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes "
+                         f"({distributed.world_size()}): each takes an equal share of every batch")
 
 
 def _forward_precision(cfg: TrainConfig):
@@ -243,8 +291,13 @@ def _fit(model: HashModel, objective: torch.nn.Module, step: Callable, images: T
     """The shared loop: epochs of two-view batches; validation scores "val_map_<paradigm>"; the best checkpoint per
     paradigm; early stopping when no paradigm improved for `patience` validations; a stop on a NaN loss.
     The objective's own parameters (CRD's heads) train with the model, and its state (CRD's memory banks) is part of
-    the resume state. Leaves the model with its best symmetric weights; returns the best score of each paradigm."""
+    the resume state. Leaves the model with its best symmetric weights; returns the best score of each paradigm.
+
+    In a data-parallel run (brcd.distributed) every rank runs this loop on its share of each batch (the step gathers
+    the objective's inputs from all ranks), the gradients are averaged over the ranks after each backward, and the main
+    rank alone validates (the others receive its scores), writes checkpoints and the log."""
     check_loop_config(cfg)
+    main = distributed.is_main()
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = _loader(images, cfg, gen)
     objective.to(cfg.device)
@@ -253,7 +306,7 @@ def _fit(model: HashModel, objective: torch.nn.Module, step: Callable, images: T
     best: Dict[str, float] = {}
     stale, first_epoch = 0, 1
     last = out_dir / f"{name}.last.pt"
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(distributed.rank_seed(cfg.seed))
     if cfg.resume and last.exists():
         # Everything the next epoch depends on: weights, optimizer, progress, and the random streams (the loader's
         # shuffling, its workers' seeds and the batch augmentation's choices; the global one of the loader's
@@ -264,19 +317,30 @@ def _fit(model: HashModel, objective: torch.nn.Module, step: Callable, images: T
         objective.load_state_dict(state.get("objective", {}))
         optimizer.load_state_dict(state["optimizer"])
         best, stale, first_epoch = dict(state["best"]), state["stale"], state["epoch"] + 1
-        torch.set_rng_state(state["rng"])
+        ranks = state.get("ranks", 1)
+        if ranks != distributed.world_size():
+            raise ValueError(f"{last} was written by a run of {ranks} process(es); resume it with as many, not "
+                             f"{distributed.world_size()}")
+        # Each rank's own random streams (rank 0's are also kept alone, as a one-process run writes them).
+        rng, device_rng = state["rank_rng"][distributed.rank()] if ranks > 1 else (state["rng"],
+                                                                                   state.get("device_rng"))
+        torch.set_rng_state(rng)
         gen.set_state(state["loader_rng"])
-        if "device_rng" in state and cfg.device_type == "cuda":
-            torch.cuda.set_rng_state(state["device_rng"], cfg.device)
+        if device_rng is not None and cfg.device_type == "cuda":
+            torch.cuda.set_rng_state(device_rng, cfg.device)
         if state["stopped_early"]:
             best_path = checkpoint_path(out_dir, name, fmt=cfg.checkpoint_format)
             model.load_state_dict(load_checkpoint(best_path)["state_dict"])
             return best
     model.to(cfg.device).train()
+    # Every rank starts from rank 0's weights and objective state (each drew its own, or read the same file).
+    distributed.broadcast_state(model, objective)
+    trained = [*model.parameters(), *objective.parameters()]
     read_every = cfg.read_loss_every if cfg.read_loss_every is not None else (1 if cfg.device_type == "cpu" else 25)
     for epoch in range(first_epoch, cfg.epochs + 1):
         losses = _StepLosses(read_every, name, epoch, out_dir)
-        bar = tqdm(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        bar = tqdm(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and main),
+                   leave=False)
         started = time.perf_counter()
         for v1, v2, idx in bar:
             # From pinned memory (on a GPU) the copies are asynchronous: the host goes on to queue the step's kernels.
@@ -289,6 +353,7 @@ def _fit(model: HashModel, objective: torch.nn.Module, step: Callable, images: T
                 bar.set_postfix(loss=f"{losses.latest:.4f}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(trained)
             optimizer.step()
         losses.read()
         if cfg.device_type == "cuda":  # the last step's backward and update, still queued after its loss was read
@@ -298,29 +363,39 @@ def _fit(model: HashModel, objective: torch.nn.Module, step: Callable, images: T
         # per second, each one step's two views through the model (and, distilling, the teacher's passes).
         record = {"model": name, "epoch": epoch, "loss": losses.total / max(1, losses.steps),
                   "train_seconds": seconds, "train_images": losses.steps * cfg.batch_size}
+        # Each rank's batch-norm statistics came from its share of the batches: every rank keeps their mean.
+        distributed.average_floating_buffers(model)
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            scores = validate()
+            scores = distributed.broadcast_object(validate() if main else None)
             record.update(scores)
             improved = False
             for key, value in scores.items():
                 if value > best.get(key, -math.inf):
                     best[key], improved = value, True
                     paradigm = key.rsplit("_", 1)[-1]
-                    save_checkpoint(checkpoint_path(out_dir, name, paradigm, cfg.checkpoint_format), model, asdict(cfg),
-                                    {"epoch": epoch, "scores": scores, "name": name, "selected_by": key})
+                    if main:
+                        save_checkpoint(checkpoint_path(out_dir, name, paradigm, cfg.checkpoint_format), model,
+                                        asdict(cfg), {"epoch": epoch, "scores": scores, "name": name,
+                                                      "selected_by": key})
             stale = 0 if improved else stale + 1
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
         stopped_early = stale >= cfg.patience
-        resume_state = {"optimizer": optimizer.state_dict(), "objective": objective.state_dict(), "epoch": epoch,
-                        "best": best, "stale": stale,
-                        "stopped_early": stopped_early, "name": name, "rng": torch.get_rng_state(),
-                        "loader_rng": gen.get_state()}
-        if cfg.device_type == "cuda":
-            resume_state["device_rng"] = torch.cuda.get_rng_state(cfg.device)
-        save_checkpoint(last, model, asdict(cfg), resume_state)
+        device_rng = torch.cuda.get_rng_state(cfg.device) if cfg.device_type == "cuda" else None
+        rank_rng = distributed.all_objects((torch.get_rng_state(), device_rng))
+        if main:
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            resume_state = {"optimizer": optimizer.state_dict(), "objective": objective.state_dict(), "epoch": epoch,
+                            "best": best, "stale": stale,
+                            "stopped_early": stopped_early, "name": name, "rng": torch.get_rng_state(),
+                            "loader_rng": gen.get_state(), "ranks": distributed.world_size()}
+            if device_rng is not None:
+                resume_state["device_rng"] = device_rng
+            if distributed.world_size() > 1:
+                resume_state["rank_rng"] = rank_rng
+            save_checkpoint(last, model, asdict(cfg), resume_state)
         if stopped_early:
             break
+    distributed.barrier()  # the main rank's checkpoints are on disk
     model.load_state_dict(load_checkpoint(checkpoint_path(out_dir, name, fmt=cfg.checkpoint_format))["state_dict"])
     return best
 
@@ -345,7 +420,7 @@ def train_teacher(model: HashModel, images: Tensor, val_queries: Tensor, val_que
 
     def step(v1, v2, idx):
         _, ((p1, c1), (p2, c2)) = _forward(cfg, model, (v1, v2))
-        return objective(p1, c1, p2, c2)
+        return objective(*distributed.gather_rows(p1, c1, p2, c2))
 
     def validate():
         q = encode(model, val_queries, device=cfg.device)
@@ -374,7 +449,8 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clust
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    teacher_db = encode(teacher, val_db, device=cfg.device)
+    # Validation is the main rank's (brcd.distributed).
+    teacher_db = encode(teacher, val_db, device=cfg.device) if distributed.is_main() else None
 
     if objective.needs_clusters:
         centroids = clusters.centroids.to(cfg.device)
@@ -386,6 +462,8 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clust
             # The batch's positions come pinned from the loader on a GPU: the copy does not wait for the device's
             # queue (gathering on the host and copying the result would, at every step).
             c = assignments[idx.to(cfg.device, non_blocking=True)]
+            # In a data-parallel run, the whole batch's (one process: as they are).
+            t1, t2, p1, s1, p2, s2, c = distributed.gather_rows(t1, t2, p1, s1, p2, s2, c)
             cv = nearest_centroid(t2, centroids)
             rows, cols, alpha = negative_groups(c, cv, base_alpha=cfg.alpha, mode=cfg.group_mode)
             # alpha is base_alpha or 1 (negative_groups checks base_alpha): no per-step device sync to check it again.
@@ -395,13 +473,21 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clust
         def step(v1, v2, idx):
             extra = {}
             if objective.extra_input == "index":  # positions in the training set, on the CPU as the loader gives them
-                extra["index"] = idx
+                # (in a data-parallel run the whole batch's, gathered where the codes are)
+                extra["index"] = idx if not distributed.distributed() else distributed.gather_rows(
+                    idx.to(cfg.device, non_blocking=True))
             # A baseline compares view 1 only: no teacher pass over view 2.
             (t1,), ((p1, s1), (p2, s2)) = _forward(cfg, model, (v1, v2), teacher, 1)
+            rotated = (None, None)
             if objective.extra_input == "rotations":  # view 1 turned by 90, 180 and 270 degrees, through both
-                rotated = torch.cat([torch.rot90(v1, k, dims=(-2, -1)) for k in (1, 2, 3)])
-                (teacher_rotated,), ((_, student_rotated),) = _forward(cfg, model, (rotated,), teacher, 1)
-                extra["rotated"] = (student_rotated, teacher_rotated)
+                turned = torch.cat([torch.rot90(v1, k, dims=(-2, -1)) for k in (1, 2, 3)])
+                (teacher_rotated,), ((_, student_rotated),) = _forward(cfg, model, (turned,), teacher, 1)
+                # [3n, K] by rotation, then image: a row of three per image, as the gather takes rows
+                rotated = [r.unflatten(0, (3, -1)).transpose(0, 1) for r in (student_rotated, teacher_rotated)]
+            # In a data-parallel run, the whole batch's (one process: as they are); one gather for the lot.
+            p1, s1, p2, s2, t1, *rotated = distributed.gather_rows(p1, s1, p2, s2, t1, *rotated)
+            if objective.extra_input == "rotations":
+                extra["rotated"] = tuple(r.transpose(0, 1).flatten(0, 1) for r in rotated)
             return objective(p1, s1, p2, s2, t1, **extra)
 
     def validate():

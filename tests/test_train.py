@@ -88,9 +88,9 @@ def test_batch_augmentation_trains_reproducibly_with_its_own_views(tmp_path, mon
     calls = []
     real = augment.BatchAugment.__call__
 
-    def count(self, images, gen):
+    def count(self, images, gen, *shard):
         calls.append(images.shape)
-        return real(self, images, gen)
+        return real(self, images, gen, *shard)
 
     monkeypatch.setattr(augment.BatchAugment, "__call__", count)
     first, log = train(tmp_path / "a", 1, epochs=1, augment="batch")
