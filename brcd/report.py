@@ -55,15 +55,17 @@ def _training_table(records) -> str:
     totals: dict = {}
     for r in records or []:
         if "train_seconds" in r:
-            epochs, seconds, images = totals.get(r["model"], (0, 0.0, 0))
-            totals[r["model"]] = (epochs + 1, seconds + r["train_seconds"], images + r["train_images"])
+            epochs, seconds, images, _ = totals.get(r["model"], (0, 0.0, 0, 1))
+            totals[r["model"]] = (epochs + 1, seconds + r["train_seconds"], images + r["train_images"],
+                                  r.get("processes", 1))
     if not totals:
         return ""
-    rows = "".join(f"| {_ROLES.get(m, m)} | {epochs} | {seconds:.1f} | {images / seconds:.0f} |\n"
-                   for m, (epochs, seconds, images) in totals.items())
+    rows = "".join(f"| {_ROLES.get(m, m)} | {epochs} | {processes} | {seconds:.1f} | {images / seconds:.0f} |\n"
+                   for m, (epochs, seconds, images, processes) in totals.items())
     return ("## Training throughput\n\nThe epochs' steps, validation apart (an image: one step's two views through the "
-            "model and, for a distilled student, through the teacher).\n\n| model | epochs | training s | images/s |\n"
-            f"|---|---|---|---|\n{rows}\n")
+            "model and, for a distilled student, through the teacher; images/s of all the processes together)."
+            "\n\n| model | epochs | processes | training s | images/s |\n"
+            f"|---|---|---|---|---|\n{rows}\n")
 
 
 def _plot_pr(out: Path, curves: dict) -> str:

@@ -360,9 +360,11 @@ def _fit(model: HashModel, objective: torch.nn.Module, step: Callable, images: T
             torch.cuda.synchronize(cfg.device)
         seconds = time.perf_counter() - started
         # The epoch's training throughput (batches made, steps run; validation apart): images of the training set
-        # per second, each one step's two views through the model (and, distilling, the teacher's passes).
+        # per second, each one step's two views through the model (and, distilling, the teacher's passes); in a
+        # data-parallel run, all the processes' together.
         record = {"model": name, "epoch": epoch, "loss": losses.total / max(1, losses.steps),
-                  "train_seconds": seconds, "train_images": losses.steps * cfg.batch_size}
+                  "train_seconds": seconds, "train_images": losses.steps * cfg.batch_size,
+                  "processes": distributed.world_size()}
         # Each rank's batch-norm statistics came from its share of the batches: every rank keeps their mean.
         distributed.average_floating_buffers(model)
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:

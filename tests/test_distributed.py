@@ -262,7 +262,9 @@ def test_the_command_trains_under_torchrun(tmp_path):
     assert json.loads((out / "config.json").read_text())["processes"] == RANKS
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["model"] for r in log] == ["teacher", "student_no_kd", "student_brcd"]
-    assert (out / "report.md").exists()
+    training = (out / "report.md").read_text().split("## Training throughput")[1].split("##")[0]
+    assert "| student with BRCD | 1 | 2 | " in training  # one epoch, two processes
+    assert all(r["processes"] == RANKS for r in log)
 
 
 def test_one_process_commands_refuse_torchrun(monkeypatch, capsys, tmp_path):
