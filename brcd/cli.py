@@ -5,7 +5,8 @@ search paradigms; --baselines adds students distilled with KD baselines) and wri
 `brcd distill --kd rkd` trains one student with a baseline instead of BRCD; `brcd compare --kd brcd hinton --seeds
 0 1 2` trains students with several objectives over several seeds and tabulates them. `brcd evaluate` tests a
 checkpoint, `brcd encode` writes the database's codes to a HammingIndex file, and `brcd index` searches one (the k
-nearest codes, or every code within `--radius`). `brcd score` scores any method's codes saved as files.
+nearest codes, or every code within `--radius`). `brcd score` scores any method's codes saved as files. `brcd info`
+prints what the installation has (brcd's build, torch, the GPUs).
 
 Errors in the input (missing or corrupt data, unknown model names, bad numbers) print one line on stderr and exit
 with status 2; a failed run (a NaN loss) exits with status 1. No traceback.
@@ -29,6 +30,7 @@ from typing import Optional
 import torch
 
 from . import distributed, metrics
+from ._ext import build_info, cuda_available
 from .code_stats import code_statistics
 from .comparison import summarise_seeds
 from .clustering import GROUP_MODES
@@ -175,6 +177,7 @@ def _model_args(p: argparse.ArgumentParser, role: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brcd", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"brcd {build_info()['version']}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="teacher, clusters, students without KD and with BRCD; report and metrics")
     demo.add_argument("--out", type=Path, required=True, help="run directory (created)")
@@ -284,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also write each query's AP@K to this .npy, .pt, .txt or .csv file (for paired tests "
                             "between methods on the same queries); their mean is the mAP printed")
     score.add_argument("--device", type=_device, default="cpu", help="where to rank (cpu, cuda)")
+
+    sub.add_parser("info", help="what this installation has: brcd's build (CUDA kernels, the popcount path chosen for "
+                                "this processor, OpenMP threads), torch, and the GPUs brcd can use")
     return parser
 
 
@@ -326,6 +332,14 @@ def _paradigm_scores(paradigm: str, *on, topk: int, radius: int) -> dict:
     """metrics.retrieval_scores of (query codes, database codes, their labels), keyed "<score>_<paradigm>" as
     metrics.json and brcd evaluate name them."""
     return {f"{key}_{paradigm}": value for key, value in metrics.retrieval_scores(*on, topk, radius).items()}
+
+
+def run_info(args) -> dict:
+    """brcd's build, torch's version and the GPUs: what to paste into a bug report."""
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+    return {"brcd": build_info(), "torch": torch.__version__, "torch_cuda": torch.version.cuda, "gpus": gpus,
+            "cuda_kernels_usable": cuda_available()}
 
 
 def run_evaluate(args) -> dict:
@@ -727,7 +741,7 @@ def main(argv=None) -> int:
     try:
         run = {"demo": run_demo, "train-teacher": run_train_teacher, "distill": run_distill,
                "evaluate": run_evaluate, "encode": run_encode, "index": run_index,
-               "compare": run_compare, "score": run_score}[args.command]
+               "compare": run_compare, "score": run_score, "info": run_info}[args.command]
         if distributed.launched_by_torchrun():
             if args.command not in DATA_PARALLEL_COMMANDS:
                 raise ValueError(f"{args.command} runs in one process: start it without torchrun (the data-parallel "

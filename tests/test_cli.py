@@ -491,3 +491,16 @@ def test_compare_trains_brcd_ablations_as_distill_does(demo_run, tmp_path, capsy
     log = [json.loads(line) for line in (tmp_path / "cmp" / "seed2" / "metrics.jsonl").read_text().splitlines()]
     losses = {r["model"]: r["loss"] for r in log}
     assert len({losses[m] for m in ("student_brcd", "student_brcd_fn", "student_brcd_no_mask")}) == 3
+
+
+def test_info_reports_the_build_and_the_devices(capsys):
+    import brcd
+
+    assert cli.main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["brcd"] == brcd.build_info() and info["torch"] == torch.__version__
+    assert info["cuda_kernels_usable"] == brcd.cuda_available()
+    assert len(info["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"brcd {brcd.__version__}"
