@@ -433,6 +433,17 @@ def train_teacher(model: HashModel, images: Tensor, val_queries: Tensor, val_que
     return _fit(model, objective, step, images, validate, cfg, out_dir, name)
 
 
+def rotations_by_image(codes: Tensor) -> Tensor:
+    """Codes [3n, K] of n images turned by 90, then 180, then 270 degrees as [n, 3, K]: a row of three per image, as
+    brcd.distributed.gather_rows gathers rows."""
+    return codes.unflatten(0, (3, -1)).transpose(0, 1)
+
+
+def rotations_by_turn(codes: Tensor) -> Tensor:
+    """The inverse of rotations_by_image: [n, 3, K] to [3n, K], all images by 90 degrees first."""
+    return codes.transpose(0, 1).flatten(0, 1)
+
+
 def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clusters], images: Tensor,
                   val_queries: Tensor, val_query_labels: Tensor, val_db: Tensor, val_db_labels: Tensor,
                   cfg: TrainConfig, out_dir: Path, name: Optional[str] = None) -> Dict[str, float]:
@@ -484,12 +495,11 @@ def train_student(model: HashModel, teacher: HashModel, clusters: Optional[Clust
             if objective.extra_input == "rotations":  # view 1 turned by 90, 180 and 270 degrees, through both
                 turned = torch.cat([torch.rot90(v1, k, dims=(-2, -1)) for k in (1, 2, 3)])
                 (teacher_rotated,), ((_, student_rotated),) = _forward(cfg, model, (turned,), teacher, 1)
-                # [3n, K] by rotation, then image: a row of three per image, as the gather takes rows
-                rotated = [r.unflatten(0, (3, -1)).transpose(0, 1) for r in (student_rotated, teacher_rotated)]
+                rotated = [rotations_by_image(r) for r in (student_rotated, teacher_rotated)]
             # In a data-parallel run, the whole batch's (one process: as they are); one gather for the lot.
             p1, s1, p2, s2, t1, *rotated = distributed.gather_rows(p1, s1, p2, s2, t1, *rotated)
             if objective.extra_input == "rotations":
-                extra["rotated"] = tuple(r.transpose(0, 1).flatten(0, 1) for r in rotated)
+                extra["rotated"] = tuple(rotations_by_turn(r) for r in rotated)
             return objective(p1, s1, p2, s2, t1, **extra)
 
     def validate():

@@ -18,8 +18,8 @@ from brcd import distributed
 from brcd.augment import BatchAugment
 from brcd.data import TwoViewDataset, synthetic_data, two_view_transform
 from brcd.models import STUDENT_DEFAULT, build_model
-from brcd.train import (ShardedBatches, TrainConfig, _loader, check_loop_config, fit_clusters, train_student,
-                        train_teacher)
+from brcd.train import (ShardedBatches, TrainConfig, _loader, check_loop_config, fit_clusters, rotations_by_image,
+                        rotations_by_turn, train_student, train_teacher)
 from conftest import ROOT
 
 RANKS = 2
@@ -87,7 +87,10 @@ def _gathered_loss_job(rank, device, out):
     # a tensor of more than two dimensions, and an integer one, in the same call: rows in rank order
     cube, ids = distributed.gather_rows(torch.full((share, 3, 2), float(rank), device=device),
                                         torch.arange(share, device=device) + 100 * rank)
-    torch.save({"loss": loss.detach().cpu(), "ntxent": ntxent.detach().cpu(),
+    # SSKD's rotated copies: [3n, K] per rank, by rotation; the whole batch's in the same layout
+    turned = torch.tensor([[10.0 * t + 100 * rank + i] * 2 for t in range(3) for i in range(share)], device=device)
+    whole_turned = rotations_by_turn(distributed.gather_rows(rotations_by_image(turned)))
+    torch.save({"loss": loss.detach().cpu(), "ntxent": ntxent.detach().cpu(), "turned": whole_turned.cpu(),
                 "grads": [p.grad.cpu() for p in model.parameters()], "cube": cube.cpu(), "ids": ids.cpu(),
                 "rank_seed": distributed.rank_seed(7)}, out / f"rank{rank}.pt")
 
@@ -108,6 +111,9 @@ def test_the_gathered_loss_and_its_gradients_are_one_process_s(tmp_path, device)
         assert torch.equal(got["cube"][:, 0, 0], torch.tensor([0.0] * 4 + [1.0] * 4))
         assert got["cube"].shape == (8, 3, 2)
         assert torch.equal(got["ids"], torch.tensor([0, 1, 2, 3, 100, 101, 102, 103]))
+    # by rotation first, then every process's images in rank order: 10 * turn + 100 * rank + image
+    want = torch.tensor([10.0 * t + 100 * r + i for t in range(3) for r in range(RANKS) for i in range(4)])
+    assert all(torch.equal(got["turned"][:, 0], want) for got in ranks)
     assert ranks[0]["rank_seed"] == 7 and ranks[1]["rank_seed"] != 7  # rank 0 is a one-process run's stream
 
 
@@ -160,6 +166,9 @@ def _train_job(rank, device, out, augment):
     # a baseline with a memory of the training set (updated from the whole batch) and its own heads (averaged)
     train_student(make("student_crd"), teacher, None, data.train_images, *val,
                   _tiny(1, device=device, augment=augment, kd="crd"), out, "crd")
+    # a baseline over rotated copies of the views (their codes gathered a row of three per image)
+    train_student(make("student_sskd"), teacher, None, data.train_images, *val,
+                  _tiny(1, device=device, augment=augment, kd="sskd"), out, "sskd")
     last = lambda directory: torch.load(directory / "t.last.pt", weights_only=True)["state_dict"]
     torch.save({**trained, "assignments": clusters.assignments,
                 "straight_last": last(straight), "resumed_last": last(resumed), "refused": refused},
@@ -181,7 +190,7 @@ def two_process_run(request, tmp_path_factory):
 
 def test_ranks_stay_in_step(two_process_run):
     _, (first, second) = two_process_run
-    for model in ("teacher", "student", "student_crd"):
+    for model in ("teacher", "student", "student_crd", "student_sskd"):
         assert {k for k in first[model] if "running_" in k}  # batch-norm statistics too
         for key, value in first[model].items():
             assert torch.equal(value, second[model][key]), (model, key)
