@@ -26,7 +26,7 @@ from torch import Tensor
 
 __all__ = ["rank", "world_size", "is_main", "distributed", "gather_rows", "average_gradients",
            "average_floating_buffers", "broadcast_state", "broadcast_object", "all_objects", "barrier",
-           "init_from_environment", "rank_seed", "launched_by_torchrun"]
+           "init_from_environment", "rank_seed", "launched_by_torchrun", "share"]
 
 # How long a rank waits at a collective for the others: the main rank validates, tests and writes reports while the
 # others wait for its scores, which can take far longer than the collectives' usual ten minutes.
@@ -56,6 +56,16 @@ def rank_seed(seed: int, of_rank: Optional[int] = None) -> int:
     the ranks' images do not share their random draws. `of_rank`: this process's rank unless given."""
     r = rank() if of_rank is None else of_rank
     return seed if r == 0 else (seed * 1_000_003 + r * 7_919) % (2 ** 63)
+
+
+def share(batch_size: int) -> int:
+    """Each rank's share of a batch of `batch_size` (all of it in one process); a ValueError naming batch_size where
+    the ranks cannot share it evenly."""
+    ranks = world_size()
+    if batch_size % ranks:
+        raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of processes ({ranks}): each "
+                         "takes an equal share of every batch")
+    return batch_size // ranks
 
 
 def launched_by_torchrun() -> bool:
@@ -114,10 +124,7 @@ def gather_rows(*tensors: Optional[Tensor]):
         rows = {len(tensors[i]) for i in present}
         if len(rows) > 1:
             raise ValueError(f"gather_rows: the tensors have different numbers of rows {sorted(rows)}")
-        groups = {}
-        for i in present:
-            groups.setdefault(tensors[i].dtype, []).append(i)
-        for members in groups.values():
+        for members in _by_dtype(present, lambda i: tensors[i].dtype):
             flat = [tensors[i].reshape(len(tensors[i]), -1) for i in members]
             gathered = _GatherRows.apply(torch.cat(flat, dim=1)).split([f.shape[1] for f in flat], dim=1)
             for i, g in zip(members, gathered):
@@ -125,34 +132,36 @@ def gather_rows(*tensors: Optional[Tensor]):
     return out[0] if len(out) == 1 else out
 
 
-def _flat_all_reduce_mean(tensors: List[Tensor]) -> None:
-    if not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])  # one collective instead of one per tensor
-    torch.distributed.all_reduce(flat)
-    flat /= world_size()
-    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(part.view_as(t))
+def _by_dtype(items, dtype_of) -> List[list]:
+    """`items` grouped by dtype, in order of first appearance: what one collective can carry."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(dtype_of(item), []).append(item)
+    return list(groups.values())
+
+
+def _average_in_place(tensors: List[Tensor]) -> None:
+    """Each tensor replaced by its mean over the ranks: one all-reduce per dtype instead of one per tensor."""
+    for group in _by_dtype(tensors, lambda t: t.dtype):
+        flat = torch.cat([t.reshape(-1) for t in group])
+        torch.distributed.all_reduce(flat)
+        flat /= world_size()
+        for t, part in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(part.view_as(t))
 
 
 def average_gradients(parameters: Iterable[Tensor]) -> None:
     """Averages the parameters' gradients over the ranks, in place (a parameter without a gradient on every rank is
     left alone: the objectives and models use every parameter in each step, or none)."""
-    if not distributed():
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    by_dtype = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for group in by_dtype.values():
-        _flat_all_reduce_mean(group)
+    if distributed():
+        _average_in_place([p.grad for p in parameters if p.grad is not None])
 
 
 def average_floating_buffers(module: torch.nn.Module) -> None:
     """Averages a module's floating-point buffers over the ranks (batch-norm statistics, each rank's from its share of
     the batches), so that every rank validates and saves the same model."""
     if distributed():
-        _flat_all_reduce_mean([b for b in module.buffers() if b.is_floating_point()])
+        _average_in_place([b for b in module.buffers() if b.is_floating_point()])
 
 
 def broadcast_state(*modules: torch.nn.Module) -> None:

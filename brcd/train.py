@@ -162,11 +162,9 @@ class ShardedBatches:
     of which it takes none): the batches of the runs made before this class, and of docs/demo.md, stay the same."""
 
     def __init__(self, n: int, batch_size: int, gen: torch.Generator, *, as_random_sampler: bool = False):
-        ranks = distributed.world_size()
-        if batch_size % ranks:
-            raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of processes ({ranks})")
         self.n, self.batch_size, self.gen, self.as_random_sampler = n, batch_size, gen, as_random_sampler
-        self.share, self.first = batch_size // ranks, distributed.rank() * (batch_size // ranks)
+        self.share = distributed.share(batch_size)
+        self.first = distributed.rank() * self.share
 
     def __len__(self) -> int:
         return self.n // self.batch_size
@@ -276,9 +274,7 @@ def check_loop_config(cfg: TrainConfig) -> None:
         raise ValueError(f"read_loss_every must be >= 1, got {cfg.read_loss_every}")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
-    if cfg.batch_size % distributed.world_size():
-        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes "
-                         f"({distributed.world_size()}): each takes an equal share of every batch")
+    distributed.share(cfg.batch_size)
 
 
 def _forward_precision(cfg: TrainConfig):
@@ -382,13 +378,13 @@ def _fit(model: HashModel, objective: torch.nn.Module, step: Callable, images: T
             stale = 0 if improved else stale + 1
         stopped_early = stale >= cfg.patience
         device_rng = torch.cuda.get_rng_state(cfg.device) if cfg.device_type == "cuda" else None
-        rank_rng = distributed.all_objects((torch.get_rng_state(), device_rng))
+        rank_rng = distributed.all_objects((torch.get_rng_state(), device_rng))  # rank 0's first
         if main:
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             resume_state = {"optimizer": optimizer.state_dict(), "objective": objective.state_dict(), "epoch": epoch,
                             "best": best, "stale": stale,
-                            "stopped_early": stopped_early, "name": name, "rng": torch.get_rng_state(),
+                            "stopped_early": stopped_early, "name": name, "rng": rank_rng[0][0],
                             "loader_rng": gen.get_state(), "ranks": distributed.world_size()}
             if device_rng is not None:
                 resume_state["device_rng"] = device_rng
